@@ -1,0 +1,1 @@
+"""networks of the shared package."""

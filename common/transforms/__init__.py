@@ -1,0 +1,1 @@
+"""transforms of the shared package."""
