@@ -1,0 +1,103 @@
+"""A trainer whose iteration is a pluggable *training step*.
+
+Every method here trains with a different mix of networks, optimisers and loss terms (VQ-GAN
+with a delayed discriminator, latent SPADE with a cycle term, diffusion with recycling, an
+invertible network with a forward and a reverse term). Instead of one trainer class per method,
+:class:`StepTrainer` runs Ignite's loop, AMP and handlers, and delegates one iteration to a
+``step`` object that owns the networks, optimisers and losses of that method. A step returns a
+dict of loss terms; ``loss`` is the total, the other keys are logged one by one (StatsHandler,
+TensorBoard, MLflow).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from monai.engines import Trainer
+from monai.engines.utils import default_prepare_batch
+
+__all__ = ["StepTrainer", "TrainingStep"]
+
+
+class TrainingStep:
+    """Base class of a training step: ``step(engine, batch) -> {"loss": float, "loss_x": float, ...}``.
+
+    Subclasses implement :meth:`__call__`. ``engine.state.iteration`` gives the global step (for
+    delayed adversarial terms), ``engine.amp`` and ``engine.scaler`` the mixed-precision
+    settings, ``engine.state.device`` the device.
+    """
+
+    def __call__(self, engine: Trainer, batch: Any) -> dict[str, Any]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @staticmethod
+    def detach(losses: dict[str, Any]) -> dict[str, Any]:
+        """Loss tensors turned into Python floats for logging (keeps the graph out of the state)."""
+        return {k: (v.detach().float().item() if torch.is_tensor(v) and v.numel() == 1 else v) for k, v in losses.items()}
+
+
+class StepTrainer(Trainer):
+    """``monai.engines.Trainer`` that calls ``step(engine, batch)`` once per iteration.
+
+    Args:
+        device: device to run on.
+        max_epochs: number of epochs.
+        train_data_loader: data loader (or any iterable of batches).
+        step: the method's :class:`TrainingStep`.
+        epoch_length: iterations per epoch (default ``len(train_data_loader)``).
+        train_handlers: Ignite handlers with ``attach``.
+        amp: mixed precision (CUDA only; ignored on CPU).
+        non_blocking, prepare_batch, key_train_metric, additional_metrics, metric_cmp_fn,
+        event_names, event_to_attr, to_kwargs, amp_kwargs: as in ``monai.engines.Trainer``.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        step: Callable[[Trainer, Any], dict[str, Any]],
+        epoch_length: int | None = None,
+        train_handlers: Sequence | None = None,
+        amp: bool = False,
+        non_blocking: bool = False,
+        prepare_batch: Callable = default_prepare_batch,
+        key_train_metric: dict | None = None,
+        additional_metrics: dict | None = None,
+        metric_cmp_fn: Callable | None = None,
+        event_names: list | None = None,
+        event_to_attr: dict | None = None,
+        to_kwargs: dict | None = None,
+        amp_kwargs: dict | None = None,
+    ) -> None:
+        device = torch.device(device)
+        kwargs = {} if metric_cmp_fn is None else {"metric_cmp_fn": metric_cmp_fn}
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            prepare_batch=prepare_batch,
+            key_metric=key_train_metric,
+            additional_metrics=additional_metrics,
+            handlers=train_handlers,
+            amp=bool(amp) and device.type == "cuda",
+            event_names=event_names,
+            event_to_attr=event_to_attr,
+            decollate=False,
+            to_kwargs=to_kwargs,
+            amp_kwargs=amp_kwargs,
+            **kwargs,
+        )
+        self.step = step
+
+    def _iteration(self, engine: Trainer, batchdata: Any) -> dict[str, Any]:
+        if batchdata is None:
+            raise ValueError("the data loader returned an empty batch (None)")
+        out = self.step(engine, batchdata)
+        if not isinstance(out, dict) or "loss" not in out:
+            raise TypeError(f"{type(self.step).__name__} must return a dict with a 'loss' key, got {type(out).__name__}")
+        return out
