@@ -1,0 +1,326 @@
+#!/usr/bin/env python
+"""Run the MONAI model-zoo checks on one bundle folder, offline.
+
+Usage::
+
+    python ci/verify_bundle.py bundles/<name> [--overlay configs/tiny.json] [--skip-network]
+
+Checks (numbers as in the project's bundle conventions):
+ 1. required files exist; no file over 25 MB unless listed in ``large_files.yml`` (each entry
+    with ``path``, ``url``, ``hash_val`` and an explicit ``hash_type``);
+ 3. ``version`` is plain X.Y.Z and a key of ``changelog``;
+ 4. ``verify_metadata`` against the schema kept in ``ci/schemas/`` (no download);
+ 5. ``check_properties()`` is empty for the inference config and every training config;
+ 6. ``verify_net_in_out`` for ``network_def`` of ``inference.json``;
+ 7. ``ckpt_export`` with tracing from a freshly initialised checkpoint; the TorchScript model
+    loads and matches eager outputs;
+12. MONAI Label static checks for segmentation bundles.
+Item 2 (``download_large_files``) and item 11 (packaging round trip) need a server: the test
+suite runs them against a loopback HTTP server. ``--overlay`` merges config files (e.g. the
+tiny configuration) into the configs used by the network checks (6, 7) so they run quickly.
+Exit code 0 when every check passes, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import re
+import sys
+import tempfile
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = REPO_ROOT / "ci" / "schemas" / "meta_schema_20240725.json"
+MAX_FILE_BYTES = 25 * 1024 * 1024
+REQUIRED_FILES = [
+    "LICENSE",
+    "configs/metadata.json",
+    "configs/inference.json",
+    "configs/evaluate.json",
+    "configs/multi_gpu_train.json",
+    "configs/logging.conf",
+    "docs/README.md",
+]
+VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
+
+__all__ = ["Check", "verify_bundle", "train_configs"]
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"[{'PASS' if self.ok else 'FAIL'}] {self.name}" + (f": {self.detail}" if self.detail else "")
+
+
+@contextlib.contextmanager
+def _bundle_imports(bundle: Path):
+    """Put the bundle root first on ``sys.path`` and isolate its ``scripts`` package."""
+
+    def purge():
+        for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+            del sys.modules[name]
+
+    purge()
+    sys.path.insert(0, str(bundle))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(bundle))
+        purge()
+
+
+def _quiet():
+    """Silence MONAI's chatty loggers and stdout while a check runs."""
+    return contextlib.redirect_stdout(io.StringIO())
+
+
+def train_configs(bundle: Path) -> list[list[Path]]:
+    """Each training stage as the list of config files that defines it.
+
+    A ``configs/train*.json`` that defines a top-level ``train`` section stands alone; one that
+    does not (e.g. ``train_baseline.json``) is an overlay on ``configs/train.json``.
+    """
+    stages = []
+    for cfg in sorted((bundle / "configs").glob("train*.json")):
+        content = json.loads(cfg.read_text())
+        if "train" in content or cfg.name == "train.json":
+            stages.append([cfg])
+        else:
+            base = bundle / "configs" / "train.json"
+            stages.append([base, cfg] if base.is_file() else [cfg])
+    return stages
+
+
+def _check_files(bundle: Path) -> list[Check]:
+    out = []
+    missing = [f for f in REQUIRED_FILES if not (bundle / f).is_file()]
+    stages = train_configs(bundle)
+    if not stages:
+        missing.append("configs/train*.json")
+    out.append(Check("1 required files", not missing, f"missing {missing}" if missing else f"{len(REQUIRED_FILES)} files + {len(stages)} training config(s)"))
+
+    listed: set[str] = set()
+    problems = []
+    lf = bundle / "large_files.yml"
+    if lf.is_file():
+        import yaml
+
+        data = yaml.safe_load(lf.read_text()) or {}
+        for entry in data.get("large_files", []):
+            for key in ("path", "url", "hash_val", "hash_type"):
+                if not entry.get(key):
+                    problems.append(f"large_files.yml entry {entry.get('path', '?')} lacks '{key}'")
+            listed.add(str(Path(entry.get("path", "")).as_posix()).lstrip("./"))
+    big = []
+    for f in bundle.rglob("*"):
+        if f.is_file() and f.stat().st_size > MAX_FILE_BYTES:
+            rel = f.relative_to(bundle).as_posix()
+            if rel not in listed:
+                big.append(f"{rel} ({f.stat().st_size / 2**20:.1f} MB)")
+    if big:
+        problems.append(f"files over 25 MB not in large_files.yml: {big}")
+    out.append(Check("1 large files", not problems, "; ".join(problems) if problems else f"{len(listed)} listed in large_files.yml"))
+    return out
+
+
+def _check_metadata(bundle: Path) -> list[Check]:
+    meta_file = bundle / "configs" / "metadata.json"
+    try:
+        meta = json.loads(meta_file.read_text())
+    except Exception as e:
+        return [Check("3 metadata readable", False, f"{meta_file}: {e}")]
+    out = []
+    version = meta.get("version", "")
+    errs = []
+    if not VERSION_RE.match(str(version)):
+        errs.append(f"version '{version}' is not X.Y.Z")
+    if version not in meta.get("changelog", {}):
+        errs.append(f"version '{version}' not in changelog")
+    for key in ("monai_version", "pytorch_version", "numpy_version"):
+        if not VERSION_RE.match(str(meta.get(key, ""))):
+            errs.append(f"{key} '{meta.get(key)}' is not plain X.Y.Z")
+    out.append(Check("3 version/changelog", not errs, "; ".join(errs) or version))
+
+    from monai.bundle import verify_metadata
+
+    try:
+        with _quiet():
+            verify_metadata(meta_file=str(meta_file), filepath=str(SCHEMA))
+        out.append(Check("4 verify_metadata", True, f"schema {SCHEMA.name}"))
+    except Exception as e:
+        msg = getattr(e, "message", None) or str(e).splitlines()[0]
+        out.append(Check("4 verify_metadata", False, msg))
+    fmt = meta.get("network_data_format", {})
+    first_in = next(iter(fmt.get("inputs", {})), None)
+    first_out = next(iter(fmt.get("outputs", {})), None)
+    ok = first_in == "image" and first_out == "pred"
+    out.append(Check("4 zoo I/O names", ok, f"first input '{first_in}', first output '{first_out}' (expected image/pred)"))
+    return out
+
+
+def _check_properties(bundle: Path) -> list[Check]:
+    from monai.bundle import ConfigWorkflow
+
+    out = []
+    meta = str(bundle / "configs" / "metadata.json")
+    logging_file = str(bundle / "configs" / "logging.conf")
+    jobs = [("infer", [bundle / "configs" / "inference.json"])] + [("train", s) for s in train_configs(bundle)]
+    for wtype, files in jobs:
+        label = "+".join(f.name for f in files)
+        try:
+            with _quiet():
+                wf = ConfigWorkflow(
+                    config_file=[str(f) for f in files],
+                    meta_file=meta,
+                    logging_file=logging_file,
+                    workflow_type=wtype,
+                    bundle_root=str(bundle),
+                )
+                wf.initialize()
+                missing = wf.check_properties()
+            out.append(Check(f"5 check_properties {wtype} {label}", not missing, f"missing {missing}" if missing else ""))
+        except Exception as e:
+            out.append(Check(f"5 check_properties {wtype} {label}", False, f"{type(e).__name__}: {e}"))
+    return out
+
+
+def _fake_input(meta: dict, n: int = 1, any_size: int = 16):
+    """Random input of the metadata's image shape, with MONAI's "16*n" / "x**p" / "*" conventions."""
+    import torch
+    from monai.bundle.scripts import _get_fake_spatial_shape
+
+    spec = meta["network_data_format"]["inputs"]["image"]
+    shape = _get_fake_spatial_shape(spec["spatial_shape"], p=1, n=n, any=any_size)
+    return torch.rand(1, int(spec["num_channels"]), *shape)
+
+
+def _check_network(bundle: Path, overlays: list[Path]) -> list[Check]:
+    import torch
+    from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
+
+    out = []
+    meta_file = bundle / "configs" / "metadata.json"
+    configs = [str(bundle / "configs" / "inference.json")] + [str(o) for o in overlays]
+    meta = json.loads(meta_file.read_text())
+    try:
+        with _quiet():
+            verify_net_in_out(
+                net_id="network_def", meta_file=str(meta_file), config_file=configs, device="cpu", n=1, any=16,
+                bundle_root=str(bundle),
+            )
+        out.append(Check("6 verify_net_in_out", True, "network_def"))
+    except Exception as e:
+        out.append(Check("6 verify_net_in_out", False, f"{type(e).__name__}: {e}"))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            parser = ConfigParser()
+            parser.read_config(configs)
+            parser.read_meta(str(meta_file))
+            parser["bundle_root"] = str(bundle)
+            net = parser.get_parsed_content("network_def").eval()
+            torch.save(net.state_dict(), Path(tmp) / "model.pt")
+            x = _fake_input(meta)
+            with _quiet():
+                ckpt_export(
+                    net_id="network_def", filepath=str(Path(tmp) / "model.ts"), ckpt_file=str(Path(tmp) / "model.pt"),
+                    meta_file=str(meta_file), config_file=configs, use_trace=True, input_shape=list(x.shape),
+                    bundle_root=str(bundle),
+                )
+            ts = torch.jit.load(str(Path(tmp) / "model.ts"), map_location="cpu")
+            with torch.no_grad():
+                ref, got = net(x), ts(x)
+            ref = ref if torch.is_tensor(ref) else ref[0]
+            got = got if torch.is_tensor(got) else got[0]
+            err = float((ref - got).abs().max())
+            out.append(Check("7 ckpt_export (trace)", err < 1e-4, f"TorchScript vs eager max |diff| {err:.2e}"))
+        except Exception as e:
+            out.append(Check("7 ckpt_export (trace)", False, f"{type(e).__name__}: {e}"))
+    return out
+
+
+def _check_monai_label(bundle: Path) -> list[Check]:
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    if "segmentation" not in meta.get("task", "").lower():
+        return []
+    problems = []
+    infer = json.loads((bundle / "configs" / "inference.json").read_text())
+    for key in ("network_def", "preprocessing", "inferer", "postprocessing"):
+        if key not in infer:
+            problems.append(f"inference.json lacks '{key}'")
+    pre = infer.get("preprocessing", {})
+    transforms = pre.get("transforms", []) if isinstance(pre, dict) else []
+    if not transforms or "LoadImaged" not in str(transforms[0].get("_target_", "")):
+        problems.append("inference preprocessing must start with LoadImaged")
+    for t in transforms:
+        target = str(t.get("_target_", ""))
+        keys = t.get("keys", [])
+        keys = [keys] if isinstance(keys, str) else keys
+        if target.split(".")[-1] == "Spacingd" and ("image" in keys or "@image_key" in str(keys)):
+            problems.append("Spacingd on key 'image' in inference preprocessing crashes MONAI Label 0.8.5 + MONAI 1.6.1")
+    pred = meta.get("network_data_format", {}).get("outputs", {}).get("pred", {})
+    if not pred.get("channel_def"):
+        problems.append("metadata output 'pred' lacks channel_def")
+    train = json.loads((bundle / "configs" / "train.json").read_text()) if (bundle / "configs" / "train.json").is_file() else {}
+    flat = json.dumps(train)
+    if "network" not in train:
+        problems.append("train.json lacks top-level 'network'")
+    for path in (("train", "dataset", "data"), ("train", "handlers"), ("train", "trainer", "max_epochs"), ("validate", "dataset", "data")):
+        node = train
+        for p in path:
+            node = node.get(p) if isinstance(node, dict) else None
+        if node is None and "#".join(path) not in flat:
+            problems.append(f"train.json lacks '{'#'.join(path)}'")
+    return [Check("12 MONAI Label static checks", not problems, "; ".join(problems))]
+
+
+def verify_bundle(bundle: str | Path, overlays: list[str | Path] = (), skip_network: bool = False) -> list[Check]:
+    """Run every check and return the results (never raises for a failing check)."""
+    bundle = Path(bundle).resolve()
+    overlays = [Path(o) if Path(o).is_absolute() else bundle / o for o in overlays]
+    logging.getLogger().setLevel(logging.WARNING)
+    checks: list[Check] = []
+    steps = [_check_files, _check_metadata, _check_properties, _check_monai_label]
+    with _bundle_imports(bundle):
+        for step in steps:
+            try:
+                checks.extend(step(bundle))
+            except Exception as e:
+                checks.append(Check(step.__name__, False, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"))
+        if not skip_network and (bundle / "configs" / "inference.json").is_file():
+            try:
+                checks.extend(_check_network(bundle, overlays))
+            except Exception as e:
+                checks.append(Check("network checks", False, f"{type(e).__name__}: {e}"))
+    return checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("bundle", help="bundle folder, e.g. bundles/diffseg")
+    parser.add_argument("--overlay", action="append", default=[], help="config overlay for the network checks (repeatable)")
+    parser.add_argument("--skip-network", action="store_true", help="skip verify_net_in_out and ckpt_export")
+    args = parser.parse_args(argv)
+    if not (Path(args.bundle) / "configs").is_dir():
+        print(f"'{args.bundle}' is not a bundle folder (no configs/)", file=sys.stderr)
+        return 1
+    checks = verify_bundle(args.bundle, args.overlay, args.skip_network)
+    for c in checks:
+        print(c)
+    failed = [c for c in checks if not c.ok]
+    print(f"{Path(args.bundle).name}: {len(checks) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""I/O that never leaves half-written files and never trusts a file blindly.
+
+- :func:`atomic_write` writes to a temporary file in the destination folder and renames it into
+  place, so a crash leaves either the old file or the new one, never a truncated one.
+- :func:`refuse_overwrite` makes "existing outputs are kept unless the user asks" one line.
+- :func:`load_checkpoint` loads with ``weights_only=True``, optionally checks a sha256 first, and
+  turns the usual mistakes (a checkpoint of another bundle, mismatched shapes) into one clear
+  error that names the file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+__all__ = [
+    "atomic_write",
+    "check_writable_dir",
+    "refuse_overwrite",
+    "load_checkpoint",
+    "load_state_into",
+    "CheckpointError",
+]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be used for the requested network."""
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file next to ``path``; on success rename it to ``path``.
+
+    On any exception the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def check_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create ``path`` if needed and check that files can be written there; raise a clear error if not."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(f"{what} '{path}' cannot be written: {e.strerror or e}") from e
+    return path
+
+
+def refuse_overwrite(path: str | os.PathLike, overwrite: bool, key: str = "overwrite") -> Path:
+    """Raise ``FileExistsError`` naming ``path`` if it exists and ``overwrite`` is false."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"output '{path}' already exists; set '{key}' to true to replace it")
+    return path
+
+
+def load_checkpoint(
+    path: str | os.PathLike, sha256: str | None = None, map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """Load a checkpoint dict with ``weights_only=True`` after an optional sha256 check."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    if sha256 is not None:
+        from common.data.fetch import HashMismatchError, sha256sum
+
+        got = sha256sum(path)
+        if got.lower() != sha256.lower():
+            raise HashMismatchError(f"checkpoint '{path}' has sha256 {got}, expected {sha256}")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # pickle errors, truncated zip archives, foreign formats
+        raise CheckpointError(f"checkpoint '{path}' cannot be read as a PyTorch weights file: {e}") from e
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"checkpoint '{path}' holds a {type(obj).__name__}, expected a dict of state dicts")
+    return dict(obj)
+
+
+def load_state_into(module: torch.nn.Module, state: Mapping[str, Any], source: str = "checkpoint", strict: bool = True) -> None:
+    """``module.load_state_dict`` with an error that lists missing, unexpected and mismatched keys."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k}: {tuple(state[k].shape)} in file vs {tuple(v.shape)} in network"
+        for k, v in own.items()
+        if k in state and torch.is_tensor(state[k]) and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if mismatched or (strict and (missing or unexpected)):
+        parts = []
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatches (e.g. {'; '.join(mismatched[:3])})")
+        if strict and missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
+        if strict and unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+        raise CheckpointError(
+            f"{source} does not fit {type(module).__name__}: " + ", ".join(parts)
+            + ". Is it a checkpoint of another bundle or of another configuration (tiny/light/paper)?"
+        )
+    module.load_state_dict(state, strict=strict)

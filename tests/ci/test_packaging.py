@@ -1,0 +1,137 @@
+"""Packaging round trip: zip a bundle, serve it on loopback, download it with MONAI, run it
+without this repository on the import path. Also the zoo's download_large_files check."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "ci"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from loopback import serve_folder  # noqa: E402
+from minimal_bundle import NETWORK, write_minimal_bundle  # noqa: E402
+from package_bundle import package_bundle  # noqa: E402
+
+# Runs `python -m monai.bundle ...` the way a user does from the bundle folder, after removing
+# this repository (and its editable install of `common`) from the import machinery.
+DRIVER = textwrap.dedent(
+    """
+    import os, runpy, sys
+    repo = sys.argv[1]
+    sys.meta_path = [f for f in sys.meta_path if not type(f).__module__.startswith("__editable__")]
+    sys.path_hooks = [h for h in sys.path_hooks if "__editable__" not in getattr(h, "__module__", "")]
+    def from_repo(p):
+        p = os.path.abspath(p)
+        inside = p == repo or p.startswith(repo + os.sep)
+        return inside and not p.startswith(os.path.abspath(sys.prefix))  # a venv may live in the repo
+    sys.path = [p for p in sys.path if p and not from_repo(p)]
+    sys.path.insert(0, os.getcwd())  # what `python -m` does
+    sys.argv = ["monai.bundle"] + sys.argv[2:]
+    try:
+        runpy.run_module("monai.bundle", run_name="__main__")
+    finally:
+        mod = sys.modules.get("common")
+        print("COMMON_FROM", getattr(mod, "__file__", None))
+    """
+)
+
+
+def _small_ct(tmp_path: Path) -> Path:
+    from common.data.fetch import demo_file
+
+    img = nib.load(str(demo_file("totalsegmentator/example_ct.nii.gz")))
+    crop = nib.Nifti1Image(np.asarray(img.dataobj)[30:62, 30:62, 40:60].astype(np.float32), img.affine)
+    path = tmp_path / "case01.nii.gz"
+    nib.save(crop, str(path))
+    return path
+
+
+def test_package_is_self_contained_and_deterministic(tmp_path):
+    b = write_minimal_bundle(tmp_path / "src")
+    (b / "eval").mkdir()
+    (b / "eval" / "old_output.nii.gz").write_bytes(b"x")
+    z1 = package_bundle(b, tmp_path / "d1")
+    z2 = package_bundle(b, tmp_path / "d2")
+    assert hashlib.sha256(z1.read_bytes()).digest() == hashlib.sha256(z2.read_bytes()).digest()
+    names = zipfile.ZipFile(z1).namelist()
+    assert all(n.startswith("mini_seg/") for n in names)
+    assert "mini_seg/common/__init__.py" in names and "mini_seg/common/engines/utils.py" in names
+    assert "mini_seg/configs/metadata.json" in names
+    assert not any("/eval/" in n or "__pycache__" in n for n in names)
+
+
+@pytest.mark.slow
+def test_loopback_download_and_inference_without_repo(tmp_path):
+    b = write_minimal_bundle(tmp_path / "src")
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser({"network_def": NETWORK})
+    torch.manual_seed(0)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), b / "models" / "model.pt")
+    zip_path = package_bundle(b, tmp_path / "dist")
+    ct = _small_ct(tmp_path)
+    dest = tmp_path / "downloaded"
+    out_dir = tmp_path / "out"
+    with serve_folder(zip_path.parent) as url:
+        dl = subprocess.run(
+            [sys.executable, "-m", "monai.bundle", "download", "--name", "mini_seg", "--url", f"{url}/{zip_path.name}",
+             "--bundle_dir", str(dest)],
+            capture_output=True, text=True, timeout=300,
+        )
+    assert dl.returncode == 0, dl.stderr[-3000:]
+    bundle = dest / "mini_seg"
+    assert (bundle / "configs" / "inference.json").is_file() and (bundle / "common" / "engines" / "utils.py").is_file()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(REPO), "run", "--config_file", "configs/inference.json",
+         "--input_image", str(ct), "--output_dir", str(out_dir)],
+        cwd=bundle, capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    common_from = [ln for ln in run.stdout.splitlines() if ln.startswith("COMMON_FROM")][-1]
+    assert str(bundle) in common_from, common_from
+    outs = list(out_dir.glob("*_seg.nii.gz"))
+    assert len(outs) == 1
+    pred, src = nib.load(str(outs[0])), nib.load(str(ct))
+    assert pred.shape == src.shape
+    np.testing.assert_allclose(pred.affine, src.affine, atol=1e-5)
+    assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1}
+
+
+@pytest.mark.slow
+def test_download_large_files_verifies_hashes(tmp_path):
+    b = write_minimal_bundle(tmp_path / "src")
+    served = tmp_path / "served"
+    served.mkdir()
+    payload = os.urandom(4096)
+    (served / "weights.pt").write_bytes(payload)
+    good = hashlib.sha256(payload).hexdigest()
+    with serve_folder(served) as url:
+        for digest, should_pass in [(good, True), ("0" * 64, False)]:
+            target = b / "models" / "weights.pt"
+            if target.exists():
+                target.unlink()
+            (b / "large_files.yml").write_text(
+                f"large_files:\n  - path: models/weights.pt\n    url: {url}/weights.pt\n    hash_val: {digest}\n    hash_type: sha256\n"
+            )
+            res = subprocess.run([sys.executable, "-m", "monai.bundle", "download_large_files", "--bundle_path", str(b)],
+                                 capture_output=True, text=True, timeout=300)
+            if should_pass:
+                assert res.returncode == 0, res.stderr[-2000:]
+                assert target.read_bytes() == payload
+            else:
+                assert res.returncode != 0
+                assert "hash" in (res.stderr + res.stdout).lower()

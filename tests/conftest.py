@@ -1,0 +1,86 @@
+"""Session fixtures shared by the whole suite: real demo data built once and cached.
+
+The demo cohorts (see ``common.data.demo``) are built from package-shipped real images into
+``<cache>/test-demo/`` and reused across sessions; a lock file keeps parallel test processes from
+building the same cohort twice. Sizes are the small ones the tests need (4 training subjects, 1
+validation subject, the real held-out test case).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLES_DIR = REPO_ROOT / "bundles"
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+# Tests are CPU-only and share 2 cores: one intra-op thread per process keeps subprocess runs
+# from oversubscribing the machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+DEMO_KW = {"n_train": 4, "n_val": 1, "seed": 0}
+
+
+def _demo_root() -> Path:
+    from common.data.fetch import cache_dir
+
+    root = Path(os.environ.get("MEDGEN_TEST_DEMO_DIR", cache_dir() / "test-demo"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@contextmanager
+def _locked(path: Path):
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build(kind: str):
+    from common.data import demo
+
+    root = _demo_root()
+    with _locked(root / f".{kind}.lock"):
+        if kind == "brain_mri":
+            return demo.build_brain_mri_demo(root, **DEMO_KW)
+        if kind == "ct":
+            return demo.build_ct_demo(root, **DEMO_KW)
+        return demo.build_dwi_demo(root)
+
+
+@pytest.fixture(scope="session")
+def brain_demo() -> Path:
+    """Datalist JSON of the simulated multi-contrast brain cohort (test = real avg152 triple)."""
+    return Path(_build("brain_mri"))
+
+
+@pytest.fixture(scope="session")
+def ct_demo() -> Path:
+    """Datalist JSON of the deformed CT cohort with merged organ labels (test = original CT)."""
+    return Path(_build("ct"))
+
+
+@pytest.fixture(scope="session")
+def dwi_demo() -> Path:
+    """JSON describing dipy's real acquisition schemes and the real smoke-test DWI."""
+    return Path(_build("dwi"))
+
+
+@pytest.fixture(scope="session")
+def bundles_dir() -> Path:
+    return BUNDLES_DIR
+
+
+def bundle_names() -> list[str]:
+    return sorted(p.name for p in BUNDLES_DIR.iterdir() if (p / "configs" / "metadata.json").is_file()) if BUNDLES_DIR.is_dir() else []
