@@ -4,18 +4,49 @@ from __future__ import annotations
 
 from typing import Any
 
+from collections.abc import Mapping
+
+from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointSaver
 from monai.utils import set_determinism
 
 __all__ = ["AtomicCheckpointSaver", "EpochSeedHandler"]
 
 
-class AtomicCheckpointSaver(CheckpointSaver):
-    """MONAI ``CheckpointSaver`` that writes every checkpoint to a temporary file and renames it.
+class _RemoveAfterSave(BaseSaveHandler):
+    """Wrap a save handler so that files are removed only after the next save has landed.
 
-    MONAI 1.6.1 disables Ignite's atomic saving (to keep group-read permissions); Ignite 0.5.5
-    restores those permissions itself, so atomic saving is safe to turn back on. A process killed
-    while writing leaves the previous checkpoint intact and loadable.
+    Ignite's ``Checkpoint`` with ``n_saved=1`` removes the previous file *before* writing the
+    new one; a process killed during that write would leave no checkpoint at all.
+    """
+
+    def __init__(self, inner: BaseSaveHandler) -> None:
+        self.inner = inner
+        self.pending: list[str] = []
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        self.inner(checkpoint, filename, metadata)
+        written = getattr(self.inner, "filename", None) or filename
+        for old in self.pending:
+            if old != written:
+                try:
+                    self.inner.remove(old)
+                except FileNotFoundError:
+                    pass
+        self.pending = []
+
+    def remove(self, filename: str) -> None:
+        self.pending.append(filename)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI ``CheckpointSaver`` whose checkpoints survive a crash at any moment.
+
+    - Every file is written to a temporary name and renamed into place (MONAI 1.6.1 turns
+      Ignite's atomic saving off to keep group-read permissions; Ignite 0.5.5 restores those
+      permissions itself, so it is safe to turn back on).
+    - The checkpoint being replaced is deleted only after the new one is complete.
+    A process killed while writing therefore leaves the previous checkpoint intact and loadable.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -23,6 +54,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
         for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if ckpt is not None:
                 ckpt.save_handler._atomic = True
+                ckpt.save_handler = _RemoveAfterSave(ckpt.save_handler)
 
 
 class EpochSeedHandler:
