@@ -84,3 +84,22 @@ def bundles_dir() -> Path:
 
 def bundle_names() -> list[str]:
     return sorted(p.name for p in BUNDLES_DIR.iterdir() if (p / "configs" / "metadata.json").is_file()) if BUNDLES_DIR.is_dir() else []
+
+
+@pytest.fixture(autouse=True)
+def _isolate_bundle_scripts():
+    """Each bundle has its own ``scripts`` package; forget any imported one around every test.
+
+    MONAI's workflow puts the bundle root on ``sys.path`` and configs ``$import scripts``: in one
+    pytest process the first bundle's ``scripts`` would otherwise shadow every other bundle's.
+    """
+
+    def purge():
+        for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+            del sys.modules[name]
+        bundle_paths = {str(p) for p in BUNDLES_DIR.iterdir()} if BUNDLES_DIR.is_dir() else set()
+        sys.path[:] = [p for p in sys.path if p not in bundle_paths]
+
+    purge()
+    yield
+    purge()
