@@ -97,8 +97,7 @@ def _isolate_bundle_scripts():
     def purge():
         for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
             del sys.modules[name]
-        bundle_paths = {str(p) for p in BUNDLES_DIR.iterdir()} if BUNDLES_DIR.is_dir() else set()
-        sys.path[:] = [p for p in sys.path if p not in bundle_paths]
+        sys.path[:] = [p for p in sys.path if not p or Path(p).resolve().parent != BUNDLES_DIR]
 
     purge()
     yield
