@@ -62,7 +62,9 @@ class EpochSeedHandler:
 
     Shuffling and random transforms then depend only on the epoch number, not on how many
     random numbers earlier epochs consumed, so a run resumed from a checkpoint sees exactly the
-    batches an uninterrupted run would have seen.
+    batches an uninterrupted run would have seen. ``set_determinism`` seeds torch, numpy and
+    ``random``; MONAI's random transforms keep their own ``RandomState``, so the data loader's
+    dataset transforms are re-seeded as well (``monai.data.utils.set_rnd``).
     """
 
     def __init__(self, seed: int = 0) -> None:
@@ -74,4 +76,10 @@ class EpochSeedHandler:
         engine.add_event_handler(Events.EPOCH_STARTED, self)
 
     def __call__(self, engine) -> None:
-        set_determinism(seed=self.seed + int(engine.state.epoch))
+        from monai.data.utils import set_rnd
+
+        seed = self.seed + int(engine.state.epoch)
+        set_determinism(seed=seed)
+        dataset = getattr(getattr(engine, "data_loader", None), "dataset", None)
+        if dataset is not None:
+            set_rnd(dataset, seed)
