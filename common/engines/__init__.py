@@ -1,7 +1,19 @@
 """Ignite engines, handlers and helpers shared by the bundles."""
 
 from .handlers import AtomicCheckpointSaver, EpochSeedHandler
-from .trainers import StepTrainer, TrainingStep
+from .trainers import StepTrainer, TrainingStep, autocast, engine_device, freeze, optimizer_step, unwrap
 from .utils import get_device, resolve_amp
 
-__all__ = ["AtomicCheckpointSaver", "EpochSeedHandler", "StepTrainer", "TrainingStep", "get_device", "resolve_amp"]
+__all__ = [
+    "AtomicCheckpointSaver",
+    "EpochSeedHandler",
+    "StepTrainer",
+    "TrainingStep",
+    "autocast",
+    "engine_device",
+    "freeze",
+    "get_device",
+    "optimizer_step",
+    "resolve_amp",
+    "unwrap",
+]

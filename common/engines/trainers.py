@@ -12,13 +12,62 @@ TensorBoard, MLflow).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from monai.engines import Trainer
 from monai.engines.utils import default_prepare_batch
 
-__all__ = ["StepTrainer", "TrainingStep"]
+__all__ = ["StepTrainer", "TrainingStep", "autocast", "optimizer_step", "freeze", "unwrap", "engine_device"]
+
+
+def engine_device(engine: Any) -> torch.device:
+    """The device an engine runs on (``engine.state.device`` once running, else ``engine.device``)."""
+    return torch.device(getattr(engine.state, "device", None) or getattr(engine, "device", "cpu"))
+
+
+def autocast(engine: Any):
+    """Mixed-precision context when the engine has AMP on and runs on CUDA, a no-op otherwise."""
+    device = engine_device(engine)
+    return torch.autocast(device.type) if getattr(engine, "amp", False) and device.type == "cuda" else nullcontext()
+
+
+def optimizer_step(
+    engine: Any, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: Iterable | None = None, grad_clip: float | None = None
+) -> None:
+    """zero_grad, backward, optional global-norm clipping and step, through the engine's GradScaler under AMP."""
+    scaler = getattr(engine, "scaler", None) if getattr(engine, "amp", False) else None
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        if grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(list(params or _params(optimizer)), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(list(params or _params(optimizer)), grad_clip)
+        optimizer.step()
+
+
+def _params(optimizer: torch.optim.Optimizer):
+    return (p for group in optimizer.param_groups for p in group["params"])
+
+
+def freeze(*modules: torch.nn.Module | None) -> None:
+    """Eval mode and no gradients: the frozen networks of earlier stages stay bit-identical."""
+    for m in modules:
+        if m is not None:
+            m.eval()
+            m.requires_grad_(False)
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DistributedDataParallel / DataParallel wrapper (itself otherwise)."""
+    return getattr(module, "module", module)
 
 
 class TrainingStep:
