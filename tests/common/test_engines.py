@@ -1,0 +1,98 @@
+"""StepTrainer, the shared optimiser step, freezing, and epoch-level reseeding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.data import DataLoader, Dataset
+from monai.transforms import Compose, RandGaussianNoised
+
+from common.engines import EpochSeedHandler, StepTrainer, TrainingStep, engine_device, freeze, get_device, optimizer_step, unwrap
+
+
+class _Step(TrainingStep):
+    def __init__(self, grad_clip=None):
+        torch.manual_seed(0)
+        self.net = torch.nn.Linear(4, 1)
+        self.opt = torch.optim.SGD(self.net.parameters(), lr=0.1)
+        self.grad_clip = grad_clip
+        self.seen = []
+
+    def __call__(self, engine, batch):
+        x = batch["x"] if isinstance(batch, dict) else batch
+        self.seen.append(x.clone())
+        loss = self.net(x).pow(2).mean() * 100
+        optimizer_step(engine, loss, self.opt, grad_clip=self.grad_clip)
+        return self.detach({"loss": loss, "loss_sq": loss / 2})
+
+
+def test_step_trainer_runs_the_step_and_keeps_its_terms():
+    step = _Step()
+    trainer = StepTrainer("cpu", max_epochs=2, train_data_loader=[torch.randn(3, 4) for _ in range(3)], step=step)
+    trainer.run()
+    assert trainer.state.iteration == 6 and len(step.seen) == 6
+    out = trainer.state.output
+    assert set(out) == {"loss", "loss_sq"} and isinstance(out["loss"], float)
+    assert out["loss_sq"] == pytest.approx(out["loss"] / 2)
+    assert engine_device(trainer).type == "cpu"
+
+
+def test_step_without_loss_key_is_an_error():
+    class Bad(TrainingStep):
+        def __call__(self, engine, batch):
+            return {"total": 1.0}
+
+    trainer = StepTrainer("cpu", max_epochs=1, train_data_loader=[torch.zeros(1)], step=Bad())
+    with pytest.raises(TypeError, match="'loss' key"):
+        trainer.run()
+
+
+def _flat(step):
+    return torch.cat([p.detach().flatten() for p in step.net.parameters()])
+
+
+def test_optimizer_step_clips_the_global_norm():
+    start = _flat(_Step())  # every _Step starts from the same seeded weights
+    clipped, free = _Step(grad_clip=1e-3), _Step()
+    x = torch.full((2, 4), 10.0)
+    for step in (clipped, free):
+        StepTrainer("cpu", 1, [x], step).run()
+    assert float((_flat(clipped) - start).norm()) == pytest.approx(0.1 * 1e-3, rel=1e-3)  # lr x max-norm
+    assert float((_flat(free) - start).norm()) > 1.0
+
+
+def test_freeze_and_unwrap():
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+    net.train()
+    freeze(net, None)
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+    wrapped = torch.nn.DataParallel(net)
+    assert unwrap(wrapped) is net and unwrap(net) is net
+
+
+def test_get_device_falls_back_to_cpu():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert get_device("cuda").type == expected
+    assert get_device("cpu").type == "cpu"
+
+
+def test_epoch_seed_handler_makes_epochs_independent_of_history():
+    """Epoch 2's random augmentation is the same whether or not epoch 1 ran before it."""
+    data = [{"x": torch.zeros(1, 4)} for _ in range(3)]
+
+    def run(max_epochs, start_epoch):
+        ds = Dataset(data, transform=Compose([RandGaussianNoised(keys="x", prob=1.0, std=1.0)]))
+        loader = DataLoader(ds, batch_size=1, shuffle=True, num_workers=0)
+        step = _Step()
+        trainer = StepTrainer("cpu", max_epochs=max_epochs, train_data_loader=loader, step=step)
+        EpochSeedHandler(seed=7).attach(trainer)
+        trainer.state.epoch = start_epoch
+        trainer.state.iteration = start_epoch * len(loader)
+        trainer.run()
+        return step.seen[-3:]
+
+    full = run(max_epochs=2, start_epoch=0)  # epochs 1 and 2
+    resumed = run(max_epochs=2, start_epoch=1)  # epoch 2 only
+    for a, b in zip(full, resumed):
+        assert torch.equal(a, b)
+    assert not torch.equal(full[0], run(max_epochs=1, start_epoch=0)[0])  # epoch 1 differs from epoch 2
