@@ -15,7 +15,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBPACKAGES = ("data", "engines", "inferers", "losses", "metrics", "networks", "schedulers", "transforms", "utils")
+_SUBPACKAGES = ("data", "engines", "export", "inferers", "losses", "metrics", "networks", "schedulers", "transforms", "utils")
 
 
 def __getattr__(name: str):

@@ -1,12 +1,14 @@
 """Ignite engines, handlers and helpers shared by the bundles."""
 
 from .handlers import AtomicCheckpointSaver, EpochSeedHandler
+from .sample_log import SampleLogHandler
 from .trainers import StepTrainer, TrainingStep, autocast, engine_device, freeze, optimizer_step, unwrap
 from .utils import get_device, resolve_amp
 
 __all__ = [
     "AtomicCheckpointSaver",
     "EpochSeedHandler",
+    "SampleLogHandler",
     "StepTrainer",
     "TrainingStep",
     "autocast",

@@ -1,0 +1,585 @@
+"""Input checks that turn bad data into one clear error naming the file.
+
+Medical images from users are rarely as clean as a benchmark's: a 2D slice where a volume is
+expected, a 4D series where a 3D image is expected, a DWI exported as a single volume, a
+truncated download, NaN voxels from a failed reconstruction, an empty mask saved as the image.
+Most of these pass silently through ``LoadImaged`` and fail much later (a shape error deep in a
+network, a NaN loss, a black output). The transforms here stop them at the door:
+
+* :class:`CheckedLoadImaged` / :func:`load_nifti_checked`: loading with one clear error for a
+  missing file (``FileNotFoundError``), a truncated or corrupt gzip stream, a corrupt or foreign
+  header, truncated voxel data, or an unusable affine (``ValueError``), each naming the file.
+* :class:`ValidateImaged`: right after loading (``LoadImaged`` + ``EnsureChannelFirstd``, or
+  :class:`CheckedLoadImaged` with ``ensure_channel_first=True``), checks dimensionality, channel
+  count, finite values, constant (e.g. all-zero) volumes or channels, extreme intensities and a
+  minimum spatial size (refused, or padded with a warning and ``Invertd``-invertible).
+* :class:`ValidateLabeld`: label values must belong to the class set ``{0, ..., num_classes - 1}``.
+
+Every error is a single exception whose message starts with the file name (the MetaTensor's
+``filename_or_obj``, else the dictionary key) and says what was expected. Oblique and anisotropic
+affines are valid input and pass unchanged: nothing here resamples or reorients.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import warnings
+import zlib
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import InvertibleTransform, LoadImaged, MapTransform, SpatialPad
+from monai.utils import TraceKeys
+
+__all__ = [
+    "CheckedLoadImaged",
+    "ValidateImaged",
+    "ValidateLabeld",
+    "check_gzip_integrity",
+    "check_image_file",
+    "describe_source",
+    "load_nifti_checked",
+]
+
+#: ``sizeof_hdr`` of NIfTI-1 and NIfTI-2 headers (the first 4 bytes of every NIfTI file).
+_NIFTI_HEADER_SIZES = {348: "NIfTI-1", 540: "NIfTI-2"}
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def describe_source(img: Any, key: Hashable | None = None) -> str:
+    """``"'<file>' (key 'image')"``: the file a tensor came from, else just its key."""
+    name = None
+    if isinstance(img, MetaTensor):
+        name = img.meta.get("filename_or_obj")
+        if isinstance(name, (list, tuple)):  # a collated batch: name the first file
+            name = name[0] if len(name) else None
+    if name:
+        return f"'{name}'" + (f" (key '{key}')" if key is not None else "")
+    return f"key '{key}'" if key is not None else "image"
+
+
+# ---------------------------------------------------------------------------------------------
+# File-level checks (loaders)
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_nifti_name(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith((".nii", ".nii.gz", ".hdr", ".hdr.gz"))
+
+
+def _read_head(path: Path, n: int) -> bytes:
+    """First ``n`` decompressed bytes of ``path`` (gzip-aware)."""
+    with open(path, "rb") as fh:
+        magic = fh.read(2)
+    opener = gzip.open if magic == _GZIP_MAGIC else open
+    with opener(path, "rb") as fh:
+        return fh.read(n)
+
+
+def _gzip_problem(path: Path) -> str | None:
+    """Decompress the whole stream; describe why it fails, or ``None`` if it is intact."""
+    try:
+        with gzip.open(path, "rb") as fh:
+            while fh.read(1 << 22):
+                pass
+    except EOFError:
+        return "is a truncated gzip file (the compressed stream ends early: an interrupted download or copy)"
+    except (gzip.BadGzipFile, zlib.error, OSError) as e:
+        return f"is a corrupt gzip file ({e})"
+    return None
+
+
+def _header_problem(path: Path) -> str | None:
+    """Sanity of a NIfTI header: size field, magic string and dimensions. ``None`` if plausible."""
+    head = _read_head(path, 540)
+    if len(head) < 348:
+        return f"is too short for a NIfTI header ({len(head)} bytes, a header has 348)"
+    for order in ("<", ">"):
+        size = struct.unpack(order + "i", head[:4])[0]
+        if size in _NIFTI_HEADER_SIZES:
+            break
+    else:
+        size = struct.unpack("<i", head[:4])[0]
+        return (
+            f"has a corrupt NIfTI header: the header size field (sizeof_hdr) is {size}, expected 348 "
+            "(NIfTI-1) or 540 (NIfTI-2); the first bytes of the file are damaged or it is not a NIfTI file"
+        )
+    if size == 348:
+        magic = head[344:348]
+        is_pair = path.name.lower().endswith((".hdr", ".hdr.gz"))
+        if not is_pair and magic != b"n+1\x00":
+            return f"has a corrupt NIfTI-1 header: magic string is {magic!r}, expected b'n+1\\x00'"
+        dims = struct.unpack(order + "8h", head[40:56])
+    else:
+        if len(head) < 540:
+            return f"is too short for a NIfTI-2 header ({len(head)} bytes, a header has 540)"
+        dims = struct.unpack(order + "8q", head[16:80])
+    ndim = dims[0]
+    if not 1 <= ndim <= 7 or any(d < 1 for d in dims[1 : ndim + 1]):
+        return f"has a corrupt NIfTI header: dim = {list(dims)} (dim[0] must be 1..7 and each size >= 1)"
+    return None
+
+
+def _affine_problem(affine: Any) -> str | None:
+    aff = np.asarray(affine, dtype=np.float64)
+    if aff.shape[-2:] not in ((4, 4), (3, 3)):
+        return None
+    if not np.all(np.isfinite(aff)):
+        return "has a non-finite affine (NaN/Inf in the header's qform/sform or voxel sizes)"
+    if abs(np.linalg.det(aff[:-1, :-1])) < 1e-12:
+        return "has a singular affine (a voxel size of 0 or degenerate direction cosines in the header)"
+    return None
+
+
+def check_image_file(path: str | os.PathLike, key: Hashable | None = None) -> Path:
+    """Cheap checks before reading: the file exists and, for NIfTI, its header is plausible.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: the file is empty, or a NIfTI header is corrupt (wrong ``sizeof_hdr``, magic
+            or dimensions). Reads only the first few hundred bytes.
+    """
+    path = Path(path)
+    where = f"'{path}'" + (f" (key '{key}')" if key is not None else "")
+    if not path.exists():
+        raise FileNotFoundError(f"input file {where} does not exist")
+    if path.is_dir():  # a DICOM series folder: left to the reader
+        return path
+    if path.stat().st_size == 0:
+        raise ValueError(f"input file {where} is empty (0 bytes)")
+    if _is_nifti_name(path):
+        try:
+            problem = _header_problem(path)
+        except EOFError:
+            problem = "is a truncated gzip file (it ends inside the header)"
+        except (gzip.BadGzipFile, zlib.error, OSError) as e:
+            problem = f"is a corrupt gzip file ({e})"
+        if problem:
+            raise ValueError(f"input file {where} {problem}")
+    return path
+
+
+def _diagnose(path: Path, error: BaseException, key: Hashable | None = None) -> Exception:
+    """The clearest error for a file a reader failed on: a cause found in the file, else the reader's."""
+    where = f"'{path}'" + (f" (key '{key}')" if key is not None else "")
+    if isinstance(error, FileNotFoundError) or not path.exists():
+        return FileNotFoundError(f"input file {where} does not exist")
+    problem = None
+    if path.is_file():
+        with open(path, "rb") as fh:
+            is_gz = fh.read(2) == _GZIP_MAGIC
+        if is_gz:
+            problem = _gzip_problem(path)
+        elif path.name.lower().endswith(".gz"):
+            problem = "is named '.gz' but is not gzip-compressed"
+        if problem is None and _is_nifti_name(path):
+            problem = _header_problem(path)
+    if problem is None:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "Expected" in reason and "bytes" in reason:  # nibabel's message for short voxel data
+            problem = f"has truncated voxel data ({reason})"
+        else:
+            problem = f"cannot be read as an image: {type(error).__name__}: {reason}"
+    return ValueError(f"input file {where} {problem}")
+
+
+def check_gzip_integrity(path: str | os.PathLike, key: Hashable | None = None) -> None:
+    """Decompress a gzip file to its end and verify its CRC-32 and length trailer.
+
+    Readers stop decompressing once they have the voxels they need, so the trailer is never
+    checked and a damaged block in the middle of the stream can give wrong voxels without any
+    error. Costs one extra decompression pass. No-op for files that are not gzip-compressed.
+
+    Raises:
+        ValueError: the stream is truncated or corrupt (message names the file).
+    """
+    path = Path(path)
+    with open(path, "rb") as fh:
+        if fh.read(2) != _GZIP_MAGIC:
+            return
+    problem = _gzip_problem(path)
+    if problem:
+        raise ValueError(f"input file '{path}'" + (f" (key '{key}')" if key is not None else "") + f" {problem}")
+
+
+def load_nifti_checked(path: str | os.PathLike, key: Hashable | None = None, verify_gzip: bool = True):
+    """Load a NIfTI file with nibabel, reading all voxels, or raise one clear error naming it.
+
+    Returns an in-memory nibabel image (same class, affine and header; the voxel array already
+    read and scaled, so later access cannot fail half-way). With ``verify_gzip`` (default) a
+    compressed file is first checked to its CRC trailer (:func:`check_gzip_integrity`).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: empty file, truncated or corrupt gzip, corrupt header (``sizeof_hdr``, magic,
+            dimensions), truncated voxel data, or a non-finite/singular affine.
+    """
+    import nibabel as nib
+
+    path = check_image_file(path, key)
+    if verify_gzip:
+        check_gzip_integrity(path, key)
+    try:
+        img = nib.load(path)
+        data = np.asanyarray(img.dataobj)
+    except Exception as e:  # nibabel raises EOFError, OSError, ImageFileError, HeaderDataError, ...
+        raise _diagnose(path, e, key) from e
+    problem = _affine_problem(img.affine)
+    if problem:
+        raise ValueError(f"input file '{path}'" + (f" (key '{key}')" if key is not None else "") + f" {problem}")
+    return img.__class__(data, img.affine, img.header)
+
+
+class CheckedLoadImaged(LoadImaged):
+    """``monai.transforms.LoadImaged`` whose failures are one clear error naming the file and key.
+
+    Same arguments as ``LoadImaged``, plus ``verify_gzip`` (default ``True``): check each
+    compressed file's CRC trailer first (see :func:`check_gzip_integrity`; one extra
+    decompression pass). This is needed: ITK (MONAI's first choice for NIfTI when installed)
+    returns an image from a gzip file cut in half without any error, and nibabel decodes a
+    damaged block in the middle of a stream into wrong voxels without any error.
+
+    Before reading, each path is checked to exist (``FileNotFoundError``) and NIfTI headers are
+    checked (``sizeof_hdr``, magic string and dimensions: nibabel silently "fixes" a damaged size
+    field). When a reader fails (nibabel or ITK), the file is examined to name the cause:
+    truncated gzip, corrupt gzip, corrupt header, truncated voxel data; the reader's message is
+    kept as the cause (``raise ... from``). After reading, an affine with NaN/Inf or a zero
+    determinant is refused.
+    """
+
+    def __init__(self, keys: KeysCollection, *args: Any, verify_gzip: bool = True, **kwargs: Any) -> None:
+        super().__init__(keys, *args, **kwargs)
+        self.verify_gzip = bool(verify_gzip)
+
+    def __call__(self, data: Mapping, reader=None) -> dict:
+        for key in self.key_iterator(dict(data)):
+            for p in self._paths(data[key]):
+                check_image_file(p, key)
+                if self.verify_gzip and p.is_file():
+                    check_gzip_integrity(p, key)
+        try:
+            d = super().__call__(data, reader)
+        except Exception as e:
+            key, path = self._failing(data, e)
+            if path is None:
+                raise
+            raise _diagnose(path, e, key) from e
+        for key in self.key_iterator(d):
+            img = d[key]
+            if isinstance(img, MetaTensor):
+                problem = _affine_problem(img.affine)
+                if problem:
+                    raise ValueError(f"input file {describe_source(img, key)} {problem}")
+        return d
+
+    @staticmethod
+    def _paths(value: Any) -> list[Path]:
+        if isinstance(value, (str, os.PathLike)):
+            return [Path(value)]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (str, os.PathLike)) for v in value):
+            return [Path(v) for v in value]
+        return []
+
+    def _failing(self, data: Mapping, error: BaseException) -> tuple[Hashable | None, Path | None]:
+        """The key and path the reader failed on: the one named in the error, else the first."""
+        candidates = [(k, p) for k in self.key_iterator(dict(data)) for p in self._paths(data[k])]
+        for k, p in candidates:
+            if str(p) in str(error) or p.name in str(error):
+                return k, p
+        for k, p in candidates:  # re-examine each file; the first with a problem is the culprit
+            if _diagnose(p, error, k).args[0].find("cannot be read as an image") < 0:
+                return k, p
+        return candidates[0] if candidates else (None, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor-level checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _per_key(value: Any, key: Hashable) -> Any:
+    return value.get(key) if isinstance(value, Mapping) else value
+
+
+class ValidateImaged(MapTransform, InvertibleTransform):
+    """Refuse images that a 3D network cannot use, with one ``ValueError`` naming the file.
+
+    Place it right after loading, when the images are channel-first (``LoadImaged`` +
+    ``EnsureChannelFirstd``, or ``LoadImaged(ensure_channel_first=True)``).
+
+    Args:
+        keys: keys of the images to check.
+        spatial_dims: number of spatial axes expected (3 for volumes).
+        channels: expected channel count: an ``int`` (exact; ``1`` for a plain 3D image), ``"dwi"``
+            (a 4D diffusion series: at least 2 volumes along the 4th file axis), or ``None`` (any).
+            A dict gives one value per key (``{"image": 4, "dwi": "dwi"}``).
+        allow_channel_last_4d: accept the layout ``LoadImaged`` gives without
+            ``EnsureChannelFirstd``: ``(H, W, D)`` is one channel and ``(H, W, D, C)`` has its
+            channels last (detected from the ``spatial_shape`` meta). When false (default), such
+            a tensor is refused with a hint to add ``EnsureChannelFirstd``, because every later
+            transform would take the wrong axis for channels.
+        require_finite: refuse NaN or Inf voxels (the message counts them).
+        reject_constant: refuse an image, or one of its channels, whose voxels all have the same
+            value (an all-zero volume, an empty mask saved as the image, a missing modality).
+        min_spatial_size: smallest accepted spatial size (an int for every axis, or one per
+            axis). Smaller images are refused, unless ``pad_small`` is true.
+        pad_small: pad images smaller than ``min_spatial_size`` symmetrically up to it with the
+            image minimum (the background: 0 in MR, air in CT), with a ``UserWarning`` naming
+            the file. The padding is recorded, so ``Invertd`` crops it away from predictions.
+        max_abs: refuse images with finite voxels of magnitude above this value (for example
+            ``1e5`` for CT in HU: such values mean a wrong scaling in the header or raw scanner
+            units). A dict gives one value per key.
+        allow_missing_keys: skip absent keys.
+
+    Besides these, a MetaTensor whose affine has NaN/Inf or a zero determinant is refused.
+    Oblique or anisotropic affines are valid and the image passes through unchanged (the same
+    object is returned for every key that needs no padding).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        spatial_dims: int = 3,
+        channels: int | str | Mapping[Hashable, int | str | None] | None = None,
+        allow_channel_last_4d: bool = False,
+        require_finite: bool = True,
+        reject_constant: bool = True,
+        min_spatial_size: int | Sequence[int] | None = None,
+        max_abs: float | Mapping[Hashable, float | None] | None = None,
+        pad_small: bool = False,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        self.spatial_dims = int(spatial_dims)
+        self.channels = channels
+        for k in self.keys:
+            c = _per_key(channels, k)
+            if not (c is None or c == "dwi" or (isinstance(c, int) and c >= 1)):
+                raise ValueError(f"channels for key '{k}' must be a positive int, 'dwi' or None, got {c!r}")
+        self.allow_channel_last_4d = bool(allow_channel_last_4d)
+        self.require_finite = bool(require_finite)
+        self.reject_constant = bool(reject_constant)
+        self.min_spatial_size = None
+        if min_spatial_size is not None:
+            size = (
+                (min_spatial_size,) * self.spatial_dims
+                if isinstance(min_spatial_size, int)
+                else tuple(min_spatial_size)
+            )
+            if len(size) != self.spatial_dims:
+                raise ValueError(f"min_spatial_size {tuple(size)} must have {self.spatial_dims} values")
+            self.min_spatial_size = tuple(int(s) for s in size)
+        self.max_abs = max_abs
+        self.pad_small = bool(pad_small)
+        # SpatialPad pads only the axes smaller than spatial_size, to exactly that size
+        self.padder = SpatialPad(spatial_size=self.min_spatial_size or (1,) * self.spatial_dims, method="symmetric")
+
+    # -- layout --------------------------------------------------------------------------------
+
+    def _layout(self, img: torch.Tensor, key: Hashable) -> tuple[int, tuple[int, ...], bool]:
+        """(channels, spatial shape, channels_last) of ``img``, or a ValueError on wrong dimensionality."""
+        where = describe_source(img, key)
+        shape = tuple(int(s) for s in img.shape)
+        sd = self.spatial_dims
+        file_shape = None
+        if isinstance(img, MetaTensor) and img.meta.get("spatial_shape") is not None:
+            file_shape = tuple(int(s) for s in np.atleast_1d(np.asarray(img.meta["spatial_shape"])))
+        axes = ", ".join(["H", "W", "D"][:sd]) if sd <= 3 else f"{sd} spatial axes"
+        expected = f"a {sd}D image, channel-first (C, {axes})"
+        if file_shape is not None and len(file_shape) != sd:
+            raise ValueError(
+                f"{where} holds a {len(file_shape)}D image (spatial shape {file_shape}, tensor shape {shape}); "
+                f"expected {expected}"
+            )
+        if len(shape) == sd + 1:
+            if file_shape is not None and shape[1:] != file_shape and shape[:-1] == file_shape:
+                if not self.allow_channel_last_4d:
+                    raise ValueError(
+                        f"{where} has its channels last (tensor shape {shape}, spatial shape {file_shape}); "
+                        "expected channel-first: add EnsureChannelFirstd (or LoadImaged(ensure_channel_first=True)) "
+                        "before ValidateImaged, or set allow_channel_last_4d"
+                    )
+                return shape[-1], shape[:-1], True
+            return shape[0], shape[1:], False
+        if len(shape) == sd and self.allow_channel_last_4d:
+            return 1, shape, False
+        if len(shape) == sd:
+            raise ValueError(
+                f"{where} has tensor shape {shape} without a channel axis, or is a {sd - 1}D image with one channel; "
+                f"expected {expected}: add EnsureChannelFirstd before ValidateImaged"
+            )
+        raise ValueError(
+            f"{where} has {len(shape)} dimensions (tensor shape {shape}); expected {expected}, i.e. {sd + 1} dimensions"
+        )
+
+    def _check_channels(self, n: int, key: Hashable, where: str, shape: tuple[int, ...]) -> None:
+        want = _per_key(self.channels, key)
+        if want is None:
+            return
+        if want == "dwi":
+            if n < 2:
+                raise ValueError(
+                    f"{where} is a 3D image (one volume, tensor shape {shape}); expected a 4D diffusion-weighted "
+                    "series with one volume per gradient direction along the 4th axis"
+                )
+            return
+        if n != want:
+            if want == 1:
+                raise ValueError(
+                    f"{where} is a 4D image with {n} volumes/channels (tensor shape {shape}); "
+                    "expected a 3D image (1 channel)"
+                )
+            raise ValueError(f"{where} has {n} channels (tensor shape {shape}); expected {want}")
+
+    # -- main ----------------------------------------------------------------------------------
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self._validate(d[key], key)
+        return d
+
+    def _validate(self, img: Any, key: Hashable) -> Any:
+        if not isinstance(img, (torch.Tensor, np.ndarray)):
+            raise ValueError(
+                f"key '{key}' holds a {type(img).__name__}, expected a loaded image (add LoadImaged first)"
+            )
+        where = describe_source(img, key)
+        if isinstance(img, MetaTensor):
+            problem = _affine_problem(img.affine)
+            if problem:
+                raise ValueError(f"{where} {problem}")
+        n_ch, spatial, last = self._layout(img, key)
+        self._check_channels(n_ch, key, where, tuple(img.shape))
+        if any(s == 1 for s in spatial):
+            raise ValueError(
+                f"{where} has spatial shape {spatial}: a single slice (a 2D image) along axis "
+                f"{spatial.index(1)}; expected a {self.spatial_dims}D volume"
+            )
+
+        x = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)  # no meta tracking
+        if not x.is_floating_point():
+            x = x.float()
+        problems = []
+        finite = torch.isfinite(x)
+        if self.require_finite and not bool(finite.all()):
+            n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+            problems.append(f"has {n_nan} NaN and {n_inf} Inf voxels (of {x.numel()}); expected finite values")
+        if self.reject_constant:
+            xc = torch.movedim(x, -1, 0) if last else (x if x.ndim == self.spatial_dims + 1 else x[None])
+            xc = xc.reshape(xc.shape[0], -1)
+            if bool(finite.all()):
+                lo, hi = xc.amin(1), xc.amax(1)
+            else:  # ignore non-finite voxels here: they are reported above
+                fin = torch.isfinite(xc)
+                lo = torch.where(fin, xc, torch.full_like(xc, float("inf"))).amin(1)
+                hi = torch.where(fin, xc, torch.full_like(xc, float("-inf"))).amax(1)
+            const = [c for c in range(xc.shape[0]) if bool(lo[c] >= hi[c])]
+            if len(const) == xc.shape[0]:
+                val = float(lo[0]) if torch.isfinite(lo[0]) else float("nan")
+                what = "all-zero" if val == 0 else f"constant (every voxel = {val:g})"
+                problems.append(f"is {what}: an empty volume; expected an image with contrast")
+            elif const:
+                problems.append(
+                    f"has constant channel(s) {const} of {xc.shape[0]} (an all-zero or missing modality/volume)"
+                )
+        max_abs = _per_key(self.max_abs, key)
+        if max_abs is not None:
+            big = finite & (x.abs() > float(max_abs))
+            n_big = int(big.sum())
+            if n_big:
+                peak = float(x[big].abs().max())
+                problems.append(
+                    f"has {n_big} voxels with |value| > {float(max_abs):g} (largest {peak:g}); "
+                    "expected intensities within that bound (wrong scaling in the header, or raw scanner units?)"
+                )
+        if problems:
+            raise ValueError(f"{where} " + "; ".join(problems))
+
+        if self.min_spatial_size is not None and any(
+            s < m for s, m in zip(spatial, self.min_spatial_size, strict=True)
+        ):
+            if not self.pad_small:
+                raise ValueError(
+                    f"{where} has spatial size {spatial}, smaller than the minimum {self.min_spatial_size} "
+                    "this network needs; expected a larger volume (or set pad_small to pad it)"
+                )
+            if last or img.ndim == self.spatial_dims:
+                raise ValueError(
+                    f"{where}: padding needs a channel-first image; add EnsureChannelFirstd before ValidateImaged"
+                )
+            target = tuple(max(s, m) for s, m in zip(spatial, self.min_spatial_size, strict=True))
+            warnings.warn(
+                f"{where} has spatial size {spatial}, smaller than {self.min_spatial_size}: padded to {target}",
+                stacklevel=2,
+            )
+            return self._pad(img, x)
+        return img
+
+    def _pad(self, img: Any, x: torch.Tensor) -> Any:
+        # the image minimum is its background (0 in MR, air in CT); zero would be water in CT
+        out = self.padder(img, value=float(torch.nan_to_num(x).min()))
+        if isinstance(out, MetaTensor) and out.applied_operations and self.tracing:
+            # nest the padder's record in ours, so that inverse() knows the padding was ours
+            pad_info = out.applied_operations.pop()
+            self.push_transform(out, orig_size=tuple(img.shape[1:]), extra_info={"pad_info": pad_info})
+        return out
+
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Crop away the padding added by ``pad_small`` (keys that were not padded are unchanged)."""
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            ops = getattr(img, "applied_operations", None)
+            if not ops or ops[-1].get(TraceKeys.CLASS_NAME) != self.__class__.__name__:
+                continue  # this key passed unpadded: nothing was recorded
+            transform = self.pop_transform(img)
+            img.applied_operations.append(transform[TraceKeys.EXTRA_INFO]["pad_info"])
+            d[key] = self.padder.inverse(img)
+        return d
+
+
+class ValidateLabeld(MapTransform):
+    """Refuse label maps with values outside the class set ``{0, ..., num_classes - 1}``.
+
+    Args:
+        keys: keys of label maps (class indices, any layout).
+        num_classes: number of classes including background; a dict gives one per key.
+        allow_missing_keys: skip absent keys.
+
+    Non-integer values (e.g. 0.5 after linear interpolation of a mask) and NaN are outside the
+    class set too. The ``ValueError`` names the file, the offending values (up to 10) and how many
+    voxels carry them.
+    """
+
+    def __init__(
+        self, keys: KeysCollection, num_classes: int | Mapping[Hashable, int], allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.num_classes = num_classes
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            n = int(_per_key(self.num_classes, key))
+            x = torch.as_tensor(d[key])
+            values, counts = torch.unique(x, return_counts=True)
+            vf = values.double()
+            bad = ~(torch.isfinite(vf) & (vf == torch.round(vf)) & (vf >= 0) & (vf <= n - 1))
+            if bool(bad.any()):
+                vals, cnts = values[bad].tolist(), counts[bad].tolist()
+                shown = ", ".join(f"{v:g} ({c} voxels)" for v, c in zip(vals[:10], cnts[:10], strict=True))
+                more = f" and {len(vals) - 10} more" if len(vals) > 10 else ""
+                raise ValueError(
+                    f"label {describe_source(d[key], key)} has values outside the class set "
+                    f"{{0, ..., {n - 1}}} ({n} classes): {shown}{more}"
+                )
+        return d
