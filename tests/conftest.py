@@ -2,8 +2,8 @@
 
 The demo cohorts (see ``common.data.demo``) are built from package-shipped real images into
 ``<cache>/test-demo/`` and reused across sessions; a lock file keeps parallel test processes from
-building the same cohort twice. Sizes are the small ones the tests need (4 training subjects, 1
-validation subject, the real held-out test case).
+building the same cohort twice. Sizes are the small ones the tests need (4 training subjects, 2
+validation subjects, the real held-out test case).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ if str(REPO_ROOT) not in sys.path:
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-DEMO_KW = {"n_train": 4, "n_val": 1, "seed": 0}
+DEMO_KW = {"n_train": 4, "n_val": 2, "seed": 0}
 
 
 def _demo_root() -> Path:
