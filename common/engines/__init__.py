@@ -1,7 +1,9 @@
 """Ignite engines, handlers and helpers shared by the bundles."""
 
 from .handlers import AtomicCheckpointSaver, EpochSeedHandler
+from . import tracking
 from .sample_log import SampleLogHandler
+from .tracking import executed_config
 from .trainers import StepTrainer, TrainingStep, autocast, engine_device, freeze, optimizer_step, unwrap
 from .utils import get_device, resolve_amp
 
@@ -13,6 +15,7 @@ __all__ = [
     "TrainingStep",
     "autocast",
     "engine_device",
+    "executed_config",
     "freeze",
     "get_device",
     "optimizer_step",

@@ -64,7 +64,10 @@ class EpochSeedHandler:
     random numbers earlier epochs consumed, so a run resumed from a checkpoint sees exactly the
     batches an uninterrupted run would have seen. ``set_determinism`` seeds torch, numpy and
     ``random``; MONAI's random transforms keep their own ``RandomState``, so the data loader's
-    dataset transforms are re-seeded as well (``monai.data.utils.set_rnd``).
+    dataset transforms are re-seeded as well (``monai.data.utils.set_rnd``). When
+    ``epoch_length`` is shorter than the loader, Ignite would keep one iterator running across
+    epochs (epoch 2 continuing epoch 1's shuffle); the iterator is restarted here, so each epoch
+    takes the first ``epoch_length`` batches of its own seeded order.
     """
 
     def __init__(self, seed: int = 0) -> None:
@@ -80,6 +83,9 @@ class EpochSeedHandler:
 
         seed = self.seed + int(engine.state.epoch)
         set_determinism(seed=seed)
-        dataset = getattr(getattr(engine, "data_loader", None), "dataset", None)
+        loader = getattr(engine.state, "dataloader", None)
+        dataset = getattr(loader, "dataset", None)
         if dataset is not None:
             set_rnd(dataset, seed)
+        if loader is not None:
+            engine.set_data(loader)

@@ -76,23 +76,26 @@ def test_get_device_falls_back_to_cpu():
     assert get_device("cpu").type == "cpu"
 
 
-def test_epoch_seed_handler_makes_epochs_independent_of_history():
-    """Epoch 2's random augmentation is the same whether or not epoch 1 ran before it."""
-    data = [{"x": torch.zeros(1, 4)} for _ in range(3)]
+@pytest.mark.parametrize("epoch_length", [None, 2])  # whole loader, or fewer batches than it holds
+def test_epoch_seed_handler_makes_epochs_independent_of_history(epoch_length):
+    """Epoch 2's batches (order and random augmentation) are the same whether or not epoch 1 ran."""
+    data = [{"x": torch.full((1, 4), float(i))} for i in range(6)]
+    per_epoch = epoch_length or len(data)
 
     def run(max_epochs, start_epoch):
         ds = Dataset(data, transform=Compose([RandGaussianNoised(keys="x", prob=1.0, std=1.0)]))
         loader = DataLoader(ds, batch_size=1, shuffle=True, num_workers=0)
         step = _Step()
-        trainer = StepTrainer("cpu", max_epochs=max_epochs, train_data_loader=loader, step=step)
+        trainer = StepTrainer("cpu", max_epochs=max_epochs, train_data_loader=loader, step=step, epoch_length=epoch_length)
         EpochSeedHandler(seed=7).attach(trainer)
         trainer.state.epoch = start_epoch
-        trainer.state.iteration = start_epoch * len(loader)
+        trainer.state.iteration = start_epoch * per_epoch
         trainer.run()
-        return step.seen[-3:]
+        return step.seen[-per_epoch:]
 
     full = run(max_epochs=2, start_epoch=0)  # epochs 1 and 2
     resumed = run(max_epochs=2, start_epoch=1)  # epoch 2 only
+    assert len(full) == len(resumed) == per_epoch
     for a, b in zip(full, resumed):
         assert torch.equal(a, b)
     assert not torch.equal(full[0], run(max_epochs=1, start_epoch=0)[0])  # epoch 1 differs from epoch 2
