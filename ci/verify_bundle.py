@@ -11,9 +11,11 @@ Checks (numbers as in the project's bundle conventions):
  3. ``version`` is plain X.Y.Z and a key of ``changelog``;
  4. ``verify_metadata`` against the schema kept in ``ci/schemas/`` (no download);
  5. ``check_properties()`` is empty for the inference config and every training config;
- 6. ``verify_net_in_out`` for ``network_def`` of ``inference.json``;
+ 6. ``verify_net_in_out`` for ``network_def`` of ``inference.json`` (extra metadata inputs are
+    passed as ``extra_forward_args``);
  7. ``ckpt_export`` with tracing from a freshly initialised checkpoint; the TorchScript model
-    loads and matches eager outputs;
+    loads and matches eager outputs (networks with more inputs than the image, declared in the
+    metadata as vector inputs, are traced with all of them as keyword inputs);
 12. MONAI Label static checks for segmentation bundles.
 Item 2 (``download_large_files``) and item 11 (packaging round trip) need a server: the test
 suite runs them against a loopback HTTP server. ``--overlay`` merges config files (e.g. the
@@ -204,6 +206,28 @@ def _fake_input(meta: dict, n: int = 1, any_size: int = 16):
     return torch.rand(1, int(spec["num_channels"]), *shape)
 
 
+def _extra_inputs(meta: dict) -> dict:
+    """The network's other inputs, built from their metadata description (name -> tensor).
+
+    A diffusion UNet, for instance, takes ``timesteps`` and conditions beside the image; the
+    metadata lists them as inputs with ``spatial_shape: []`` (a vector per sample). Values are the
+    middle of the declared ``value_range`` (integers for integer dtypes).
+    """
+    import torch
+
+    extras = {}
+    for name, spec in list(meta["network_data_format"]["inputs"].items())[1:]:
+        if spec.get("spatial_shape"):
+            raise ValueError(f"extra input '{name}' has a spatial shape; only vector inputs are supported")
+        dtype = getattr(torch, spec.get("dtype", "float32"))
+        lo, hi = (spec.get("value_range") or [0, 1])[:2]
+        value = (float(lo) + float(hi)) / 2
+        channels = int(spec.get("num_channels", 1))
+        shape = (1,) if channels == 1 else (1, channels)
+        extras[name] = torch.full(shape, value).to(dtype) if dtype.is_floating_point else torch.full(shape, int(value), dtype=dtype)
+    return extras
+
+
 def _check_network(bundle: Path, overlays: list[Path]) -> list[Check]:
     import torch
     from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
@@ -214,11 +238,12 @@ def _check_network(bundle: Path, overlays: list[Path]) -> list[Check]:
     meta = json.loads(meta_file.read_text())
     try:
         with _quiet():
+            extras = _extra_inputs(meta)
             verify_net_in_out(
                 net_id="network_def", meta_file=str(meta_file), config_file=configs, device="cpu", n=1, any=16,
-                bundle_root=str(bundle),
+                extra_forward_args=extras, bundle_root=str(bundle),
             )
-        out.append(Check("6 verify_net_in_out", True, "network_def"))
+        out.append(Check("6 verify_net_in_out", True, "network_def" + (f" with {sorted(extras)}" if extras else "")))
     except Exception as e:
         out.append(Check("6 verify_net_in_out", False, f"{type(e).__name__}: {e}"))
 
@@ -231,15 +256,26 @@ def _check_network(bundle: Path, overlays: list[Path]) -> list[Check]:
             net = parser.get_parsed_content("network_def").eval()
             torch.save(net.state_dict(), Path(tmp) / "model.pt")
             x = _fake_input(meta)
-            with _quiet():
-                ckpt_export(
-                    net_id="network_def", filepath=str(Path(tmp) / "model.ts"), ckpt_file=str(Path(tmp) / "model.pt"),
-                    meta_file=str(meta_file), config_file=configs, use_trace=True, input_shape=list(x.shape),
-                    bundle_root=str(bundle),
-                )
+            extras = _extra_inputs(meta)
+            if extras:
+                # ckpt_export traces with the image alone; a multi-input network is traced with
+                # every input the metadata declares, in its forward order
+                import inspect
+
+                first = next(iter(inspect.signature(net.forward).parameters))
+                kwargs = {first: x, **extras}
+                torch.jit.trace(net, example_kwarg_inputs=kwargs).save(str(Path(tmp) / "model.ts"))
+            else:
+                kwargs = None
+                with _quiet():
+                    ckpt_export(
+                        net_id="network_def", filepath=str(Path(tmp) / "model.ts"), ckpt_file=str(Path(tmp) / "model.pt"),
+                        meta_file=str(meta_file), config_file=configs, use_trace=True, input_shape=list(x.shape),
+                        bundle_root=str(bundle),
+                    )
             ts = torch.jit.load(str(Path(tmp) / "model.ts"), map_location="cpu")
             with torch.no_grad():
-                ref, got = net(x), ts(x)
+                ref, got = (net(**kwargs), ts(**kwargs)) if kwargs else (net(x), ts(x))
             ref = ref if torch.is_tensor(ref) else ref[0]
             got = got if torch.is_tensor(got) else got[0]
             err = float((ref - got).abs().max())

@@ -1,0 +1,147 @@
+"""Latent precompute for the diffusion and ControlNet stages (official ``diff_model_create_training_data.py``).
+
+Each CT is loaded, oriented to RAS, optionally resampled to a fixed spacing, mapped from [-1000, 1000] HU to [0, 1], resized (trilinear) so every
+dimension becomes the nearest multiple of ``size_multiple`` (128 officially, at least one multiple), encoded with
+the trained VAE (sampled latent ``mu + sigma * eps``, as the official script) and saved as
+``<id>_emb.nii.gz`` (float32, X x Y x Z x 4) with a JSON sidecar (spacing of the resized image, modality,
+body regions). With labels, the label map is resized the same way (nearest), mapped to MAISI ids by name and
+saved as ``<id>_label.nii.gz``. A new Decathlon datalist ``datalist_latents.json`` lists the outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import load_decathlon_datalist
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Resized, ScaleIntensityRanged, Spacingd
+
+from common.transforms.maisi import BODY_LABEL, to_maisi_label, totalsegmentator_to_maisi_lut
+
+__all__ = ["target_dims", "precompute_latents", "region_one_hot", "load_datalist"]
+
+_REGION_ORDER = ("head", "chest", "abdomen", "pelvis")
+
+
+def target_dims(shape: Sequence[int], multiple: int = 128) -> list[int]:
+    """Each dimension rounded to the nearest multiple of ``multiple`` (at least one multiple)."""
+    return [max(multiple, int(round(s / multiple)) * multiple) for s in shape]
+
+
+def region_one_hot(region: str) -> list[int]:
+    """One-hot body region in the official order head, chest/thorax, abdomen, pelvis/lower."""
+    alias = {"thorax": "chest", "lower": "pelvis"}
+    vec = [0, 0, 0, 0]
+    vec[_REGION_ORDER.index(alias.get(region, region))] = 1
+    return vec
+
+
+def _save(path: Path, array: np.ndarray, affine: np.ndarray, dtype: Any) -> None:
+    img = nib.Nifti1Image(array.astype(dtype), affine)
+    img.set_data_dtype(dtype)
+    tmp = path.with_name(path.name + ".tmp.nii.gz")
+    nib.save(img, str(tmp))
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def precompute_latents(
+    autoencoder: torch.nn.Module,
+    datalist: str,
+    out_dir: str,
+    device: torch.device | str = "cpu",
+    sections: Sequence[str] = ("training", "validation"),
+    size_multiple: int = 128,
+    label_names: Mapping[int | str, str] | None = None,
+    modality: int = 1,
+    body_region: Sequence[str] = ("abdomen", "abdomen"),
+    target_spacing: Sequence[float] | None = None,
+    overwrite: bool = False,
+) -> str:
+    """Encode every image of ``datalist`` and write the latent datalist; returns its path.
+
+    ``label_names`` ({id: name}, e.g. TotalSegmentator's ``class_map["total"]`` or a datalist's ``labels``)
+    maps labels to MAISI ids by name (+ body 200 from the CT); ``None`` skips labels. ``target_spacing``
+    resamples every image to that spacing first (the official "fixed" spacing option; ``None`` keeps the
+    original spacing). Existing outputs are reused unless ``overwrite``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = out / "datalist_latents.json"
+    if result.is_file() and not overwrite:
+        return str(result)
+    base = os.path.dirname(os.path.abspath(datalist))
+    lut = None if label_names is None else totalsegmentator_to_maisi_lut({int(k): v for k, v in label_names.items()})
+    keys = ["image", "label"] if lut is not None else ["image"]
+    load = Compose([LoadImaged(keys, image_only=True), EnsureChannelFirstd(keys), Orientationd(keys, axcodes="RAS")])
+    scale = ScaleIntensityRanged("image", a_min=-1000, a_max=1000, b_min=0.0, b_max=1.0, clip=True)
+    autoencoder.eval()
+    lists: dict[str, list[dict[str, Any]]] = {}
+    for section in sections:
+        entries = []
+        for i, item in enumerate(load_decathlon_datalist(datalist, True, section, base)):
+            d = load({k: item[k] for k in keys})
+            if lut is not None:
+                # MAISI ids by name, body (200) from the CT in HU, on the native grid before resizing
+                mapped = to_maisi_label(d["label"][0].numpy(), lut, d["image"][0].numpy())
+                d["label"] = d["label"].clone().to(torch.uint8)
+                d["label"][0] = torch.as_tensor(mapped)
+            if target_spacing is not None:
+                modes = ["bilinear", "nearest"][: len(keys)]
+                d = Spacingd(keys, pixdim=target_spacing, mode=modes)(d)
+            d = scale(d)
+            dims = target_dims(d["image"].shape[1:], size_multiple)
+            resize = Compose(
+                [Resized("image", spatial_size=dims, mode="trilinear")]
+                + ([Resized("label", spatial_size=dims, mode="nearest")] if lut is not None else [])
+            )
+            d = resize(d)
+            affine = d["image"].affine.numpy()
+            spacing = np.linalg.norm(affine[:3, :3], axis=0)
+            z = autoencoder.encode_stage_2_inputs(d["image"][None].to(device).float())[0].cpu()
+            # "id" may have been joined to the datalist folder (load_decathlon_datalist joins existing paths)
+            name = Path(str(item["id"])).name if item.get("id") else Path(item["image"]).name.split(".")[0] + f"_{i}"
+            latent_affine = affine.copy()
+            latent_affine[:3, :3] = affine[:3, :3] * 4  # latent voxels are 4x larger
+            _save(out / f"{name}_emb.nii.gz", z.permute(1, 2, 3, 0).numpy(), latent_affine, np.float32)
+            entry: dict[str, Any] = {
+                "image": f"{name}_emb.nii.gz",
+                "spacing": [round(float(s), 6) for s in spacing],
+                "modality": int(modality),
+                "top_region_index": region_one_hot(body_region[0]),
+                "bottom_region_index": region_one_hot(body_region[-1]),
+                "dim": [int(s) for s in dims],
+            }
+            (out / f"{name}_emb.nii.gz.json").write_text(json.dumps(entry))
+            if lut is not None:
+                lab = np.asarray(d["label"][0]).astype(np.uint8)
+                if BODY_LABEL not in np.unique(lab):
+                    raise ValueError(f"{item['image']}: no body voxels found (is the image in HU?)")
+                _save(out / f"{name}_label.nii.gz", lab, affine, np.uint8)
+                entry["label"] = f"{name}_label.nii.gz"
+            entries.append(entry)
+        lists[section] = entries
+    tmp = result.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(lists, indent=1))
+    os.replace(tmp, result)
+    return str(result)
+
+
+def load_datalist(datalist_file: str, key: str, base_dir: str | None = None) -> list[dict[str, Any]]:
+    """``load_decathlon_datalist`` that returns ``[]`` (with a warning) while the JSON does not exist yet.
+
+    The latent datalist is written by ``precompute_latents`` at the start of ``run``; static checks
+    (``check_properties``) build the dataset before that. A real run with an empty list stops at the data loader.
+    """
+    if not os.path.isfile(datalist_file):
+        import logging
+
+        logging.getLogger(__name__).warning("datalist '%s' not found (yet)", datalist_file)
+        return []
+    return load_decathlon_datalist(datalist_file, True, key, base_dir or os.path.dirname(os.path.abspath(datalist_file)))

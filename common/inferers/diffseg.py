@@ -1,0 +1,113 @@
+"""Sampler of ImgX-DiffSeg as a MONAI ``Inferer``: the whole T-step reverse process in one call.
+
+Paper A (Fu et al., arXiv 2303.06040) samples with the same 5 steps it trains on. Starting from
+``x_{T-1} ~ N(0, I)`` in mask space, each step predicts the mask ``x0_hat = 2 softmax(logits) - 1``
+from ``[image, x_k]`` and moves to ``x_{k-1}`` with the DDPM posterior (or DDIM); the returned
+value is the logits of the last step (k = 0), so ``AsDiscreted(argmax=True)`` gives the labels.
+
+Volumes larger than the training patch are handled with ``sliding_window_inference``. By default
+the windows are stitched after **every** step on the full-volume ``x_k`` (ours): all windows see
+the same noise and the same previous prediction, at T network passes per window. With
+``stitching="per_patch"`` each window runs its own chain and the final logits are averaged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from monai.inferers import Inferer, sliding_window_inference
+
+from common.schedulers.diffseg import DiffSegScheduler
+
+__all__ = ["DiffSegInferer"]
+
+
+class DiffSegInferer(Inferer):
+    """``inferer(image, network) -> logits`` running T reverse diffusion steps (or one pass for the baseline).
+
+    Args:
+        num_classes: C, background included.
+        scheduler: :class:`DiffSegScheduler` (default: paper A's 5-step schedule).
+        roi_size: sliding-window size (the training patch); ``None`` runs on the whole volume.
+        sw_batch_size, overlap, mode, padding_mode: as in ``sliding_window_inference`` (``mode="constant"``).
+        sampler: ``"ddpm"`` (paper A) or ``"ddim"``.
+        eta: DDIM stochasticity (0: deterministic given ``x_{T-1}``).
+        seed: seed of the generator of ``x_{T-1}`` and of the step noise; every call restarts it,
+            so the same input gives the same labels. ``None`` draws from the global generator.
+        stitching: ``"per_step"`` (default) or ``"per_patch"``.
+        diffusion: False runs the non-diffusion baseline (one pass per window, no mask input).
+        save_steps: keep the per-step probabilities (``(1, C, *S)`` on the CPU, step T-1 first)
+            in ``self.step_probs`` after each call (per-step metrics, visualisation).
+
+    ``image`` has the ``n_img`` image channels; the network receives ``n_img + C`` channels and
+    the step index as its second argument.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        scheduler: DiffSegScheduler | None = None,
+        roi_size: Sequence[int] | int | None = None,
+        sw_batch_size: int = 1,
+        overlap: Sequence[float] | float = 0.25,
+        mode: str = "constant",
+        padding_mode: str = "constant",
+        sampler: str = "ddpm",
+        eta: float = 0.0,
+        seed: int | None = 0,
+        stitching: str = "per_step",
+        diffusion: bool = True,
+        save_steps: bool = False,
+    ) -> None:
+        super().__init__()
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        if stitching not in ("per_step", "per_patch"):
+            raise ValueError(f"stitching must be 'per_step' or 'per_patch', got {stitching!r}")
+        self.num_classes = int(num_classes)
+        self.scheduler = scheduler if scheduler is not None else DiffSegScheduler()
+        self.roi_size = roi_size
+        self.sw_kwargs = {"sw_batch_size": sw_batch_size, "overlap": overlap, "mode": mode, "padding_mode": padding_mode}
+        self.sampler, self.eta, self.seed = sampler, float(eta), seed
+        self.stitching, self.diffusion, self.save_steps = stitching, bool(diffusion), bool(save_steps)
+        self.step_probs: list[torch.Tensor] = []
+
+    def _windowed(self, inputs: torch.Tensor, predictor) -> torch.Tensor:
+        """``predictor`` on the whole volume or averaged over sliding windows."""
+        if self.roi_size is None:
+            return predictor(inputs)
+        return sliding_window_inference(inputs, self.roi_size, predictor=predictor, **self.sw_kwargs)
+
+    def _chain(self, image: torch.Tensor, network, generator: torch.Generator | None) -> torch.Tensor:
+        """The T-step chain on ``image`` (one window or the whole volume), stitching nothing."""
+        x_k = torch.randn((image.shape[0], self.num_classes, *image.shape[2:]), generator=generator, device=image.device)
+        logits = x_k
+        for k in reversed(range(self.scheduler.num_timesteps)):
+            logits = network(torch.cat([image, x_k.to(image.dtype)], dim=1), k).float()
+            x_k = self.scheduler.step(self.scheduler.logits_to_x0(logits), x_k, k, self.sampler, self.eta, generator)
+        return logits
+
+    def __call__(self, inputs: torch.Tensor, network, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Final-step logits ``(B, C, *S)`` for ``inputs`` ``(B, n_img, *S)``."""
+        if not self.diffusion:
+            return self._windowed(inputs, lambda w: network(w, *args, **kwargs))
+        generator = None
+        if self.seed is not None:
+            generator = torch.Generator(device=inputs.device)
+            generator.manual_seed(int(self.seed))
+        if self.stitching == "per_patch":
+            return self._windowed(inputs, lambda w: self._chain(w, network, generator))
+        self.step_probs = []
+        # x_{T-1} ~ N(0, I) on the full volume: every window sees the same noise
+        x_k = torch.randn((inputs.shape[0], self.num_classes, *inputs.shape[2:]), generator=generator, device=inputs.device)
+        logits = x_k
+        for k in reversed(range(self.scheduler.num_timesteps)):
+            joint = torch.cat([inputs, x_k.to(inputs.dtype)], dim=1)
+            logits = self._windowed(joint, lambda w, k=k: network(w, k)).float()
+            x0_hat = self.scheduler.logits_to_x0(logits)
+            if self.save_steps:
+                self.step_probs.append(((x0_hat + 1.0) / 2.0).detach().cpu())
+            x_k = self.scheduler.step(x0_hat, x_k, k, self.sampler, self.eta, generator)
+        return logits

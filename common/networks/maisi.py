@@ -1,0 +1,346 @@
+"""MAISI networks (CT VAE, diffusion UNet, ControlNet, mask VAE / mask DM) with the official hyper-parameters.
+
+The classes are MONAI's (``monai.apps.generation.maisi.networks``, ``monai.networks.nets.DiffusionModelUNet``);
+this module only holds the published hyper-parameters, the tiny CPU-test variants and the switches that
+make the networks run on a CPU. Hyper-parameter sources: NV-Generate-CTMR / MONAI tutorials
+``generation/maisi/configs/config_maisi3d-rflow.json`` (rectified flow, "v2", default) and
+``config_maisi3d-ddpm.json`` (DDPM, "v1"); MONAI model zoo ``maisi_ct_generative``.
+
+Tensor shapes (N = batch):
+
+* CT VAE: image (N, 1, X, Y, Z) -> latent (N, 4, X/4, Y/4, Z/4) -> image (N, 1, X, Y, Z).
+* Diffusion UNet: latent (N, 4, x, y, z) with x, y, z divisible by 8, ``timesteps`` (N,),
+  ``spacing_tensor`` (N, 3) = spacing in mm x 100, rflow ``class_labels`` (N,) (CT = 1), DDPM
+  ``top_region_index_tensor`` / ``bottom_region_index_tensor`` (N, 4) one-hot x 100 -> (N, 4, x, y, z).
+* ControlNet: latent (N, 4, x, y, z), ``controlnet_cond`` (N, 8, 4x, 4y, 4z) (binarised label at image
+  resolution) -> residuals for the UNet's down and mid blocks.
+* Mask VAE: (N, 8, X, Y, Z) -> latent (N, 4, X/4, Y/4, Z/4) -> 125 logits; mask DM: latent (N, 4, 64, 64, 64),
+  context (N, 1, 10).
+
+CPU switches (MONAI 1.6.1): ``use_flash_attention=True`` raises without CUDA and ``norm_float16=True`` gives
+float16 activations that meet float32 biases on a CPU. Neither flag changes a state-dict key, so the
+switches are applied automatically from the device and official checkpoints still load strictly.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+from monai.apps.generation.maisi.networks.controlnet_maisi import ControlNetMaisi
+from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
+from monai.networks.nets import DiffusionModelUNet
+from monai.networks.utils import copy_model_state
+
+__all__ = [
+    "AUTOENCODER_ARGS",
+    "UNET_RFLOW_ARGS",
+    "UNET_DDPM_ARGS",
+    "CONTROLNET_RFLOW_ARGS",
+    "CONTROLNET_DDPM_ARGS",
+    "MASK_AUTOENCODER_ARGS",
+    "MASK_DIFFUSION_ARGS",
+    "TINY_AUTOENCODER_ARGS",
+    "TINY_UNET_ARGS",
+    "cpu_switches",
+    "maisi_autoencoder",
+    "maisi_diffusion_unet",
+    "maisi_controlnet",
+    "maisi_mask_autoencoder",
+    "maisi_mask_diffusion",
+    "init_controlnet_from_unet",
+    "load_maisi_checkpoint",
+    "clamp_num_splits",
+    "set_num_splits",
+    "load_pretrained",
+    "read_scale_factor",
+]
+
+F, T = False, True
+
+# CT VAE shared by the DDPM and rflow releases (config_maisi3d-rflow.json "autoencoder_def"; the DDPM
+# config uses num_splits=8, which changes no key).
+AUTOENCODER_ARGS: dict[str, Any] = {
+    "spatial_dims": 3,
+    "in_channels": 1,
+    "out_channels": 1,
+    "latent_channels": 4,
+    "num_channels": [64, 128, 256],
+    "num_res_blocks": [2, 2, 2],
+    "norm_num_groups": 32,
+    "norm_eps": 1e-6,
+    "attention_levels": [F, F, F],
+    "with_encoder_nonlocal_attn": False,
+    "with_decoder_nonlocal_attn": False,
+    "use_checkpointing": False,
+    "use_convtranspose": False,
+    "norm_float16": True,
+    "num_splits": 4,
+    "dim_split": 1,
+}
+
+# Diffusion UNet, rectified flow ("diffusion_unet_def" of config_maisi3d-rflow.json).
+UNET_RFLOW_ARGS: dict[str, Any] = {
+    "spatial_dims": 3,
+    "in_channels": 4,
+    "out_channels": 4,
+    "num_channels": [64, 128, 256, 512],
+    "attention_levels": [F, F, T, T],
+    "num_head_channels": [0, 0, 32, 32],
+    "num_res_blocks": 2,
+    "use_flash_attention": True,
+    "include_top_region_index_input": False,
+    "include_bottom_region_index_input": False,
+    "include_spacing_input": True,
+    "num_class_embeds": 128,
+    "resblock_updown": True,
+    "include_fc": True,
+}
+
+# Diffusion UNet, DDPM v1 (config_maisi3d-ddpm.json): body-region inputs, no class embedding.
+UNET_DDPM_ARGS: dict[str, Any] = {
+    **{k: v for k, v in UNET_RFLOW_ARGS.items() if k not in ("num_class_embeds", "resblock_updown", "include_fc")},
+    "include_top_region_index_input": True,
+    "include_bottom_region_index_input": True,
+}
+
+CONTROLNET_RFLOW_ARGS: dict[str, Any] = {
+    "spatial_dims": 3,
+    "in_channels": 4,
+    "num_channels": [64, 128, 256, 512],
+    "attention_levels": [F, F, T, T],
+    "num_head_channels": [0, 0, 32, 32],
+    "num_res_blocks": 2,
+    "use_flash_attention": True,
+    "conditioning_embedding_in_channels": 8,
+    "conditioning_embedding_num_channels": [8, 32, 64],
+    "num_class_embeds": 128,
+    "resblock_updown": True,
+    "include_fc": True,
+}
+
+CONTROLNET_DDPM_ARGS: dict[str, Any] = {
+    k: v for k, v in CONTROLNET_RFLOW_ARGS.items() if k not in ("num_class_embeds", "resblock_updown", "include_fc")
+}
+
+MASK_AUTOENCODER_ARGS: dict[str, Any] = {
+    "spatial_dims": 3,
+    "in_channels": 8,
+    "out_channels": 125,
+    "latent_channels": 4,
+    "num_channels": [32, 64, 128],
+    "num_res_blocks": [1, 2, 2],
+    "norm_num_groups": 32,
+    "norm_eps": 1e-6,
+    "attention_levels": [F, F, F],
+    "with_encoder_nonlocal_attn": False,
+    "with_decoder_nonlocal_attn": False,
+    "use_flash_attention": False,
+    "use_checkpointing": True,
+    "use_convtranspose": True,
+    "norm_float16": True,
+    "num_splits": 8,
+    "dim_split": 1,
+}
+
+MASK_DIFFUSION_ARGS: dict[str, Any] = {
+    "spatial_dims": 3,
+    "in_channels": 4,
+    "out_channels": 4,
+    "channels": [64, 128, 256, 512],
+    "attention_levels": [F, F, T, T],
+    "num_head_channels": [0, 0, 32, 32],
+    "num_res_blocks": 2,
+    "use_flash_attention": True,
+    "with_conditioning": True,
+    "upcast_attention": True,
+    "cross_attention_dim": 10,
+}
+
+# Tiny variants for CPU tests (spec section 10, ours): same classes and conditioning, far fewer channels.
+TINY_AUTOENCODER_ARGS: dict[str, Any] = {"num_channels": [8, 8, 8], "num_res_blocks": [1, 1, 1], "norm_num_groups": 4}
+TINY_UNET_ARGS: dict[str, Any] = {
+    "num_channels": [32, 32, 32, 32],
+    "num_res_blocks": 1,
+    "norm_num_groups": 8,
+    "num_head_channels": [0, 0, 8, 8],
+}
+
+
+def _on_cuda(device: torch.device | str | None) -> bool:
+    if device is None:
+        return torch.cuda.is_available()
+    return torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+
+def cpu_switches(kwargs: Mapping[str, Any], device: torch.device | str | None = None) -> dict[str, Any]:
+    """``kwargs`` with the CUDA-only flags turned off when ``device`` is not a usable CUDA device.
+
+    ``use_flash_attention`` and ``norm_float16`` change no state-dict key, so this never affects which
+    checkpoints load. ``device=None`` means "CUDA if available".
+    """
+    out = dict(kwargs)
+    if not _on_cuda(device):
+        for flag in ("use_flash_attention", "norm_float16"):
+            if out.get(flag):
+                out[flag] = False
+    return out
+
+
+def _build(cls: type, defaults: Mapping[str, Any], tiny: Mapping[str, Any] | None, device, overrides) -> torch.nn.Module:
+    kwargs = copy.deepcopy(dict(defaults))
+    if tiny:
+        kwargs.update(copy.deepcopy(dict(tiny)))
+    kwargs.update(overrides)
+    return cls(**cpu_switches(kwargs, device))
+
+
+def maisi_autoencoder(tiny: bool = False, device: torch.device | str | None = None, **overrides: Any) -> AutoencoderKlMaisi:
+    """CT VAE (``AutoencoderKlMaisi``), official hyper-parameters unless overridden (20,944,897 parameters)."""
+    return _build(AutoencoderKlMaisi, AUTOENCODER_ARGS, TINY_AUTOENCODER_ARGS if tiny else None, device, overrides)
+
+
+def maisi_diffusion_unet(
+    version: str = "rflow", tiny: bool = False, device: torch.device | str | None = None, **overrides: Any
+) -> DiffusionModelUNetMaisi:
+    """Latent diffusion UNet: ``version="rflow"`` (v2, 180,500,868 parameters) or ``"ddpm"`` (v1, 169,370,884)."""
+    defaults = {"rflow": UNET_RFLOW_ARGS, "ddpm": UNET_DDPM_ARGS}[_check_version(version)]
+    return _build(DiffusionModelUNetMaisi, defaults, TINY_UNET_ARGS if tiny else None, device, overrides)
+
+
+def maisi_controlnet(
+    version: str = "rflow", tiny: bool = False, device: torch.device | str | None = None, **overrides: Any
+) -> ControlNetMaisi:
+    """ControlNet matching :func:`maisi_diffusion_unet` of the same ``version`` (rflow: 72,037,072 parameters)."""
+    defaults = {"rflow": CONTROLNET_RFLOW_ARGS, "ddpm": CONTROLNET_DDPM_ARGS}[_check_version(version)]
+    return _build(ControlNetMaisi, defaults, TINY_UNET_ARGS if tiny else None, device, overrides)
+
+
+def maisi_mask_autoencoder(device: torch.device | str | None = None, **overrides: Any) -> AutoencoderKlMaisi:
+    """Mask-generation VAE (8 binary channels in, 125 class logits out; 5,256,509 parameters)."""
+    return _build(AutoencoderKlMaisi, MASK_AUTOENCODER_ARGS, None, device, overrides)
+
+
+def maisi_mask_diffusion(device: torch.device | str | None = None, **overrides: Any) -> DiffusionModelUNet:
+    """Mask-generation diffusion UNet (MONAI ``DiffusionModelUNet``, context = 10 anatomy sizes)."""
+    return _build(DiffusionModelUNet, MASK_DIFFUSION_ARGS, None, device, overrides)
+
+
+def _check_version(version: str) -> str:
+    if version not in ("rflow", "ddpm"):
+        raise ValueError(f"version must be 'rflow' or 'ddpm', got {version!r}")
+    return version
+
+
+def init_controlnet_from_unet(controlnet: torch.nn.Module, unet: torch.nn.Module) -> int:
+    """Copy every UNet tensor whose name and shape exist in the ControlNet; returns the number copied.
+
+    This must happen *before* a ControlNet checkpoint is loaded (the official order); the reverse
+    silently overwrites trained ControlNet weights. Full-size rflow: 180 of 231 tensors.
+    """
+    _, updated, _ = copy_model_state(controlnet, unet.state_dict(), inplace=True)
+    return len(updated)
+
+
+# keys of the official checkpoint dicts (model zoo / NV-Generate) and of this collection's own
+# checkpoints (AtomicCheckpointSaver save_dict keys), tried in this order
+_STATE_KEYS = {
+    "autoencoder": ("autoencoder", "state_dict"),
+    "unet": ("unet_state_dict", "unet", "diffusion_unet"),
+    "controlnet": ("controlnet_state_dict", "controlnet"),
+}
+
+
+def load_maisi_checkpoint(
+    path: str | Path, kind: str, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Load an official or self-trained MAISI checkpoint with ``weights_only=True``.
+
+    Args:
+        path: checkpoint file.
+        kind: ``"autoencoder"`` (official: a raw state dict), ``"unet"`` (official:
+            ``{unet_state_dict, scale_factor, ...}``) or ``"controlnet"`` (official: ``{controlnet_state_dict, ...}``).
+        map_location: where tensors are loaded.
+
+    Returns:
+        ``(state_dict, scale_factor)``; ``scale_factor`` is a 0-d float tensor or ``None`` when the file has none.
+    """
+    if kind not in _STATE_KEYS:
+        raise ValueError(f"kind must be one of {sorted(_STATE_KEYS)}, got {kind!r}")
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    state = None
+    for key in _STATE_KEYS[kind]:
+        if isinstance(ckpt, Mapping) and key in ckpt and isinstance(ckpt[key], Mapping):
+            state = dict(ckpt[key])
+            break
+    if state is None:
+        if isinstance(ckpt, Mapping) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+            state = dict(ckpt)  # raw state dict (official autoencoder layout)
+        else:
+            raise KeyError(f"{path}: no {kind} state dict under {_STATE_KEYS[kind]} and not a raw state dict")
+    scale = ckpt.get("scale_factor") if isinstance(ckpt, Mapping) else None
+    if isinstance(scale, Mapping):  # this collection's trainer checkpoint: ScaleFactor module state
+        scale = scale.get("value")
+    if scale is not None:
+        scale = torch.as_tensor(scale, dtype=torch.float32).reshape(())
+    return state, scale
+
+
+def clamp_num_splits(num_splits: int, latent_len: int, min_voxels: int = 3) -> int:
+    """Largest number of TSP splits <= ``num_splits`` leaving >= ``min_voxels`` latent voxels per split.
+
+    MONAI's ``MaisiConvolution`` fails when a split is thinner than its overlap padding (spec section 8.8).
+    """
+    n = max(1, int(num_splits))
+    while n > 1 and latent_len // n < min_voxels:
+        n -= 1
+    return n
+
+
+def set_num_splits(autoencoder: torch.nn.Module, num_splits: int) -> torch.nn.Module:
+    """Set the tensor-splitting parallelism of every ``MaisiConvolution`` (no weight changes; returns the model)."""
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiConvolution
+
+    for module in autoencoder.modules():
+        if isinstance(module, MaisiConvolution):
+            module.num_splits = int(num_splits)
+    return autoencoder
+
+
+def load_pretrained(
+    net: torch.nn.Module,
+    path: str | Path | None,
+    kind: str,
+    device: torch.device | str = "cpu",
+    init_from: torch.nn.Module | None = None,
+) -> torch.nn.Module:
+    """Load a checkpoint strictly into ``net`` (``weights_only=True``) and return it on ``device`` in eval mode.
+
+    ``init_from`` (ControlNet): copy that UNet's matching weights first, then load the ControlNet checkpoint,
+    the official order. ``path=None`` keeps the (copied or random) initial weights. A missing file raises
+    ``FileNotFoundError`` naming the file, so a user sees which official checkpoint to place in ``models/``.
+    """
+    if init_from is not None:
+        init_controlnet_from_unet(net, init_from)
+    if path is not None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(
+                f"checkpoint {path} not found: place the official file there (see large_files.yml and docs/README.md)"
+            )
+        state, _ = load_maisi_checkpoint(path, kind, map_location="cpu")
+        net.load_state_dict(state, strict=True)
+    return net.to(device).eval()
+
+
+def read_scale_factor(path: str | Path, default: float | None = None) -> float:
+    """The latent ``scale_factor`` stored in a diffusion checkpoint (``default`` if the file has none)."""
+    _, scale = load_maisi_checkpoint(path, "unet")
+    if scale is None:
+        if default is None:
+            raise KeyError(f"{path} holds no scale_factor")
+        return float(default)
+    return float(scale)
