@@ -26,14 +26,17 @@ class _RemoveAfterSave(BaseSaveHandler):
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         self.inner(checkpoint, filename, metadata)
-        written = getattr(self.inner, "filename", None) or filename
-        for old in self.pending:
-            if old != written:
+        pending, self.pending = self.pending, []
+        if getattr(self.inner, "filename", None) is not None:
+            # MONAI's saver writes every checkpoint of this kind under one fixed name and maps
+            # any removal back to it: the atomic rename has already replaced the old file.
+            return
+        for old in pending:
+            if old != filename:
                 try:
                     self.inner.remove(old)
                 except FileNotFoundError:
                     pass
-        self.pending = []
 
     def remove(self, filename: str) -> None:
         self.pending.append(filename)

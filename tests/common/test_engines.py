@@ -99,3 +99,32 @@ def test_epoch_seed_handler_makes_epochs_independent_of_history(epoch_length):
     for a, b in zip(full, resumed):
         assert torch.equal(a, b)
     assert not torch.equal(full[0], run(max_epochs=1, start_epoch=0)[0])  # epoch 1 differs from epoch 2
+
+
+@pytest.mark.parametrize("fixed_name", [None, "model.pt"])
+def test_atomic_saver_keeps_the_best_model_across_improvements(tmp_path, fixed_name):
+    """Key-metric checkpoints: the best one survives every improvement, under a fixed name or not."""
+    from ignite.engine import Events
+
+    from common.engines import AtomicCheckpointSaver
+
+    step = _Step()
+    trainer = StepTrainer("cpu", max_epochs=4, train_data_loader=[torch.randn(2, 4)], step=step)
+    scores = iter([0.1, 0.2, 0.3, 0.25])
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def _score(engine):
+        engine.state.metrics = {"dice": next(scores)}
+        engine.state.best_metric = max(getattr(engine.state, "best_metric", -1), engine.state.metrics["dice"])
+
+    trainer.state.key_metric_name = "dice"
+    saver = AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": step.net}, save_key_metric=True,
+                                  key_metric_name="dice", key_metric_n_saved=1, key_metric_filename=fixed_name)
+    saver.attach(trainer)
+    trainer.run()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 1, files
+    if fixed_name:
+        assert files == [fixed_name]
+    else:
+        assert "0.3" in files[0]
