@@ -46,12 +46,18 @@ def _fmt(value, ctx: dict):
 
 
 def _context(data: dict[str, Path], work: Path, recipe: dict) -> dict:
-    """Placeholders: {work}, {repo}, {data_dir}, {datalist}, {test_<key>} of the first test case."""
+    """Placeholders: {work}, {repo}, {python}, {data_dir}, {datalist}, {test_<key>} of the first test case.
+
+    The datalist is a demo cohort (``"data": "ct" | "brain_mri" | "dwi"``) or a file the recipe's
+    ``prepare`` commands write (``"datalist": "{work}/phantom/datalist.json"``).
+    """
     ctx = {"work": str(work), "repo": str(REPO), "python": sys.executable}
     kind = recipe.get("data")
-    if kind:
-        datalist = Path(data[kind])
+    if kind or recipe.get("datalist"):
+        datalist = Path(data[kind]) if kind else Path(_fmt(recipe["datalist"], ctx))
         ctx.update(datalist=str(datalist), data_dir=str(datalist.parent))
+        if not datalist.is_file():
+            return ctx
         content = json.loads(datalist.read_text())
         if kind == "dwi":
             smoke = content.get("smoke", {})
@@ -172,6 +178,16 @@ def run_demo(bundles: list[str] | None, out: Path, keep_going: bool = True) -> i
         work.mkdir(parents=True, exist_ok=True)
         ctx = _context(data, work, recipe)
         results = []
+        for i, cmd in enumerate(recipe.get("prepare", [])):
+            t1 = time.perf_counter()
+            log = work / f"prepare_{i}.log"
+            with open(log, "w") as fh:
+                rc = subprocess.run(_fmt(cmd, ctx), cwd=REPO, stdout=fh, stderr=subprocess.STDOUT).returncode
+            lines.append(f"| {name} | prepare | {'ok' if rc == 0 else f'FAILED (exit {rc})'} | {time.perf_counter() - t1:.1f} | "
+                         f"`{' '.join(str(c) for c in cmd[1:])}` |")
+            if rc:
+                failures += 1
+        ctx = _context(data, work, recipe)  # the prepared datalist's test case
         for step in recipe["steps"]:
             print(f"[{name}] {step['name']} ...", flush=True)
             res = _run_step(bundle_dir, step, ctx, work)
