@@ -149,4 +149,16 @@ class StepTrainer(Trainer):
         out = self.step(engine, batchdata)
         if not isinstance(out, dict) or "loss" not in out:
             raise TypeError(f"{type(self.step).__name__} must return a dict with a 'loss' key, got {type(out).__name__}")
+        for key, lr in self.learning_rates().items():
+            out.setdefault(key, lr)
         return out
+
+    def learning_rates(self) -> dict[str, float]:
+        """Current learning rate of every optimiser the step holds, for logging and tracking.
+
+        One optimiser gives ``lr``; several give ``lr_<attribute>`` (``lr_optimizer_g``, ...).
+        """
+        found = [(name, opt) for name, opt in vars(self.step).items() if isinstance(opt, torch.optim.Optimizer)]
+        if len(found) == 1:
+            return {"lr": float(found[0][1].param_groups[0]["lr"])}
+        return {f"lr_{name}": float(opt.param_groups[0]["lr"]) for name, opt in found}

@@ -32,7 +32,8 @@ def test_step_trainer_runs_the_step_and_keeps_its_terms():
     trainer.run()
     assert trainer.state.iteration == 6 and len(step.seen) == 6
     out = trainer.state.output
-    assert set(out) == {"loss", "loss_sq"} and isinstance(out["loss"], float)
+    assert set(out) == {"loss", "loss_sq", "lr"} and isinstance(out["loss"], float)
+    assert out["lr"] == pytest.approx(0.1)
     assert out["loss_sq"] == pytest.approx(out["loss"] / 2)
     assert engine_device(trainer).type == "cpu"
 

@@ -42,11 +42,25 @@ def _fmt(value, ctx):
     return value
 
 
+_PREPARED: dict[str, Path] = {}
+
+
+def _prepared_datalist(name: str, request) -> Path:
+    """Run the recipe's ``prepare`` commands once per session (e.g. noddi_sr's phantom cohort)."""
+    if name not in _PREPARED:
+        work = request.getfixturevalue("tmp_path_factory").mktemp(f"{name}_data")
+        ctx = {"work": str(work), "repo": str(REPO), "python": sys.executable}
+        for cmd in RECIPES[name]["prepare"]:
+            subprocess.run(_fmt(cmd, ctx), cwd=REPO, check=True, capture_output=True, timeout=600)
+        _PREPARED[name] = Path(_fmt(RECIPES[name]["datalist"], ctx))
+    return _PREPARED[name]
+
+
 def _context(name: str, request, work: Path, **extra) -> dict:
-    ctx = {"work": str(work), "repo": str(REPO), **extra}
+    ctx = {"work": str(work), "repo": str(REPO), "python": sys.executable, **extra}
     kind = RECIPES[name].get("data")
-    if kind:
-        datalist = Path(request.getfixturevalue(DATA_FIXTURE[kind]))
+    if kind or RECIPES[name].get("prepare"):
+        datalist = Path(request.getfixturevalue(DATA_FIXTURE[kind])) if kind else _prepared_datalist(name, request)
         ctx.update(datalist=str(datalist), data_dir=str(datalist.parent))
     return ctx
 
