@@ -19,7 +19,9 @@ Checks (numbers as in the project's bundle conventions):
 12. MONAI Label static checks for segmentation bundles.
 Item 2 (``download_large_files``) and item 11 (packaging round trip) need a server: the test
 suite runs them against a loopback HTTP server. ``--overlay`` merges config files (e.g. the
-tiny configuration) into the configs used by the network checks (6, 7) so they run quickly.
+tiny configuration) into the configs the checks load (5, 6, 7) so they run quickly: MONAI's
+``check_properties`` instantiates the trainer, i.e. the full-size networks; an overlay changes
+sizes, not config ids.
 Exit code 0 when every check passes, 1 otherwise.
 """
 
@@ -170,7 +172,7 @@ def _check_metadata(bundle: Path) -> list[Check]:
     return out
 
 
-def _check_properties(bundle: Path) -> list[Check]:
+def _check_properties(bundle: Path, overlays: list[Path] = ()) -> list[Check]:
     from monai.bundle import ConfigWorkflow
 
     out = []
@@ -179,6 +181,7 @@ def _check_properties(bundle: Path) -> list[Check]:
     jobs = [("infer", [bundle / "configs" / "inference.json"])] + [("train", s) for s in train_configs(bundle)]
     for wtype, files in jobs:
         label = "+".join(f.name for f in files)
+        files = list(files) + list(overlays)
         try:
             with _quiet():
                 wf = ConfigWorkflow(
@@ -228,14 +231,27 @@ def _extra_inputs(meta: dict) -> dict:
     return extras
 
 
-def _check_network(bundle: Path, overlays: list[Path]) -> list[Check]:
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _check_network(bundle: Path, overlays: list[Path], tmp_dir: Path) -> list[Check]:
+    """Checks 6 and 7. An overlay that changes the network's I/O (e.g. fewer classes in the tiny
+    configuration) carries the changed metadata entries under a top-level ``_meta_`` key; MONAI
+    replaces ``_meta_`` with ``metadata.json`` in normal runs, so the key only matters here."""
     import torch
     from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
 
     out = []
-    meta_file = bundle / "configs" / "metadata.json"
     configs = [str(bundle / "configs" / "inference.json")] + [str(o) for o in overlays]
-    meta = json.loads(meta_file.read_text())
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    for o in overlays:
+        meta = _deep_merge(meta, json.loads(Path(o).read_text()).get("_meta_", {}))
+    meta_file = tmp_dir / "metadata.json"
+    meta_file.write_text(json.dumps(meta))
     try:
         with _quiet():
             extras = _extra_inputs(meta)
@@ -326,7 +342,10 @@ def verify_bundle(bundle: str | Path, overlays: list[str | Path] = (), skip_netw
     overlays = [Path(o) if Path(o).is_absolute() else bundle / o for o in overlays]
     logging.getLogger().setLevel(logging.WARNING)
     checks: list[Check] = []
-    steps = [_check_files, _check_metadata, _check_properties, _check_monai_label]
+    def check_properties(b: Path) -> list[Check]:
+        return _check_properties(b, overlays)
+
+    steps = [_check_files, _check_metadata, check_properties, _check_monai_label]
     with _bundle_imports(bundle):
         for step in steps:
             try:
@@ -335,7 +354,8 @@ def verify_bundle(bundle: str | Path, overlays: list[str | Path] = (), skip_netw
                 checks.append(Check(step.__name__, False, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"))
         if not skip_network and (bundle / "configs" / "inference.json").is_file():
             try:
-                checks.extend(_check_network(bundle, overlays))
+                with tempfile.TemporaryDirectory() as tmp:
+                    checks.extend(_check_network(bundle, overlays, Path(tmp)))
             except Exception as e:
                 checks.append(Check("network checks", False, f"{type(e).__name__}: {e}"))
     return checks
