@@ -30,14 +30,14 @@ Stage 3, :class:`LatentDiffusionTrainingStep` (only the UNet learns; its EMA fol
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.engines.trainers import TrainingStep
+from common.engines.trainers import TrainingStep, autocast, engine_device, freeze, optimizer_step, unwrap
 from common.losses.adversarial import adopt_weight, hinge_d_loss, hinge_g_loss
 from common.networks.aldm_ldm import target_condition
 from common.networks.discriminators import disc_logits
@@ -51,14 +51,6 @@ __all__ = [
     "freeze",
     "unwrap",
 ]
-
-
-def freeze(*modules: nn.Module | None) -> None:
-    """Eval mode and no gradients: frozen modules of a later stage stay bit-identical."""
-    for m in modules:
-        if m is not None:
-            m.eval()
-            m.requires_grad_(False)
 
 
 def encode_quantized(autoencoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -90,11 +82,6 @@ def sample_pair(modalities: Sequence[str], allow_identity: bool, generator: torc
     return modalities[s], modalities[r if r < s else r + 1]
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    """The module inside a ``DistributedDataParallel``/``DataParallel`` wrapper (else itself)."""
-    return module.module if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else module
-
-
 @contextmanager
 def _no_param_grads(module: nn.Module):
     """Run ``module`` without accumulating gradients into its parameters (flags restored after)."""
@@ -107,26 +94,6 @@ def _no_param_grads(module: nn.Module):
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
-
-
-def _autocast(engine: Any, device: torch.device):
-    return torch.autocast(device.type) if getattr(engine, "amp", False) and device.type == "cuda" else nullcontext()
-
-
-def _backward_step(engine: Any, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-    scaler = getattr(engine, "scaler", None)
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None and getattr(engine, "amp", False):
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
-
-
-def _batch_device(engine: Any) -> torch.device:
-    return torch.device(getattr(engine.state, "device", None) or getattr(engine, "device", "cpu"))
 
 
 class SPADETrainingStep(TrainingStep):
@@ -183,7 +150,7 @@ class SPADETrainingStep(TrainingStep):
         freeze(*self.frozen)
 
     def __call__(self, engine: Any, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        device = _batch_device(engine)
+        device = engine_device(engine)
         freeze(*self.frozen)  # a handler may have switched modes; keep the autoencoder in eval
         self.spade.train()
         src, tgt = sample_pair(self.modalities, self.allow_identity_pairs)
@@ -191,7 +158,7 @@ class SPADETrainingStep(TrainingStep):
         # iteration is 1-based inside an Ignite iteration; adopt_weight counts completed updates
         adv_on = adopt_weight(engine.state.iteration - 1, self.disc_start)
 
-        with _autocast(engine, device):
+        with autocast(engine):
             with torch.no_grad():
                 z_s = encode_quantized(self.autoencoder, x_src)
                 z_t = encode_quantized(self.autoencoder, batch[tgt].to(device))
@@ -209,17 +176,17 @@ class SPADETrainingStep(TrainingStep):
                 else:
                     losses["cycle"] = F.l1_loss(decode_latent(self.autoencoder, z_cyc), x_src)
                 total = total + self.cycle_weight * losses["cycle"]
-        _backward_step(engine, total, self.optimizer_g)
+        optimizer_step(engine, total, self.optimizer_g)
 
         loss_d = torch.zeros((), device=device)
         if adv_on > 0:  # before disc_start D is not run at all (no forward without backward under DDP)
             self.discriminator.train()
-            with _autocast(engine, device):
+            with autocast(engine):
                 # one forward for real and fake (GroupNorm is per sample, so this equals two calls)
                 logits = disc_logits(self.discriminator(torch.cat([z_t, z_hat.detach()], dim=0).float()))
                 d_real, d_fake = logits.split(z_t.shape[0], dim=0)
                 loss_d = hinge_d_loss(d_real, d_fake)
-            _backward_step(engine, self.adv_weight * loss_d, self.optimizer_d)
+            optimizer_step(engine, self.adv_weight * loss_d, self.optimizer_d)
         return self.detach({"loss": total, **losses, "loss_d": loss_d})
 
 
@@ -281,11 +248,11 @@ class LatentDiffusionTrainingStep(TrainingStep):
         return z_src, self.spade(z_src, target)
 
     def __call__(self, engine: Any, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        device = _batch_device(engine)
+        device = engine_device(engine)
         freeze(self.autoencoder, self.spade)
         self.network.train()
         src, tgt = sample_pair(self.modalities, allow_identity=False)
-        with _autocast(engine, device):
+        with autocast(engine):
             z_src, c = self.conditioning_latents(batch[src].to(device), tgt)
             with torch.no_grad():
                 z0 = encode_quantized(self.autoencoder, batch[tgt].to(device))
@@ -300,7 +267,7 @@ class LatentDiffusionTrainingStep(TrainingStep):
             cond = target_condition(tgt, self.modalities, self.conditioning, batch_size=n, device=device)
             eps_hat = self.network(torch.cat([z_src, c, z_t], dim=1), t, **cond)
             mse = F.mse_loss(eps_hat.float(), noise.float())
-        _backward_step(engine, mse, self.optimizer)
+        optimizer_step(engine, mse, self.optimizer)
         out: dict[str, Any] = {"loss": mse, "mse": mse}
         if self.ema is not None:
             out["ema_decay"] = self.ema.update(self.network)

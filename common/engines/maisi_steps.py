@@ -27,7 +27,6 @@ NV-Generate-CTMR (``maisi_train_vae_tutorial``, ``diff_model_train.py``, ``train
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -37,7 +36,8 @@ import torch.nn.functional as F
 from monai.losses.adversarial_loss import PatchAdversarialLoss
 from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 
-from common.engines.trainers import TrainingStep
+from common.engines.trainers import TrainingStep, autocast, engine_device, freeze, optimizer_step, unwrap
+from common.networks.discriminators import disc_logits
 from common.transforms.maisi import binarize_labels
 
 __all__ = [
@@ -92,44 +92,6 @@ def weighted_l1(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor)
     return (torch.abs(pred.float() - target.float()) * weights).mean()
 
 
-def freeze(*modules: nn.Module | None) -> None:
-    """Eval mode and no gradients: a frozen network stays bit-identical during training."""
-    for m in modules:
-        if m is not None:
-            m.eval()
-            m.requires_grad_(False)
-
-
-def _unwrap(net: nn.Module) -> nn.Module:
-    """The network inside a DistributedDataParallel wrapper (attribute look-ups need the bare module)."""
-    return getattr(net, "module", net)
-
-
-def _device(engine: Any) -> torch.device:
-    return torch.device(getattr(engine.state, "device", None) or getattr(engine, "device", "cpu"))
-
-
-def _autocast(engine: Any, device: torch.device):
-    return torch.autocast("cuda") if getattr(engine, "amp", False) and device.type == "cuda" else nullcontext()
-
-
-def _step(engine: Any, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-    scaler = getattr(engine, "scaler", None)
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None and getattr(engine, "amp", False):
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
-
-
-def _last(x: Any) -> torch.Tensor:
-    # MONAI's PatchDiscriminator returns every layer's output; the last one holds the patch logits
-    return x[-1] if isinstance(x, (list, tuple)) else x
-
-
 class MaisiVAEStep(TrainingStep):
     """VAE-GAN step of the CT autoencoder.
 
@@ -173,26 +135,26 @@ class MaisiVAEStep(TrainingStep):
         self.image_key = image_key
 
     def __call__(self, engine: Any, batch: Any) -> dict[str, Any]:
-        device = _device(engine)
+        device = engine_device(engine)
         x = batch[self.image_key].to(device).float()
         self.autoencoder.train()
         self.discriminator.train()
-        with _autocast(engine, device):
+        with autocast(engine):
             recon, z_mu, z_sigma = self.autoencoder(x)
             loss_l1 = F.l1_loss(recon.float(), x)
             loss_kl = kl_loss(z_mu.float(), z_sigma.float())
             loss_perc = self.perceptual_loss(recon.float(), x) if self.perceptual_weight > 0 else torch.zeros((), device=device)
             self.discriminator.requires_grad_(False)  # the generator update must not train the discriminator
-            loss_adv_g = self.adv_loss(_last(self.discriminator(recon.float())), target_is_real=True, for_discriminator=False)
+            loss_adv_g = self.adv_loss(disc_logits(self.discriminator(recon.float())), target_is_real=True, for_discriminator=False)
             self.discriminator.requires_grad_(True)
             loss_g = loss_l1 + self.kl_weight * loss_kl + self.perceptual_weight * loss_perc + self.adv_weight * loss_adv_g
-        _step(engine, loss_g, self.optimizer_g)
+        optimizer_step(engine, loss_g, self.optimizer_g)
 
-        with _autocast(engine, device):
-            fake = self.adv_loss(_last(self.discriminator(recon.detach().float())), target_is_real=False, for_discriminator=True)
-            real = self.adv_loss(_last(self.discriminator(x)), target_is_real=True, for_discriminator=True)
+        with autocast(engine):
+            fake = self.adv_loss(disc_logits(self.discriminator(recon.detach().float())), target_is_real=False, for_discriminator=True)
+            real = self.adv_loss(disc_logits(self.discriminator(x)), target_is_real=True, for_discriminator=True)
             loss_d = 0.5 * (fake + real)
-        _step(engine, loss_d, self.optimizer_d)
+        optimizer_step(engine, loss_d, self.optimizer_d)
         return self.detach(
             {
                 "loss": loss_g,
@@ -251,16 +213,16 @@ class _LatentDiffusionBase(TrainingStep):
 
     def conditions(self, batch: Any, device: torch.device, n: int) -> dict[str, torch.Tensor]:
         kw: dict[str, torch.Tensor] = {}
-        if getattr(_unwrap(self.unet), "include_spacing_input", False):
+        if getattr(unwrap(self.unet), "include_spacing_input", False):
             kw["spacing_tensor"] = torch.as_tensor(batch[self.spacing_key]).to(device).float().reshape(n, 3) * 100.0
-        if getattr(_unwrap(self.unet), "include_top_region_index_input", False):
+        if getattr(unwrap(self.unet), "include_top_region_index_input", False):
             kw["top_region_index_tensor"] = torch.as_tensor(batch[self.top_region_key]).to(device).float().reshape(n, 4) * 100.0
-        if getattr(_unwrap(self.unet), "include_bottom_region_index_input", False):
+        if getattr(unwrap(self.unet), "include_bottom_region_index_input", False):
             kw["bottom_region_index_tensor"] = torch.as_tensor(batch[self.bottom_region_key]).to(device).float().reshape(n, 4) * 100.0
         return kw
 
     def class_labels(self, batch: Any, device: torch.device, n: int) -> torch.Tensor | None:
-        if getattr(_unwrap(self.unet), "num_class_embeds", None) is None:
+        if getattr(unwrap(self.unet), "num_class_embeds", None) is None:
             return None
         if isinstance(batch, dict) and self.modality_key in batch:
             return torch.as_tensor(batch[self.modality_key]).to(device).long().reshape(n)
@@ -308,7 +270,7 @@ class MaisiDiffusionStep(_LatentDiffusionBase):
         return labels
 
     def __call__(self, engine: Any, batch: Any) -> dict[str, Any]:
-        device = _device(engine)
+        device = engine_device(engine)
         self.unet.train()
         x_t, t, target = self.noisy_input(batch, device)
         n = x_t.shape[0]
@@ -316,10 +278,10 @@ class MaisiDiffusionStep(_LatentDiffusionBase):
         kw = self.conditions(batch, device, n)
         if labels is not None:
             kw["class_labels"] = self.augment_modality(labels)
-        with _autocast(engine, device):
+        with autocast(engine):
             pred = self.unet(x=x_t, timesteps=t, **kw)
             loss = F.l1_loss(pred.float(), target.float())
-        _step(engine, loss, self.optimizer)
+        optimizer_step(engine, loss, self.optimizer)
         return self.detach({"loss": loss, "loss_l1": loss, "scale_factor": self.scale_factor.value.clone()})
 
 
@@ -362,7 +324,7 @@ class MaisiControlNetStep(_LatentDiffusionBase):
         freeze(unet)
 
     def __call__(self, engine: Any, batch: Any) -> dict[str, Any]:
-        device = _device(engine)
+        device = engine_device(engine)
         if not self.scale_factor.initialised:
             # never estimate it here: the ControlNet must see latents scaled exactly as the UNet was trained
             raise ValueError("the ControlNet stage needs the scale factor of the trained diffusion UNet (> 0)")
@@ -375,12 +337,12 @@ class MaisiControlNetStep(_LatentDiffusionBase):
         labels = self.class_labels(batch, device, n)
         cls = {"class_labels": labels} if labels is not None else {}
         weights = label_weight_map(label, x_t.shape[2:], self.weighted_loss_label, self.weighted_loss)
-        with _autocast(engine, device):
+        with autocast(engine):
             down, mid = self.controlnet(x=x_t, timesteps=t, controlnet_cond=cond, **cls)
             pred = self.unet(
                 x=x_t, timesteps=t, down_block_additional_residuals=down, mid_block_additional_residual=mid,
                 **cls, **self.conditions(batch, device, n),
             )
             loss = weighted_l1(pred, target, weights)
-        _step(engine, loss, self.optimizer)
+        optimizer_step(engine, loss, self.optimizer)
         return self.detach({"loss": loss, "loss_weighted_l1": loss})

@@ -28,7 +28,6 @@ a copy of the model.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -36,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.inferers import Inferer, sliding_window_inference
 
-from common.engines.trainers import TrainingStep
+from common.engines.trainers import TrainingStep, autocast, engine_device, freeze, optimizer_step
 
 __all__ = [
     "LatentNormalizer",
@@ -45,36 +44,7 @@ __all__ = [
     "NODDISRModel",
     "AutoencoderReconstruction",
     "NODDISRInferer",
-    "freeze_modules",
 ]
-
-
-def freeze_modules(*modules: nn.Module | None) -> None:
-    """Eval mode and no gradients: frozen networks of earlier stages stay bit-identical."""
-    for m in modules:
-        if m is not None:
-            m.eval()
-            m.requires_grad_(False)
-
-
-def _device(engine: Any) -> torch.device:
-    return torch.device(getattr(engine.state, "device", None) or getattr(engine, "device", "cpu"))
-
-
-def _autocast(engine: Any, device: torch.device):
-    return torch.autocast(device.type) if getattr(engine, "amp", False) and device.type == "cuda" else nullcontext()
-
-
-def _step(engine: Any, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    scaler = getattr(engine, "scaler", None)
-    if scaler is not None and getattr(engine, "amp", False):
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
 
 
 class LatentNormalizer(nn.Module):
@@ -118,20 +88,20 @@ class CondEncoderStep(TrainingStep):
     def __init__(self, encoder: nn.Module, vqgan: nn.Module, optimizer: torch.optim.Optimizer, image_key: str = "image", target_key: str = "noddi") -> None:
         self.encoder, self.vqgan, self.optimizer = encoder, vqgan, optimizer
         self.image_key, self.target_key = image_key, target_key
-        freeze_modules(vqgan)
+        freeze(vqgan)
 
     def __call__(self, engine: Any, batch: dict) -> dict[str, Any]:
-        device = _device(engine)
+        device = engine_device(engine)
         f = batch[self.image_key].to(device).float()
         x = batch[self.target_key].to(device).float()
         self.encoder.train()
         self.vqgan.eval()
         with torch.no_grad():
             target = self.vqgan.encode(x)
-        with _autocast(engine, device):
+        with autocast(engine):
             pred = self.encoder(f)
         loss = F.l1_loss(pred.float(), target.float())
-        _step(engine, loss, self.optimizer)
+        optimizer_step(engine, loss, self.optimizer)
         return self.detach({"loss": loss, "loss_l1": loss})
 
 
@@ -168,7 +138,7 @@ class LatentDiffusionStep(TrainingStep):
         self.scheduler, self.optimizer, self.ema = scheduler, optimizer, ema
         self.ema_start, self.ema_every = int(ema_start), max(int(ema_every), 1)
         self.image_key, self.target_key = image_key, target_key
-        freeze_modules(vqgan, encoder)
+        freeze(vqgan, encoder)
 
     def _update_ema(self, iteration: int) -> None:
         if self.ema is None or iteration % self.ema_every:
@@ -180,7 +150,7 @@ class LatentDiffusionStep(TrainingStep):
             self.ema.update(unet)
 
     def __call__(self, engine: Any, batch: dict) -> dict[str, Any]:
-        device = _device(engine)
+        device = engine_device(engine)
         f = batch[self.image_key].to(device).float()
         x = batch[self.target_key].to(device).float()
         self.unet.train()
@@ -190,10 +160,10 @@ class LatentDiffusionStep(TrainingStep):
         noise = torch.randn_like(z0)
         t = torch.randint(0, self.scheduler.num_train_timesteps, (z0.shape[0],), device=device, dtype=torch.long)
         zt = self.scheduler.add_noise(original_samples=z0, noise=noise, timesteps=t)
-        with _autocast(engine, device):
+        with autocast(engine):
             eps = self.unet(torch.cat([c, zt], dim=1), t)
         loss = F.l1_loss(eps.float(), noise)
-        _step(engine, loss, self.optimizer)
+        optimizer_step(engine, loss, self.optimizer)
         self._update_ema(int(engine.state.iteration))
         return self.detach({"loss": loss, "loss_l1_eps": loss})
 

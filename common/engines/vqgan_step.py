@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.engines.trainers import unwrap
 from common.losses.adversarial import adaptive_gan_weight, adopt_weight, get_gan_losses
 from common.networks.discriminators import disc_logits, random_slices
 
@@ -57,11 +58,6 @@ def _frozen(modules: Sequence[nn.Module]):
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    """The module inside a (Distributed)DataParallel wrapper, or the module itself."""
-    return module.module if isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else module
 
 
 def _as_list(v: Any) -> list:
@@ -202,13 +198,13 @@ class VQGANTrainingStep(TrainingStep):
                 views = self._disc_views(x_hat, slice_index)
                 for disc, view, w, kind in zip(self.discriminators, views, self.adv_weights, self.disc_inputs):
                     # the unwrapped module: a frozen DDP discriminator would wait for gradients that never come
-                    g = self.g_loss_fn(disc_logits(_unwrap(disc)(view)).float())
+                    g = self.g_loss_fn(disc_logits(unwrap(disc)(view)).float())
                     terms.append(w * g)
                     if len(self.discriminators) > 1:
                         out[f"loss_adv_g_{kind}"] = g
                 g_total = torch.stack(terms).sum()
                 lam = (
-                    adaptive_gan_weight(nll, g_total, _unwrap(self.network).last_layer(), self.adaptive_disc_weight)
+                    adaptive_gan_weight(nll, g_total, unwrap(self.network).last_layer(), self.adaptive_disc_weight)
                     if self.adaptive_weight
                     else torch.ones((), device=x.device)
                 )
