@@ -60,7 +60,7 @@ class SafeSaveImage(SaveImage):
         if filename is not None:
             final = f"{filename}{self.output_ext}"
         else:
-            final = self.folder_layout.filename(**self.fname_formatter(meta, self))
+            final = self._contained_filename(meta)
         final = Path(final)
         refuse_overwrite(final, self.overwrite)
         check_writable_dir(final.parent, "output folder")
@@ -95,6 +95,30 @@ class SafeSaveImage(SaveImage):
         if self.savepath_in_metadict and meta is not None:
             meta["saved_to"] = str(final)  # SaveImage recorded the temporary name
         return img
+
+    def _contained_filename(self, meta: dict | None) -> str:
+        """The output name, always inside ``output_dir``.
+
+        With ``data_root_dir`` set, MONAI keeps the input's sub-folders relative to it; an input
+        outside ``data_root_dir`` gives a relative path starting with ``..`` and the file would be
+        written outside ``output_dir`` (next to the input). Such an input keeps only its parent
+        folder's name instead: ``<output_dir>/<parent>/<name>_<postfix>``.
+        """
+        layout = self.folder_layout
+        name = layout.filename(**self.fname_formatter(meta, self))
+        out_dir = getattr(layout, "output_dir", None)
+        root = getattr(layout, "data_root_dir", "")
+        source = (meta or {}).get("filename_or_obj") if isinstance(meta, dict) else None
+        if not (out_dir and root and source):
+            return name
+        out_abs = os.path.abspath(out_dir)
+        if os.path.abspath(name).startswith(out_abs + os.sep):
+            return name
+        layout.data_root_dir = os.path.dirname(os.path.dirname(os.path.abspath(str(source))))
+        try:
+            return layout.filename(**self.fname_formatter(meta, self))
+        finally:
+            layout.data_root_dir = root
 
     @staticmethod
     def _rename_no_clobber(tmp: str, final: Path) -> None:

@@ -135,3 +135,47 @@ def test_download_large_files_verifies_hashes(tmp_path):
             else:
                 assert res.returncode != 0
                 assert "hash" in (res.stderr + res.stdout).lower()
+
+
+@pytest.mark.slow
+def test_diffseg_round_trip_runs_its_inference_without_repo(tmp_path, ct_demo):
+    """A real bundle: packaged with (tiny) weights, downloaded from loopback, run from its folder."""
+    import shutil
+
+    from monai.bundle import ConfigParser
+
+    src = tmp_path / "src" / "diffseg"
+    shutil.copytree(REPO / "bundles" / "diffseg", src, ignore=shutil.ignore_patterns("__pycache__", "outputs", "eval", "runs"))
+    parser = ConfigParser()
+    parser.read_config([str(src / "configs" / "inference.json"), str(src / "configs" / "tiny.json")])
+    sys.path.insert(0, str(src))
+    try:
+        torch.manual_seed(0)
+        net = parser.get_parsed_content("network_def")
+    finally:
+        sys.path.remove(str(src))
+    (src / "models").mkdir(exist_ok=True)
+    torch.save(net.state_dict(), src / "models" / "model.pt")
+    zip_path = package_bundle(src, tmp_path / "dist")
+    dest, out_dir = tmp_path / "downloaded", tmp_path / "out"
+    with serve_folder(zip_path.parent) as url:
+        dl = subprocess.run([sys.executable, "-m", "monai.bundle", "download", "--name", "diffseg", "--url",
+                             f"{url}/{zip_path.name}", "--bundle_dir", str(dest)], capture_output=True, text=True, timeout=300)
+    assert dl.returncode == 0, dl.stderr[-3000:]
+    bundle = dest / "diffseg"
+    test_case = json.loads(Path(ct_demo).read_text())["test"][0]
+    image = str(Path(ct_demo).parent / test_case["image"])
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(REPO), "run", "--config_file", "['configs/inference.json','configs/tiny.json']",
+         "--data", json.dumps([{"image": image}]), "--ckpt_path", "models/model.pt", "--output_dir", str(out_dir)],
+        cwd=bundle, capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert str(bundle) in [ln for ln in run.stdout.splitlines() if ln.startswith("COMMON_FROM")][-1]
+    outs = list(out_dir.rglob("*.nii.gz"))
+    assert len(outs) == 1, outs
+    pred, ref = nib.load(str(outs[0])), nib.load(image)
+    assert pred.shape == ref.shape
+    np.testing.assert_allclose(pred.affine, ref.affine, atol=1e-5)
+    assert np.asarray(pred.dataobj).max() < 7

@@ -116,3 +116,23 @@ def test_failed_write_leaves_no_file_and_no_temporary(tmp_path):
         saver(d)
     assert _files(tmp_path) == []
     assert not any(name.endswith(".part.nii.gz") for _, _, names in os.walk(tmp_path) for name in names)
+
+
+def test_output_stays_inside_output_dir_for_inputs_outside_data_root(tmp_path):
+    """With data_root_dir, an input elsewhere must not be written next to itself (``../..`` paths)."""
+    import nibabel as nib
+    import numpy as np
+
+    from common.transforms.saving import SafeSaveImaged
+    from monai.transforms import LoadImaged
+
+    outside = tmp_path / "elsewhere" / "case7"
+    outside.mkdir(parents=True)
+    src = outside / "image.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.rand(8, 8, 8).astype(np.float32), np.diag([2.0, 2.0, 3.0, 1.0])), str(src))
+    data = LoadImaged(keys="image")({"image": str(src)})
+    out = tmp_path / "out"
+    SafeSaveImaged(keys="image", output_dir=str(out), output_postfix="seg", separate_folder=False,
+                   data_root_dir=str(tmp_path / "dataset"))(data)
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*_seg.nii.gz"))
+    assert written == ["out/case7/image_seg.nii.gz"]
