@@ -78,6 +78,12 @@ def dwi_demo() -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_sizes() -> dict:
+    """The arguments the demo fixtures build their cohorts with."""
+    return dict(DEMO_KW)
+
+
+@pytest.fixture(scope="session")
 def bundles_dir() -> Path:
     return BUNDLES_DIR
 

@@ -48,14 +48,15 @@ def spm_affine() -> np.ndarray:
 # brain MRI
 
 
-def test_brain_datalist_structure(brain_demo: Path) -> None:
+def test_brain_datalist_structure(brain_demo: Path, demo_sizes: dict) -> None:
     dl = json.loads(brain_demo.read_text())
     assert brain_demo.name == "datalist.json" and brain_demo.parent.name == "brain_mri"
     for key in ("name", "description", "licence", "modalities", "training", "validation", "test"):
         assert key in dl
     assert dl["modalities"] == ["t1", "t2", "pd", "flair"]
-    assert len(dl["training"]) == 4 and len(dl["validation"]) == 1
-    assert [e["id"] for e in dl["training"] + dl["validation"]] == [f"sim_{i:03d}" for i in range(5)]
+    assert len(dl["training"]) == demo_sizes["n_train"] and len(dl["validation"]) == demo_sizes["n_val"]
+    n = demo_sizes["n_train"] + demo_sizes["n_val"]
+    assert [e["id"] for e in dl["training"] + dl["validation"]] == [f"sim_{i:03d}" for i in range(n)]
     for e in dl["training"] + dl["validation"]:
         assert set(e) == {"id", "t1", "t2", "pd", "flair", "mask"}
         assert all(e[k] == f"{e['id']}/{k}.nii.gz" for k in ("t1", "t2", "pd", "flair", "mask"))
@@ -182,12 +183,12 @@ def test_brain_subjects_differ(brain_demo: Path) -> None:
 # CT
 
 
-def test_ct_datalist_and_volumes(ct_demo: Path) -> None:
+def test_ct_datalist_and_volumes(ct_demo: Path, demo_sizes: dict) -> None:
     dl = json.loads(ct_demo.read_text())
     root = ct_demo.parent
     src = _load(demo_file("totalsegmentator/example_ct.nii.gz"))
     assert dl["labels"] == {str(k): v for k, v in demo.CT_LABELS.items()}
-    assert len(dl["training"]) == 4 and len(dl["validation"]) == 1
+    assert len(dl["training"]) == demo_sizes["n_train"] and len(dl["validation"]) == demo_sizes["n_val"]
     for e in dl["training"] + dl["validation"]:
         assert set(e) == {"id", "image", "label"}
     (test,) = dl["test"]
@@ -277,14 +278,14 @@ def test_dwi_schemes(dwi_demo: Path) -> None:
 # determinism, atomic builds, performance, CLI
 
 
-def test_rebuild_is_byte_identical_and_fast(tmp_path: Path, brain_demo: Path, ct_demo: Path) -> None:
+def test_rebuild_is_byte_identical_and_fast(tmp_path: Path, brain_demo: Path, ct_demo: Path, demo_sizes: dict) -> None:
     # CPU time of this (single-threaded) process is the "1 core" budget; wall time also counts
     # the other processes sharing the machine.
     start, start_cpu = time.perf_counter(), time.process_time()
-    brain = demo.build_brain_mri_demo(tmp_path, n_train=4, n_val=1, seed=0)
-    ct = demo.build_ct_demo(tmp_path, n_train=4, n_val=1, seed=0)
+    brain = demo.build_brain_mri_demo(tmp_path, **demo_sizes)  # the cohorts the fixtures built
+    ct = demo.build_ct_demo(tmp_path, **demo_sizes)
     cpu = time.process_time() - start_cpu
-    print(f"brain 4+1 and CT 4+1 built in {cpu:.1f} s CPU, {time.perf_counter() - start:.1f} s wall")
+    print(f"brain and CT cohorts ({demo_sizes}) built in {cpu:.1f} s CPU, {time.perf_counter() - start:.1f} s wall")
     assert cpu < 60.0
     for built, cached in ((brain, brain_demo), (ct, ct_demo)):
         a, b = _sha256_tree(built.parent), _sha256_tree(cached.parent)

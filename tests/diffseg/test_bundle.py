@@ -156,7 +156,7 @@ def test_baseline_overlay_trains_the_unet_without_diffusion(ct_demo, tmp_path):
     wf.run()
     assert (tmp_path / "models" / "model.pt").is_file()
     trainer = wf.parser.get_parsed_content("train#trainer")
-    assert np.isfinite(trainer.state.output["loss"]) and set(trainer.state.output) == {"loss", "loss_dice", "loss_ce"}
+    assert np.isfinite(trainer.state.output["loss"]) and set(trainer.state.output) == {"loss", "loss_dice", "loss_ce", "lr"}
     wf.finalize()
 
 
