@@ -1,7 +1,6 @@
 """Ignite engines, handlers and helpers shared by the bundles."""
 
 from .handlers import AtomicCheckpointSaver, EpochSeedHandler
-from . import tracking
 from .sample_log import SampleLogHandler
 from .tracking import executed_config
 from .trainers import StepTrainer, TrainingStep, autocast, engine_device, freeze, optimizer_step, unwrap

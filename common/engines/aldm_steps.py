@@ -30,14 +30,13 @@ Stage 3, :class:`LatentDiffusionTrainingStep` (only the UNet learns; its EMA fol
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.engines.trainers import TrainingStep, autocast, engine_device, freeze, optimizer_step, unwrap
+from common.engines.trainers import TrainingStep, autocast, engine_device, freeze, no_param_grads, optimizer_step, unwrap
 from common.losses.adversarial import adopt_weight, hinge_d_loss, hinge_g_loss
 from common.networks.aldm_ldm import target_condition
 from common.networks.discriminators import disc_logits
@@ -80,20 +79,6 @@ def sample_pair(modalities: Sequence[str], allow_identity: bool, generator: torc
     k = int(torch.randint(m * (m - 1), (1,), generator=generator))
     s, r = divmod(k, m - 1)
     return modalities[s], modalities[r if r < s else r + 1]
-
-
-@contextmanager
-def _no_param_grads(module: nn.Module):
-    """Run ``module`` without accumulating gradients into its parameters (flags restored after)."""
-    params = list(module.parameters())
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
 
 
 class SPADETrainingStep(TrainingStep):
@@ -166,7 +151,7 @@ class SPADETrainingStep(TrainingStep):
             losses: dict[str, torch.Tensor] = {"l1_latent": F.l1_loss(z_hat, z_t)}
             # the generator term must not touch D's gradients (nor, under DDP, its gradient hooks)
             disc = unwrap(self.discriminator)
-            with _no_param_grads(disc):
+            with no_param_grads(disc):
                 losses["adv_latent"] = hinge_g_loss(disc_logits(disc(z_hat.float())))
             total = self.l1_weight * losses["l1_latent"] + self.adv_weight * adv_on * losses["adv_latent"]
             if self.cycle_weight > 0:

@@ -11,15 +11,16 @@ TensorBoard, MLflow).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import nullcontext
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 from monai.engines import Trainer
 from monai.engines.utils import default_prepare_batch
 
-__all__ = ["StepTrainer", "TrainingStep", "autocast", "optimizer_step", "freeze", "unwrap", "engine_device"]
+__all__ = ["StepTrainer", "TrainingStep", "autocast", "optimizer_step", "freeze", "no_param_grads", "unwrap", "engine_device"]
 
 
 def engine_device(engine: Any) -> torch.device:
@@ -65,12 +66,30 @@ def freeze(*modules: torch.nn.Module | None) -> None:
             m.requires_grad_(False)
 
 
+@contextmanager
+def no_param_grads(*modules: torch.nn.Module) -> Iterator[None]:
+    """Run ``modules`` without accumulating gradients into their parameters; flags restored after.
+
+    Gradients still flow *through* them (a generator's adversarial term backpropagates through
+    the discriminator without touching the discriminator's own gradients).
+    """
+    params = [p for m in modules for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+
+
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """The module inside a DistributedDataParallel / DataParallel wrapper (itself otherwise)."""
     return getattr(module, "module", module)
 
 
-class TrainingStep:
+class TrainingStep(ABC):
     """Base class of a training step: ``step(engine, batch) -> {"loss": float, "loss_x": float, ...}``.
 
     Subclasses implement :meth:`__call__`. ``engine.state.iteration`` gives the global step (for
@@ -78,8 +97,9 @@ class TrainingStep:
     settings, ``engine.state.device`` the device.
     """
 
-    def __call__(self, engine: Trainer, batch: Any) -> dict[str, Any]:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def __call__(self, engine: Trainer, batch: Any) -> dict[str, Any]:
+        """One iteration: update the networks, return the loss terms."""
 
     @staticmethod
     def detach(losses: dict[str, Any]) -> dict[str, Any]:

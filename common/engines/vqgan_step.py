@@ -30,34 +30,20 @@ Output (floats, for StatsHandler/MLflow): ``loss`` (total generator loss), ``los
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.engines.trainers import unwrap
+from common.engines.trainers import no_param_grads, unwrap
 from common.losses.adversarial import adaptive_gan_weight, adopt_weight, get_gan_losses
 from common.networks.discriminators import disc_logits, random_slices
 
 from .trainers import TrainingStep
 
 __all__ = ["VQGANTrainingStep"]
-
-
-@contextmanager
-def _frozen(modules: Sequence[nn.Module]):
-    """Temporarily stop gradients into ``modules`` (restoring each parameter's flag afterwards)."""
-    params = [p for m in modules for p in m.parameters()]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
 
 
 def _as_list(v: Any) -> list:
@@ -182,7 +168,7 @@ class VQGANTrainingStep(TrainingStep):
             d.train()
         self.optimizer_g.zero_grad(set_to_none=True)
         out: dict[str, Any] = {}
-        with _frozen(self.discriminators), autocast():
+        with no_param_grads(*self.discriminators), autocast():
             x_hat, vq_loss, stats = self.network(x)
             loss_rec = F.l1_loss(x_hat.float(), x.float())
             nll = self.rec_weight * loss_rec
