@@ -89,7 +89,7 @@ def _run_step(bundle_dir: Path, step: dict, ctx: dict, log_dir: Path) -> dict:
 def _metrics_markdown(paths: list[str]) -> list[str]:
     lines = []
     for pattern in paths:
-        for path in sorted(glob.glob(pattern)):
+        for path in sorted(glob.glob(pattern, recursive=True)):
             lines.append(f"\n`{Path(path).name}`\n")
             if path.endswith(".csv"):
                 with open(path) as fh:
@@ -137,7 +137,7 @@ def _previews(recipe: dict, ctx: dict, out_dir: Path) -> list[tuple[str, Path]]:
     for i, spec in enumerate(recipe.get("previews", [])):
         vols = {}
         for title, pattern in _fmt(spec["volumes"], ctx).items():
-            hits = sorted(glob.glob(pattern))
+            hits = sorted(glob.glob(pattern, recursive=True))
             if hits:
                 vols[title] = hits[0]
         if not vols:
