@@ -58,6 +58,7 @@ from common.data.mri_sim import (
     simulate_subject,
     tissue_labels,
 )
+from common.utils.io import atomic_write
 
 __all__ = [
     "CT_LABELS",
@@ -151,17 +152,8 @@ def total_class_names(root: str | os.PathLike | None = None) -> dict[int, str]:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; these are ordinary data files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as fh:
+        fh.write(data)
 
 
 def _write_json(path: Path, obj: object) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 
 from common.data.dwi import read_bvals_bvecs, write_bvals_bvecs
 from common.data.noddi_phantom import block_average, lr_affine
+from common.utils.io import atomic_write
 
 __all__ = ["WM_LABELS", "GM_LABELS", "hcp_subjects", "tissue_masks", "prepare_hcp_subject", "build_hcp_datalist"]
 
@@ -167,7 +168,6 @@ def build_hcp_datalist(
         "testing": [{k: e[k] for k in ("id", "dwi", "bval", "bvec", "mask")} for e in test],
     }
     path = Path(out_dir) / datalist_name
-    tmp = path.with_suffix(".json.part")
-    tmp.write_text(json.dumps(datalist, indent=2))
-    os.replace(tmp, path)
+    with atomic_write(path, "w") as fh:
+        json.dump(datalist, fh, indent=2)
     return path

@@ -16,12 +16,12 @@ project's method specs (ALDM translation section 5, IVAN fusion section 5):
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import itk
 import numpy as np
+from common.utils.io import atomic_path
 
 __all__ = ["RigidResult", "rigid_register"]
 
@@ -166,18 +166,8 @@ def _register(
         default_pixel_value=0.0,
         interpolator=itk.LinearInterpolateImageFunction[image_type, itk.D].New(),
     )
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(out_path.suffixes) or ".nii.gz"
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=f".part{suffix}", dir=out_path.parent)
-    os.close(fd)
-    try:
-        itk.imwrite(resampled, tmp, compression=True)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(out_path) as tmp:
+        itk.imwrite(resampled, str(tmp), compression=True)
 
     matrix = np.array(itk.array_from_matrix(final.GetMatrix()), dtype=np.float64)
     center = np.array(list(final.GetCenter()), dtype=np.float64)
