@@ -34,14 +34,14 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "ci" / "demo_recipes.json"
 
 
-def _fmt(value, ctx: dict):
-    """Fill ``{placeholders}`` in strings, lists and dicts."""
+def fill_placeholders(value, ctx: dict):
+    """Fill ``{placeholders}`` in strings, lists and dicts (recipes of ``ci/demo_recipes.json``)."""
     if isinstance(value, str):
         return value.format(**ctx)
     if isinstance(value, list):
-        return [_fmt(v, ctx) for v in value]
+        return [fill_placeholders(v, ctx) for v in value]
     if isinstance(value, dict):
-        return {k: _fmt(v, ctx) for k, v in value.items()}
+        return {k: fill_placeholders(v, ctx) for k, v in value.items()}
     return value
 
 
@@ -54,7 +54,7 @@ def _context(data: dict[str, Path], work: Path, recipe: dict) -> dict:
     ctx = {"work": str(work), "repo": str(REPO), "python": sys.executable}
     kind = recipe.get("data")
     if kind or recipe.get("datalist"):
-        datalist = Path(data[kind]) if kind else Path(_fmt(recipe["datalist"], ctx))
+        datalist = Path(data[kind]) if kind else Path(fill_placeholders(recipe["datalist"], ctx))
         ctx.update(datalist=str(datalist), data_dir=str(datalist.parent))
         if not datalist.is_file():
             return ctx
@@ -72,7 +72,7 @@ def _context(data: dict[str, Path], work: Path, recipe: dict) -> dict:
 def _run_step(bundle_dir: Path, step: dict, ctx: dict, log_dir: Path) -> dict:
     configs = [str(bundle_dir / c) for c in step["config"]]
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(configs), "--bundle_root", str(bundle_dir)]
-    for k, v in _fmt(step.get("args", {}), ctx).items():
+    for k, v in fill_placeholders(step.get("args", {}), ctx).items():
         cmd += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
     log = log_dir / f"{step['name']}.log"
     t0 = time.perf_counter()
@@ -136,7 +136,7 @@ def _previews(recipe: dict, ctx: dict, out_dir: Path) -> list[tuple[str, Path]]:
     made = []
     for i, spec in enumerate(recipe.get("previews", [])):
         vols = {}
-        for title, pattern in _fmt(spec["volumes"], ctx).items():
+        for title, pattern in fill_placeholders(spec["volumes"], ctx).items():
             hits = sorted(glob.glob(pattern, recursive=True))
             if hits:
                 vols[title] = hits[0]
@@ -182,7 +182,7 @@ def run_demo(bundles: list[str] | None, out: Path, keep_going: bool = True) -> i
             t1 = time.perf_counter()
             log = work / f"prepare_{i}.log"
             with open(log, "w") as fh:
-                rc = subprocess.run(_fmt(cmd, ctx), cwd=REPO, stdout=fh, stderr=subprocess.STDOUT).returncode
+                rc = subprocess.run(fill_placeholders(cmd, ctx), cwd=REPO, stdout=fh, stderr=subprocess.STDOUT).returncode
             lines.append(f"| {name} | prepare | {'ok' if rc == 0 else f'FAILED (exit {rc})'} | {time.perf_counter() - t1:.1f} | "
                          f"`{' '.join(str(c) for c in cmd[1:])}` |")
             if rc:
@@ -203,7 +203,7 @@ def run_demo(bundles: list[str] | None, out: Path, keep_going: bool = True) -> i
         for res in results:
             if res["rc"]:
                 sec += [f"\n**{res['name']} failed**; last lines of `{res['log'].relative_to(out)}`:\n", "```", *res["tail"], "```"]
-        sec += _metrics_markdown(_fmt(recipe.get("metrics", []), ctx))
+        sec += _metrics_markdown(fill_placeholders(recipe.get("metrics", []), ctx))
         try:
             for title, png in _previews(recipe, ctx, work):
                 sec.append(f"\n{title}\n\n![{title}]({png.relative_to(out).as_posix()})\n")

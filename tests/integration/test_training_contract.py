@@ -27,19 +27,12 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "ci"))
+
+from run_demo import fill_placeholders as _fmt  # noqa: E402  (the same recipes as the demo)
 RECIPES = json.loads((REPO / "ci" / "demo_recipes.json").read_text())
 CONTRACT = {name: r["contract"] for name, r in RECIPES.items() if "contract" in r and (REPO / "bundles" / name).is_dir()}
 DATA_FIXTURE = {"ct": "ct_demo", "brain_mri": "brain_demo", "dwi": "dwi_demo"}
-
-
-def _fmt(value, ctx):
-    if isinstance(value, str):
-        return value.format(**ctx)
-    if isinstance(value, list):
-        return [_fmt(v, ctx) for v in value]
-    if isinstance(value, dict):
-        return {k: _fmt(v, ctx) for k, v in value.items()}
-    return value
 
 
 _PREPARED: dict[str, Path] = {}
