@@ -117,6 +117,8 @@ def main() -> None:
                 results.append({"case": case, "size": size, "error": proc.stderr.strip().splitlines()[-1:]})
             else:
                 results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            # other processes on the machine inflate CPU times: record how busy it was
+            results[-1]["load_average_1min_after"] = round(os.getloadavg()[0], 2)
             print(json.dumps(results[-1]), flush=True)
     # projections: steps x step time + whole-volume decode (the faster of the measured decodes)
     for size in args.sizes:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.utils.errors import InvalidInputError
+
 __all__ = [
     "GradientTable",
     "GradientTableError",
@@ -31,7 +33,7 @@ __all__ = [
 B0_THRESHOLD = 50.0  # s/mm²: volumes at or below are b0 (spec §2.1, AMICO ``b0_thr=50``)
 
 
-class GradientTableError(ValueError):
+class GradientTableError(InvalidInputError):
     """A ``bval``/``bvec`` pair is malformed or does not match its DWI series."""
 
 

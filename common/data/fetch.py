@@ -23,10 +23,12 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.utils.errors import UserInputError
+
 __all__ = ["SOURCES", "cache_dir", "fetch_source", "demo_file", "sha256sum", "HashMismatchError"]
 
 
-class HashMismatchError(RuntimeError):
+class HashMismatchError(UserInputError, RuntimeError):
     """A downloaded or cached file does not have the expected sha256."""
 
 

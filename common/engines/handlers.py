@@ -7,10 +7,10 @@ from typing import Any
 from collections.abc import Mapping
 
 from ignite.handlers.checkpoint import BaseSaveHandler
-from monai.handlers import CheckpointSaver
+from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.utils import set_determinism
 
-__all__ = ["AtomicCheckpointSaver", "EpochSeedHandler"]
+__all__ = ["AtomicCheckpointSaver", "EpochSeedHandler", "SafeCheckpointLoader"]
 
 
 class _RemoveAfterSave(BaseSaveHandler):
@@ -92,3 +92,61 @@ class EpochSeedHandler:
             set_rnd(dataset, seed)
         if loader is not None:
             engine.set_data(loader)
+
+
+class SafeCheckpointLoader(CheckpointLoader):
+    """``monai.handlers.CheckpointLoader`` that never trusts the file blindly.
+
+    Same arguments as MONAI's loader, plus ``sha256`` (optional expected digest of the file). The file
+    is loaded by :func:`common.utils.io.load_checkpoint` (``weights_only=True``, the sha256 checked
+    first), and every module in ``load_dict`` is checked against it before anything is loaded, so a
+    missing file, a foreign file (another bundle's checkpoint, another configuration's shapes) or a
+    damaged one ends in one :class:`common.utils.io.CheckpointError` (or ``InputNotFoundError`` /
+    ``HashMismatchError``) that names the file and the mismatching keys, and no network is left
+    half-loaded. ``strict=False`` keeps MONAI's meaning: missing/unexpected keys are allowed, shape
+    mismatches are still refused unless ``strict_shape=False``.
+    """
+
+    def __init__(self, load_path: str, load_dict: dict, sha256: str | None = None, **kwargs: Any) -> None:
+        super().__init__(load_path, load_dict, **kwargs)
+        self.sha256 = sha256 or None
+
+    def __call__(self, engine) -> None:
+        import torch
+        from ignite.handlers import Checkpoint
+        from monai.networks.utils import copy_model_state
+
+        from common.utils.io import CheckpointError, check_state_fits, load_checkpoint
+
+        checkpoint = load_checkpoint(self.load_path, sha256=self.sha256, map_location=self.map_location or "cpu")
+        first = next(iter(self.load_dict))
+        if len(self.load_dict) == 1 and first not in checkpoint:
+            checkpoint = {first: checkpoint}  # a bare state dict for a single object, as MONAI allows
+        missing = [k for k in self.load_dict if k not in checkpoint]
+        if missing:
+            raise CheckpointError(
+                f"checkpoint '{self.load_path}' has no entries {missing} (it has {sorted(checkpoint)[:8]}); "
+                "is it a checkpoint of another bundle or another training stage?"
+            )
+        if self.strict_shape:
+            for k, obj in self.load_dict.items():
+                if isinstance(obj, torch.nn.Module):
+                    if isinstance(obj, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+                        obj = obj.module  # Ignite loads into the wrapped module too
+                    # keys and shapes only: raises before any weight is replaced
+                    check_state_fits(obj, checkpoint[k], f"checkpoint '{self.load_path}' entry '{k}'", self.strict)
+        if not self.strict_shape:
+            for k, obj in list(self.load_dict.items()):
+                if isinstance(obj, torch.nn.Module):
+                    checkpoint[k] = copy_model_state(obj, checkpoint[k], inplace=False)[0]
+        prior_max_epochs = engine.state.max_epochs
+        Checkpoint.load_objects(to_load=self.load_dict, checkpoint=checkpoint, strict=self.strict)
+        if prior_max_epochs is not None and engine.state.epoch > prior_max_epochs:
+            from common.utils.errors import InvalidInputError
+
+            raise InvalidInputError(
+                f"checkpoint '{self.load_path}' was saved at epoch {engine.state.epoch}, beyond max_epochs "
+                f"{prior_max_epochs}; raise max_epochs to continue training from it"
+            )
+        engine.state.max_epochs = prior_max_epochs
+        self.logger.info(f"Restored all variables from {self.load_path}")

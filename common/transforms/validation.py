@@ -38,6 +38,8 @@ from monai.data import MetaTensor
 from monai.transforms import InvertibleTransform, LoadImaged, MapTransform, SpatialPad
 from monai.utils import TraceKeys
 
+from common.utils.errors import InputNotFoundError, InvalidInputError
+
 __all__ = [
     "CheckedLoadImaged",
     "ValidateImaged",
@@ -150,11 +152,11 @@ def check_image_file(path: str | os.PathLike, key: Hashable | None = None) -> Pa
     path = Path(path)
     where = f"'{path}'" + (f" (key '{key}')" if key is not None else "")
     if not path.exists():
-        raise FileNotFoundError(f"input file {where} does not exist")
+        raise InputNotFoundError(f"input file {where} does not exist")
     if path.is_dir():  # a DICOM series folder: left to the reader
         return path
     if path.stat().st_size == 0:
-        raise ValueError(f"input file {where} is empty (0 bytes)")
+        raise InvalidInputError(f"input file {where} is empty (0 bytes)")
     if _is_nifti_name(path):
         try:
             problem = _header_problem(path)
@@ -163,7 +165,7 @@ def check_image_file(path: str | os.PathLike, key: Hashable | None = None) -> Pa
         except (gzip.BadGzipFile, zlib.error, OSError) as e:
             problem = f"is a corrupt gzip file ({e})"
         if problem:
-            raise ValueError(f"input file {where} {problem}")
+            raise InvalidInputError(f"input file {where} {problem}")
     return path
 
 
@@ -171,7 +173,7 @@ def _diagnose(path: Path, error: BaseException, key: Hashable | None = None) -> 
     """The clearest error for a file a reader failed on: a cause found in the file, else the reader's."""
     where = f"'{path}'" + (f" (key '{key}')" if key is not None else "")
     if isinstance(error, FileNotFoundError) or not path.exists():
-        return FileNotFoundError(f"input file {where} does not exist")
+        return InputNotFoundError(f"input file {where} does not exist")
     problem = None
     if path.is_file():
         with open(path, "rb") as fh:
@@ -188,7 +190,7 @@ def _diagnose(path: Path, error: BaseException, key: Hashable | None = None) -> 
             problem = f"has truncated voxel data ({reason})"
         else:
             problem = f"cannot be read as an image: {type(error).__name__}: {reason}"
-    return ValueError(f"input file {where} {problem}")
+    return InvalidInputError(f"input file {where} {problem}")
 
 
 def check_gzip_integrity(path: str | os.PathLike, key: Hashable | None = None) -> None:
@@ -207,7 +209,7 @@ def check_gzip_integrity(path: str | os.PathLike, key: Hashable | None = None) -
             return
     problem = _gzip_problem(path)
     if problem:
-        raise ValueError(f"input file '{path}'" + (f" (key '{key}')" if key is not None else "") + f" {problem}")
+        raise InvalidInputError(f"input file '{path}'" + (f" (key '{key}')" if key is not None else "") + f" {problem}")
 
 
 def load_nifti_checked(path: str | os.PathLike, key: Hashable | None = None, verify_gzip: bool = True):
@@ -234,7 +236,7 @@ def load_nifti_checked(path: str | os.PathLike, key: Hashable | None = None, ver
         raise _diagnose(path, e, key) from e
     problem = _affine_problem(img.affine)
     if problem:
-        raise ValueError(f"input file '{path}'" + (f" (key '{key}')" if key is not None else "") + f" {problem}")
+        raise InvalidInputError(f"input file '{path}'" + (f" (key '{key}')" if key is not None else "") + f" {problem}")
     return img.__class__(data, img.affine, img.header)
 
 
@@ -277,7 +279,7 @@ class CheckedLoadImaged(LoadImaged):
             if isinstance(img, MetaTensor):
                 problem = _affine_problem(img.affine)
                 if problem:
-                    raise ValueError(f"input file {describe_source(img, key)} {problem}")
+                    raise InvalidInputError(f"input file {describe_source(img, key)} {problem}")
         return d
 
     @staticmethod
@@ -395,14 +397,14 @@ class ValidateImaged(MapTransform, InvertibleTransform):
         axes = ", ".join(["H", "W", "D"][:sd]) if sd <= 3 else f"{sd} spatial axes"
         expected = f"a {sd}D image, channel-first (C, {axes})"
         if file_shape is not None and len(file_shape) != sd:
-            raise ValueError(
+            raise InvalidInputError(
                 f"{where} holds a {len(file_shape)}D image (spatial shape {file_shape}, tensor shape {shape}); "
                 f"expected {expected}"
             )
         if len(shape) == sd + 1:
             if file_shape is not None and shape[1:] != file_shape and shape[:-1] == file_shape:
                 if not self.allow_channel_last_4d:
-                    raise ValueError(
+                    raise InvalidInputError(
                         f"{where} has its channels last (tensor shape {shape}, spatial shape {file_shape}); "
                         "expected channel-first: add EnsureChannelFirstd (or LoadImaged(ensure_channel_first=True)) "
                         "before ValidateImaged, or set allow_channel_last_4d"
@@ -412,11 +414,11 @@ class ValidateImaged(MapTransform, InvertibleTransform):
         if len(shape) == sd and self.allow_channel_last_4d:
             return 1, shape, False
         if len(shape) == sd:
-            raise ValueError(
+            raise InvalidInputError(
                 f"{where} has tensor shape {shape} without a channel axis, or is a {sd - 1}D image with one channel; "
                 f"expected {expected}: add EnsureChannelFirstd before ValidateImaged"
             )
-        raise ValueError(
+        raise InvalidInputError(
             f"{where} has {len(shape)} dimensions (tensor shape {shape}); expected {expected}, i.e. {sd + 1} dimensions"
         )
 
@@ -426,18 +428,18 @@ class ValidateImaged(MapTransform, InvertibleTransform):
             return
         if want == "dwi":
             if n < 2:
-                raise ValueError(
+                raise InvalidInputError(
                     f"{where} is a 3D image (one volume, tensor shape {shape}); expected a 4D diffusion-weighted "
                     "series with one volume per gradient direction along the 4th axis"
                 )
             return
         if n != want:
             if want == 1:
-                raise ValueError(
+                raise InvalidInputError(
                     f"{where} is a 4D image with {n} volumes/channels (tensor shape {shape}); "
                     "expected a 3D image (1 channel)"
                 )
-            raise ValueError(f"{where} has {n} channels (tensor shape {shape}); expected {want}")
+            raise InvalidInputError(f"{where} has {n} channels (tensor shape {shape}); expected {want}")
 
     # -- main ----------------------------------------------------------------------------------
 
@@ -449,18 +451,18 @@ class ValidateImaged(MapTransform, InvertibleTransform):
 
     def _validate(self, img: Any, key: Hashable) -> Any:
         if not isinstance(img, (torch.Tensor, np.ndarray)):
-            raise ValueError(
+            raise InvalidInputError(
                 f"key '{key}' holds a {type(img).__name__}, expected a loaded image (add LoadImaged first)"
             )
         where = describe_source(img, key)
         if isinstance(img, MetaTensor):
             problem = _affine_problem(img.affine)
             if problem:
-                raise ValueError(f"{where} {problem}")
+                raise InvalidInputError(f"{where} {problem}")
         n_ch, spatial, last = self._layout(img, key)
         self._check_channels(n_ch, key, where, tuple(img.shape))
         if any(s == 1 for s in spatial):
-            raise ValueError(
+            raise InvalidInputError(
                 f"{where} has spatial shape {spatial}: a single slice (a 2D image) along axis "
                 f"{spatial.index(1)}; expected a {self.spatial_dims}D volume"
             )
@@ -502,18 +504,18 @@ class ValidateImaged(MapTransform, InvertibleTransform):
                     "expected intensities within that bound (wrong scaling in the header, or raw scanner units?)"
                 )
         if problems:
-            raise ValueError(f"{where} " + "; ".join(problems))
+            raise InvalidInputError(f"{where} " + "; ".join(problems))
 
         if self.min_spatial_size is not None and any(
             s < m for s, m in zip(spatial, self.min_spatial_size, strict=True)
         ):
             if not self.pad_small:
-                raise ValueError(
+                raise InvalidInputError(
                     f"{where} has spatial size {spatial}, smaller than the minimum {self.min_spatial_size} "
                     "this network needs; expected a larger volume (or set pad_small to pad it)"
                 )
             if last or img.ndim == self.spatial_dims:
-                raise ValueError(
+                raise InvalidInputError(
                     f"{where}: padding needs a channel-first image; add EnsureChannelFirstd before ValidateImaged"
                 )
             target = tuple(max(s, m) for s, m in zip(spatial, self.min_spatial_size, strict=True))
@@ -578,7 +580,7 @@ class ValidateLabeld(MapTransform):
                 vals, cnts = values[bad].tolist(), counts[bad].tolist()
                 shown = ", ".join(f"{v:g} ({c} voxels)" for v, c in zip(vals[:10], cnts[:10], strict=True))
                 more = f" and {len(vals) - 10} more" if len(vals) > 10 else ""
-                raise ValueError(
+                raise InvalidInputError(
                     f"label {describe_source(d[key], key)} has values outside the class set "
                     f"{{0, ..., {n - 1}}} ({n} classes): {shown}{more}"
                 )

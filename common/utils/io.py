@@ -19,6 +19,8 @@ from typing import IO, Any
 
 import torch
 
+from common.utils.errors import InputNotFoundError, OutputExistsError, OutputNotWritableError, UserInputError
+
 __all__ = [
     "atomic_path",
     "atomic_write",
@@ -26,11 +28,12 @@ __all__ = [
     "refuse_overwrite",
     "load_checkpoint",
     "load_state_into",
+    "check_state_fits",
     "CheckpointError",
 ]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserInputError, RuntimeError):
     """A checkpoint file cannot be used for the requested network."""
 
 
@@ -75,7 +78,7 @@ def check_writable_dir(path: str | os.PathLike, what: str = "output folder") -> 
         os.close(fd)
         os.remove(probe)
     except OSError as e:
-        raise PermissionError(f"{what} '{path}' cannot be written: {e.strerror or e}") from e
+        raise OutputNotWritableError(f"{what} '{path}' cannot be written: {e.strerror or e}") from e
     return path
 
 
@@ -83,7 +86,7 @@ def refuse_overwrite(path: str | os.PathLike, overwrite: bool, key: str = "overw
     """Raise ``FileExistsError`` naming ``path`` if it exists and ``overwrite`` is false."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"output '{path}' already exists; set '{key}' to true to replace it")
+        raise OutputExistsError(f"output '{path}' already exists; set '{key}' to true to replace it")
     return path
 
 
@@ -93,7 +96,7 @@ def load_checkpoint(
     """Load a checkpoint dict with ``weights_only=True`` after an optional sha256 check."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+        raise InputNotFoundError(f"checkpoint '{path}' does not exist")
     if sha256 is not None:
         from common.data.fetch import HashMismatchError, sha256sum
 
@@ -109,8 +112,11 @@ def load_checkpoint(
     return dict(obj)
 
 
-def load_state_into(module: torch.nn.Module, state: Mapping[str, Any], source: str = "checkpoint", strict: bool = True) -> None:
-    """``module.load_state_dict`` with an error that lists missing, unexpected and mismatched keys."""
+def check_state_fits(module: torch.nn.Module, state: Mapping[str, Any], source: str = "checkpoint", strict: bool = True) -> None:
+    """Raise :class:`CheckpointError` listing missing, unexpected and shape-mismatched keys when
+    ``state`` does not fit ``module`` (nothing is loaded)."""
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{source} holds a {type(state).__name__}, expected a state dict")
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -131,4 +137,9 @@ def load_state_into(module: torch.nn.Module, state: Mapping[str, Any], source: s
             f"{source} does not fit {type(module).__name__}: " + ", ".join(parts)
             + ". Is it a checkpoint of another bundle or of another configuration (tiny/light/paper)?"
         )
+
+
+def load_state_into(module: torch.nn.Module, state: Mapping[str, Any], source: str = "checkpoint", strict: bool = True) -> None:
+    """``module.load_state_dict`` with an error that lists missing, unexpected and mismatched keys."""
+    check_state_fits(module, state, source, strict)
     module.load_state_dict(state, strict=strict)

@@ -1,0 +1,195 @@
+"""Bad inputs made from a good real image, the way user data breaks, and the checks that a run
+failed cleanly: one clear error naming the file or key, nothing half-written, nothing overwritten.
+
+Used by every ``tests/robustness/test_<bundle>.py``. Each bundle test lists the kinds it tries in a
+module-level ``KINDS`` tuple; ``tests/robustness/test_coverage.py`` counts them for the README.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from common.utils.errors import find_user_error
+
+#: the bad-input kinds of the issue, with the names the bundle tests use in ``KINDS``
+ALL_KINDS = {
+    "missing_file": "a missing input file",
+    "truncated_gzip": "a truncated .nii.gz (download cut short)",
+    "corrupt_header": "a NIfTI with a corrupt header",
+    "two_d": "a 2D image where a 3D volume is expected",
+    "four_d": "a 4D series where a 3D volume is expected",
+    "three_d_dwi": "a single 3D volume where a 4D DWI series is expected",
+    "wrong_channels": "a wrong channel count or a missing modality",
+    "unknown_modality": "an unknown modality name",
+    "nan": "NaN voxels",
+    "inf": "Inf voxels",
+    "all_zero": "an all-zero volume",
+    "extreme_intensity": "extreme intensities",
+    "oblique_anisotropic": "an oblique, anisotropic affine (must work, output in the input's geometry)",
+    "too_small": "a volume smaller than the network's minimum size (padded or refused)",
+    "bval_bvec_mismatch": "bval/bvec files that do not match the DWI",
+    "labels_outside_set": "label values outside the class set",
+    "foreign_checkpoint": "a checkpoint of another bundle",
+    "mismatched_checkpoint": "a checkpoint with mismatched shapes (another configuration)",
+    "hash_mismatch": "a checkpoint or downloaded file whose hash does not match",
+    "unwritable_output": "an output folder that cannot be written",
+    "existing_output": "an existing output (refused unless overwrite is set)",
+}
+
+
+# ------------------------------------------------------------------------------ bad files
+
+
+def _save(data: np.ndarray, affine: np.ndarray, dest: Path, like: nib.Nifti1Image | None = None) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(data, affine)
+    if like is not None:
+        img.header.set_xyzt_units(*like.header.get_xyzt_units())
+    nib.save(img, str(dest))
+    return dest
+
+
+def oblique_anisotropic_affine(affine: np.ndarray, spacing=(0.9, 1.1, 2.4), degrees=(17.0, -9.0, 23.0)) -> np.ndarray:
+    """``affine`` with its rotation replaced by an oblique one (rotations about x, y, z) and an
+    anisotropic voxel size; the origin is kept."""
+    ax, ay, az = np.deg2rad(degrees)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    out = np.array(affine, dtype=np.float64, copy=True)
+    out[:3, :3] = rz @ ry @ rx @ np.diag(spacing)
+    return out
+
+
+def make_bad_nifti(kind: str, good: str | os.PathLike, dest: str | os.PathLike, **kw) -> Path:
+    """Write a broken copy of the NIfTI ``good`` at ``dest`` (``.nii.gz``) and return ``dest``.
+
+    Kinds: ``missing_file`` (nothing written), ``truncated_gzip`` (first half of the bytes),
+    ``corrupt_header`` (``sizeof_hdr`` 12345), ``two_d`` (the middle axial slice), ``four_d`` (three
+    copies stacked on a 4th axis), ``three_d_dwi`` (the first volume of a 4D series), ``nan`` / ``inf``
+    (a 4^3 block of NaN / one +Inf voxel), ``all_zero``, ``extreme_intensity`` (values x ``scale``,
+    default 1e7), ``oblique_anisotropic`` (same voxels, oblique anisotropic affine), ``too_small``
+    (a centred crop of ``size``, default 8 voxels per axis).
+    """
+    good, dest = Path(good), Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "missing_file":
+        return dest
+    if kind in ("truncated_gzip", "corrupt_header"):
+        raw = gzip.decompress(good.read_bytes()) if good.name.endswith(".gz") else good.read_bytes()
+        if kind == "truncated_gzip":
+            packed = gzip.compress(raw)
+            dest.write_bytes(packed[: len(packed) // 2])
+        else:
+            bad = bytearray(raw)
+            bad[0:4] = (12345).to_bytes(4, "little")
+            dest.write_bytes(gzip.compress(bytes(bad)))
+        return dest
+    img = nib.load(str(good))
+    data = np.asarray(img.dataobj).astype(np.float32)
+    affine = img.affine
+    if kind == "two_d":
+        data = data[..., data.shape[2] // 2] if data.ndim == 3 else data[:, :, data.shape[2] // 2, 0]
+    elif kind == "four_d":
+        data = np.stack([data] * 3, axis=-1)
+    elif kind == "three_d_dwi":
+        data = data[..., 0] if data.ndim == 4 else data
+    elif kind == "nan":
+        c = [s // 2 for s in data.shape[:3]]
+        data[c[0] : c[0] + 4, c[1] : c[1] + 4, c[2] : c[2] + 4] = np.nan
+    elif kind == "inf":
+        c = [s // 2 for s in data.shape[:3]]
+        data[c[0], c[1], c[2]] = np.inf
+    elif kind == "all_zero":
+        data = np.zeros_like(data)
+    elif kind == "extreme_intensity":
+        data = data * float(kw.get("scale", 1e7))
+    elif kind == "oblique_anisotropic":
+        affine = oblique_anisotropic_affine(affine, **{k: kw[k] for k in ("spacing", "degrees") if k in kw})
+    elif kind == "too_small":
+        size = kw.get("size", 8)
+        size = [size] * 3 if isinstance(size, int) else list(size)
+        lo = [max((s - n) // 2, 0) for s, n in zip(data.shape[:3], size)]
+        data = data[lo[0] : lo[0] + size[0], lo[1] : lo[1] + size[1], lo[2] : lo[2] + size[2]]
+    else:
+        raise KeyError(f"unknown fault kind {kind!r}")
+    return _save(data, affine, dest, like=img)
+
+
+def make_bad_labels(good: str | os.PathLike, dest: str | os.PathLike, value: int = 99, n: int = 5) -> Path:
+    """A copy of the label map ``good`` with ``n`` voxels set to the out-of-set ``value``."""
+    img = nib.load(str(good))
+    data = np.asarray(img.dataobj).astype(np.int16)
+    flat = data.reshape(-1)
+    flat[np.linspace(0, flat.size - 1, n).astype(int)] = value
+    return _save(data, img.affine, Path(dest))
+
+
+def make_unwritable_dir(path: str | os.PathLike) -> Path:
+    """A folder that cannot be written (mode 0o555). Tests running as root cannot be stopped by
+    permissions, so a *file* is put where the folder should be: creating or writing the folder
+    then fails for root too."""
+    path = Path(path)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("a file where an output folder is expected\n")
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o555)
+    return path
+
+
+# ------------------------------------------------------------------------------ checks
+
+
+def snapshot(*roots: str | os.PathLike) -> dict[str, tuple[int, float]]:
+    """Every file under ``roots`` with its size and modification time."""
+    out = {}
+    for root in roots:
+        root = Path(root)
+        if root.is_file():
+            out[str(root)] = (root.stat().st_size, root.stat().st_mtime)
+        elif root.is_dir():
+            for p in root.rglob("*"):
+                if p.is_file():
+                    out[str(p)] = (p.stat().st_size, p.stat().st_mtime)
+    return out
+
+
+def assert_nothing_written(before: dict, *roots: str | os.PathLike, allow: Iterable[str] = ()) -> None:
+    """No file under ``roots`` was created, changed or removed since ``before`` (``snapshot``),
+    apart from names matching a regex in ``allow`` (e.g. a log file); no temporary ``.part`` file is
+    left anywhere."""
+    after = snapshot(*roots)
+    allowed = [re.compile(a) for a in allow]
+
+    def ok(p):
+        return any(a.search(p) for a in allowed)
+
+    new = sorted(p for p in set(after) - set(before) if not ok(p))
+    gone = sorted(p for p in set(before) - set(after) if not ok(p))
+    changed = sorted(p for p in set(after) & set(before) if after[p] != before[p] and not ok(p))
+    parts = sorted(p for p in after if ".part" in Path(p).name)
+    assert not (new or gone or changed or parts), f"new {new}, removed {gone}, changed {changed}, temporary {parts}"
+
+
+def expect_user_error(run: Callable[[], object], *patterns: str, exc_type: type | tuple = Exception) -> BaseException:
+    """``run()`` must fail; behind the (possibly wrapped) failure there must be one user error of
+    ``exc_type`` whose message matches every regex in ``patterns``. Returns that error."""
+    try:
+        run()
+    except BaseException as e:  # noqa: BLE001 - any failure is inspected below
+        err = find_user_error(e)
+        assert err is not None, f"no user-facing error behind {type(e).__name__}: {e}"
+        assert isinstance(err, exc_type), f"expected {exc_type}, got {type(err).__name__}: {err}"
+        for pattern in patterns:
+            assert re.search(pattern, str(err)), f"{pattern!r} not in: {err}"
+        return err
+    raise AssertionError("the run succeeded on bad input")
