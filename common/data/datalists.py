@@ -33,6 +33,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from common.utils.errors import InputNotFoundError, InvalidInputError, OutputExistsError
 from common.utils.io import atomic_write
 
 __all__ = [
@@ -92,12 +94,12 @@ def _check_disjoint(split: dict[str, list[str]]) -> None:
         for b in names[i + 1 :]:
             common = set(split[a]) & set(split[b])
             if common:
-                raise RuntimeError(f"subject leak between '{a}' and '{b}': {sorted(common)[:5]}")
+                raise InvalidInputError(f"subject leak between '{a}' and '{b}': {sorted(common)[:5]}")
 
 
 def _refuse_overwrite(out_json: Path, overwrite: bool) -> None:
     if out_json.exists() and not overwrite:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"datalist '{out_json}' already exists; its split is kept so that trained models stay valid. "
             "Pass overwrite=True to replace it."
         )
@@ -127,7 +129,7 @@ def _find_dir(root: Path, name: str, contains: str) -> Path:
     candidates = sorted(p for p in root.iterdir() if p.is_dir() and contains.lower() in p.name.lower())
     if len(candidates) == 1:
         return candidates[0]
-    raise FileNotFoundError(
+    raise InputNotFoundError(
         f"no '{name}' folder (or one folder whose name contains '{contains}') with BraTS2021_XXXXX subjects in '{root}'"
     )
 
@@ -135,14 +137,14 @@ def _find_dir(root: Path, name: str, contains: str) -> Path:
 def _brats_subjects(folder: Path, keys: tuple[str, ...], base: Path) -> list[dict[str, str]]:
     subjects = sorted(p for p in folder.iterdir() if p.is_dir() and _BRATS_ID.match(p.name))
     if not subjects:
-        raise FileNotFoundError(f"no BraTS2021_XXXXX subject folders in '{folder}'")
+        raise InputNotFoundError(f"no BraTS2021_XXXXX subject folders in '{folder}'")
     entries = []
     for subj in subjects:
         entry = {"id": subj.name}
         for key in keys:
             f = subj / f"{subj.name}_{key}.nii.gz"
             if not f.is_file():
-                raise FileNotFoundError(f"missing {key} file '{f}' of subject {subj.name}")
+                raise InputNotFoundError(f"missing {key} file '{f}' of subject {subj.name}")
             entry[key] = _rel(f, base)
         entries.append(entry)
     return entries
@@ -179,10 +181,10 @@ def build_brats2021_datalist(
     """
     root, out_json = Path(root), Path(out_json)
     if test_source not in ("split", "validation_data"):
-        raise ValueError(f"test_source must be 'split' or 'validation_data', got '{test_source}'")
+        raise InvalidInputError(f"test_source must be 'split' or 'validation_data', got '{test_source}'")
     _refuse_overwrite(out_json, overwrite)
     if not root.is_dir():
-        raise FileNotFoundError(f"BraTS root folder '{root}' does not exist")
+        raise InputNotFoundError(f"BraTS root folder '{root}' does not exist")
     base = out_json.parent
     train_dir = _find_dir(root, "BraTS2021_Training_Data", "Training")
     entries = {e["id"]: e for e in _brats_subjects(train_dir, (*BRATS_MODALITIES, "seg"), base)}
@@ -209,11 +211,11 @@ def build_brats2021_datalist(
         else:
             val_dir = _find_dir(root, "BraTS2021_ValidationData", "ValidationData")
             if val_dir == train_dir:
-                raise FileNotFoundError(f"no official validation-data folder found in '{root}'; pass validation_dir")
+                raise InputNotFoundError(f"no official validation-data folder found in '{root}'; pass validation_dir")
         external = _brats_subjects(val_dir, BRATS_MODALITIES, base)
         leak = {e["id"] for e in external} & set(entries)
         if leak:
-            raise RuntimeError(f"official validation ids also in the training data: {sorted(leak)[:5]}")
+            raise InvalidInputError(f"official validation ids also in the training data: {sorted(leak)[:5]}")
         datalist["test"] = external
         datalist["test_internal"] = [entries[i] for i in split["test"]]
     lists = ("training", "validation", "test", "test_internal")
@@ -236,10 +238,10 @@ def _scan_ixi(root: Path) -> tuple[dict[str, dict[str, Path]], dict[str, list[st
         sid = f"IXI{m['num']}"
         key = f"IXI{m['num']}-{m['site']}-{m['n']}"
         if prefix.setdefault(sid, key) != key:
-            raise ValueError(f"subject {sid} appears as both '{prefix[sid]}' and '{key}' under '{root}'")
+            raise InvalidInputError(f"subject {sid} appears as both '{prefix[sid]}' and '{key}' under '{root}'")
         contrast = m["contrast"].lower()
         if contrast in found.setdefault(sid, {}):
-            raise ValueError(f"two {m['contrast']} files for {key}: '{found[sid][contrast]}' and '{f}'")
+            raise InvalidInputError(f"two {m['contrast']} files for {key}: '{found[sid][contrast]}' and '{f}'")
         found[sid][contrast] = f
     complete = {s: c for s, c in found.items() if all(k in c for k in IXI_MODALITIES)}
     incomplete = {s: sorted(k for k in IXI_MODALITIES if k not in c) for s, c in found.items() if s not in complete}
@@ -281,11 +283,11 @@ def build_ixi_datalist(
     root, out_json = Path(root), Path(out_json)
     _refuse_overwrite(out_json, overwrite)
     if not root.is_dir():
-        raise FileNotFoundError(f"IXI root folder '{root}' does not exist")
+        raise InputNotFoundError(f"IXI root folder '{root}' does not exist")
     complete, incomplete, prefix = _scan_ixi(root)
     if not complete:
         detail = f" ({len(incomplete)} subjects lack a contrast)" if incomplete else ""
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             "no IXI subject with all of T1, T2 and PD "
             f"(files IXI<id>-<site>-<n>-{{T1,T2,PD}}.nii.gz) in '{root}'{detail}"
         )

@@ -28,6 +28,7 @@ import numpy as np
 
 from common.data.dwi import read_bvals_bvecs, write_bvals_bvecs
 from common.data.noddi_phantom import block_average, lr_affine
+from common.utils.errors import InputNotFoundError, InvalidInputError, OutputExistsError
 from common.utils.io import atomic_write
 
 __all__ = ["WM_LABELS", "GM_LABELS", "hcp_subjects", "tissue_masks", "prepare_hcp_subject", "build_hcp_datalist"]
@@ -41,6 +42,8 @@ GM_LABELS = frozenset(
 def hcp_subjects(hcp_root: str | os.PathLike) -> list[str]:
     """Subject folders that hold the preprocessed diffusion files, sorted."""
     root = Path(hcp_root)
+    if not root.is_dir():
+        raise InputNotFoundError(f"HCP folder '{root}' does not exist")
     out = []
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         diff = d / "T1w" / "Diffusion"
@@ -51,9 +54,9 @@ def hcp_subjects(hcp_root: str | os.PathLike) -> list[str]:
 
 def _centre_crop_slices(shape: Sequence[int], crop: Sequence[int]) -> tuple[slice, ...]:
     if any(c > s for c, s in zip(crop, shape)):
-        raise ValueError(f"crop {tuple(crop)} is larger than the volume {tuple(shape)}")
+        raise InvalidInputError(f"crop {tuple(crop)} is larger than the volume {tuple(shape)}")
     if any(c % 2 for c in crop):
-        raise ValueError(f"crop {tuple(crop)} must be even (2× block averaging)")
+        raise InvalidInputError(f"crop {tuple(crop)} must be even (2× block averaging)")
     return tuple(slice((s - c) // 2, (s - c) // 2 + c) for s, c in zip(shape, crop))
 
 
@@ -107,7 +110,7 @@ def prepare_hcp_subject(
     for name in ("NDI", "ODI", "FWF"):
         path = Path(noddi_root) / subject / f"fit_{name}.nii.gz"
         if not path.is_file():
-            raise FileNotFoundError(f"'{path}' is missing: fit NODDI on the HR data first (bundles/noddi_sr/scripts/fit_noddi_amico.py)")
+            raise InputNotFoundError(f"'{path}' is missing: fit NODDI on the HR data first (bundles/noddi_sr/scripts/fit_noddi_amico.py)")
         maps.append(np.clip(np.nan_to_num(np.asarray(nib.load(path).dataobj, dtype=np.float32)[sl]), 0.0, 1.0) * mask_hr)
     _save(np.stack(maps, -1).astype(np.float32), a_hr, out / "noddi_hr.nii.gz")
     _save(mask_hr.astype(np.uint8), a_hr, out / "mask_hr.nii.gz")
@@ -150,12 +153,19 @@ def build_hcp_datalist(
     snr: float | None = None,
     seed: int = 0,
     datalist_name: str = "datalist.json",
+    overwrite: bool = False,
 ) -> Path:
-    """Prepare every subject and write ``<out_dir>/<datalist_name>`` with training / validation / test / testing."""
+    """Prepare every subject and write ``<out_dir>/<datalist_name>`` with training / validation / test / testing.
+
+    An existing datalist is kept (its split belongs to the models trained on it) unless ``overwrite``;
+    the check runs before any subject is prepared."""
+    path = Path(out_dir) / datalist_name
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"datalist '{path}' already exists; pass overwrite=True to replace it")
     subjects = sorted(subjects) if subjects is not None else hcp_subjects(hcp_root)
     n_train, n_val, n_test = (int(s) for s in split)
     if len(subjects) < n_train + n_val + n_test:
-        raise ValueError(f"{len(subjects)} subjects with diffusion data in '{hcp_root}', the split needs {n_train + n_val + n_test}")
+        raise InvalidInputError(f"{len(subjects)} subjects with diffusion data in '{hcp_root}', the split needs {n_train + n_val + n_test}")
     order = np.random.default_rng(seed).permutation(len(subjects))
     chosen = [subjects[i] for i in order[: n_train + n_val + n_test]]
     entries = [prepare_hcp_subject(hcp_root, noddi_root, s, out_dir, crop=crop, snr=snr, seed=seed) for s in chosen]
@@ -167,7 +177,6 @@ def build_hcp_datalist(
         "test": test,
         "testing": [{k: e[k] for k in ("id", "dwi", "bval", "bvec", "mask")} for e in test],
     }
-    path = Path(out_dir) / datalist_name
     with atomic_write(path, "w") as fh:
         json.dump(datalist, fh, indent=2)
     return path

@@ -29,6 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
+from common.utils.errors import InputNotFoundError, InvalidInputError, OutputExistsError
+from common.utils.io import atomic_write
+
 __all__ = [
     "AMOS_LABELS",
     "PELVIC_LABELS",
@@ -82,23 +85,56 @@ def _case_id(path: str) -> str:
     return re.sub(r"(\.nii(\.gz)?)$", "", Path(path).name)
 
 
-def write_datalist(out_file: str | os.PathLike, datalist: dict) -> Path:
-    """Write ``datalist`` as JSON (via a temporary file, so a crash never leaves half a file)."""
+def write_datalist(out_file: str | os.PathLike, datalist: dict, overwrite: bool = False) -> Path:
+    """Write ``datalist`` as JSON (via a temporary file, so a crash never leaves half a file). An
+    existing file is kept (its split belongs to the models trained on it) unless ``overwrite``."""
     out = Path(out_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".part")
-    tmp.write_text(json.dumps(datalist, indent=2) + "\n")
-    os.replace(tmp, out)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(
+            f"datalist '{out}' already exists; its split is kept so that trained models stay valid. "
+            "Pass overwrite=True to replace it."
+        )
+    with atomic_write(out, "w") as fh:
+        fh.write(json.dumps(datalist, indent=2) + "\n")
     return out
 
 
-def build_amos_datalist(root: str | os.PathLike, out_file: str | os.PathLike | None = None, valid_fraction: float = 0.1) -> Path:
+def _dataset_json(folder: Path, what: str, required: Sequence[str] = ("training",)) -> dict:
+    """``<folder>/dataset.json`` with one clear error for a missing folder/file or a wrong layout."""
+    if not folder.is_dir():
+        raise InputNotFoundError(f"{what} folder '{folder}' does not exist")
+    path = folder / "dataset.json"
+    if not path.is_file():
+        raise InputNotFoundError(f"'{path}' does not exist: is '{folder}' the extracted {what} folder?")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidInputError(f"'{path}' is not valid JSON: {e}") from e
+    for key in required:
+        if not isinstance(meta.get(key), list):
+            raise InvalidInputError(f"'{path}' has no '{key}' list (keys: {sorted(meta)})")
+    return meta
+
+
+def _check_cases(folder: Path, cases: list[dict], source: Path) -> None:
+    """Every image/label listed must exist under ``folder`` (the first few missing are named)."""
+    missing = [c[k] for c in cases for k in ("image", "label") if k in c and not (folder / c[k]).exists()]
+    if missing:
+        raise InputNotFoundError(
+            f"{len(missing)} files listed in '{source}' do not exist under '{folder}' (e.g. {missing[:3]})"
+        )
+
+
+def build_amos_datalist(
+    root: str | os.PathLike, out_file: str | os.PathLike | None = None, valid_fraction: float = 0.1, overwrite: bool = False
+) -> Path:
     """AMOS 2022 CT datalist from ``<root>/dataset.json`` (root = the ``amos22`` folder).
 
-    Returns the path of the written JSON (default ``<root>/datalist_diffseg.json``).
+    Returns the path of the written JSON (default ``<root>/datalist_diffseg.json``; an existing one is
+    kept unless ``overwrite``). Every listed CT image and label must exist.
     """
     root = Path(root)
-    meta = json.loads((root / "dataset.json").read_text())
+    meta = _dataset_json(root, "AMOS 2022", required=("training", "validation"))
 
     def ct_cases(entries: list[dict]) -> list[dict]:
         out = []
@@ -110,6 +146,7 @@ def build_amos_datalist(root: str | os.PathLike, out_file: str | os.PathLike | N
 
     train = ct_cases(meta["training"])
     val_all = ct_cases(meta["validation"])
+    _check_cases(root, train + val_all, root / "dataset.json")
     n_valid = int(round(valid_fraction * len(val_all)))
     labels = {str(k): v for k, v in meta.get("labels", AMOS_LABELS).items()}
     datalist = {
@@ -120,7 +157,7 @@ def build_amos_datalist(root: str | os.PathLike, out_file: str | os.PathLike | N
         "validation": val_all[:n_valid],
         "test": val_all[n_valid:],
     }
-    return write_datalist(out_file or root / "datalist_diffseg.json", datalist)
+    return write_datalist(out_file or root / "datalist_diffseg.json", datalist, overwrite=overwrite)
 
 
 def _read_institutions(path: Path) -> list[tuple[str, str]]:
@@ -134,9 +171,11 @@ def _read_institutions(path: Path) -> list[tuple[str, str]]:
     return pairs
 
 
-def build_pelvic_datalist(root: str | os.PathLike, out_file: str | os.PathLike | None = None) -> Path:
+def build_pelvic_datalist(root: str | os.PathLike, out_file: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
     """Male pelvic MR datalist from the extracted ``data.zip`` (``<uid>_img.nii``, ``<uid>_mask.nii``, ``institution.txt``)."""
     root = Path(root)
+    if not (root / "institution.txt").is_file():
+        raise InputNotFoundError(f"'{root / 'institution.txt'}' does not exist: is '{root}' the extracted data.zip folder?")
     by_inst: dict[str, list[str]] = {}
     for uid, inst in _read_institutions(root / "institution.txt"):
         by_inst.setdefault(inst, []).append(uid)
@@ -147,8 +186,9 @@ def build_pelvic_datalist(root: str | os.PathLike, out_file: str | os.PathLike |
         for key, chosen in parts.items():
             for uid in chosen:
                 split[key].append({"id": uid, "image": f"{uid}_img.nii", "label": f"{uid}_mask.nii", "institution": inst})
+    _check_cases(root, [c for part in split.values() for c in part], root / "institution.txt")
     datalist = {"name": "male_pelvic_mr", "modality": {"0": "T2w"}, "labels": dict(PELVIC_LABELS), **split}
-    return write_datalist(out_file or root / "datalist_diffseg.json", datalist)
+    return write_datalist(out_file or root / "datalist_diffseg.json", datalist, overwrite=overwrite)
 
 
 def build_msd_datalist(
@@ -156,14 +196,19 @@ def build_msd_datalist(
     out_file: str | os.PathLike | None = None,
     fractions: Sequence[float] = (0.8, 0.1, 0.1),
     seed: int = 0,
+    overwrite: bool = False,
 ) -> Path:
-    """MSD task datalist from ``<task_dir>/dataset.json``: seeded 80/10/10 split of the labelled cases."""
+    """MSD task datalist from ``<task_dir>/dataset.json``: seeded 80/10/10 split of the labelled cases
+    (an existing datalist is kept unless ``overwrite``; every listed image and label must exist)."""
     task_dir = Path(task_dir)
-    meta = json.loads((task_dir / "dataset.json").read_text())
+    meta = _dataset_json(task_dir, "Medical Segmentation Decathlon task")
+    if not isinstance(meta.get("labels"), dict):
+        raise InvalidInputError(f"'{task_dir / 'dataset.json'}' has no 'labels' mapping")
     cases = sorted(
         ({"id": _case_id(e["image"]), "image": _rel(e["image"]), "label": _rel(e["label"])} for e in meta["training"]),
         key=lambda e: e["id"],
     )
+    _check_cases(task_dir, cases, task_dir / "dataset.json")
     order = np.random.default_rng(seed).permutation(len(cases))
     n_train = int(round(fractions[0] * len(cases)))
     n_val = int(round(fractions[1] * len(cases)))
@@ -177,7 +222,7 @@ def build_msd_datalist(
         "test": pick[n_train + n_val :],
         "unlabelled_test": [{"image": _rel(p if isinstance(p, str) else p["image"])} for p in meta.get("test", [])],
     }
-    return write_datalist(out_file or task_dir / "datalist_diffseg.json", datalist)
+    return write_datalist(out_file or task_dir / "datalist_diffseg.json", datalist, overwrite=overwrite)
 
 
 def median_spacing(dataset_dir: str | os.PathLike, datalist_file: str | os.PathLike, key: str = "training") -> list[float]:

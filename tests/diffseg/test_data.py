@@ -69,11 +69,20 @@ def _touch(path):
     path.write_bytes(b"")
 
 
+def _touch_listed(root, entries):
+    """Empty stand-ins for the listed files whose content these layout tests do not read."""
+    for e in entries:
+        for rel in e.values():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).touch()
+
+
 def test_amos_datalist_keeps_ct_and_splits_validation(tmp_path):
     train = [{"image": f"./imagesTr/amos_{i:04d}.nii.gz", "label": f"./labelsTr/amos_{i:04d}.nii.gz"} for i in (1, 5, 499, 507, 600)]
     val = [{"image": f"./imagesVa/amos_{i:04d}.nii.gz", "label": f"./labelsVa/amos_{i:04d}.nii.gz"} for i in range(10, 30)]
     val += [{"image": "./imagesVa/amos_0550.nii.gz", "label": "./labelsVa/amos_0550.nii.gz"}]
     (tmp_path / "dataset.json").write_text(json.dumps({"training": train, "validation": val, "labels": AMOS_LABELS}))
+    _touch_listed(tmp_path, train + val)  # the builder checks that every listed file exists
     out = json.loads(build_amos_datalist(tmp_path).read_text())
     assert [e["id"] for e in out["training"]] == ["amos_0001", "amos_0005", "amos_0499"]  # MR ids > 500 dropped
     assert [e["id"] for e in out["validation"]] == ["amos_0010", "amos_0011"]  # first 10 % of the 20 CT cases
@@ -87,6 +96,7 @@ def test_pelvic_datalist_split_per_institution(tmp_path):
     for inst, n in sizes.items():
         lines += [f"{inst.lower()}{i:03d},{inst}" for i in range(n)]
     (tmp_path / "institution.txt").write_text("\n".join(lines) + "\n")
+    _touch_listed(tmp_path, [{"image": f"{u.split(',')[0]}_img.nii", "label": f"{u.split(',')[0]}_mask.nii"} for u in lines[1:]])
     out = json.loads(build_pelvic_datalist(tmp_path).read_text())
     ucl = {k: [e["id"] for e in out[k] if e["institution"] == "UCL"] for k in ("training", "validation", "test")}
     assert ucl["validation"] == ["ucl000", "ucl001"]
@@ -111,6 +121,7 @@ def test_msd_datalist_seeded_80_10_10_and_median_spacing(tmp_path):
         "test": ["./imagesTs/prostate_99.nii.gz"],
     }
     (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    _touch_listed(tmp_path, [{"label": e["label"]} for e in meta["training"]])
     a = json.loads(build_msd_datalist(tmp_path, tmp_path / "a.json").read_text())
     b = json.loads(build_msd_datalist(tmp_path, tmp_path / "b.json").read_text())
     c = json.loads(build_msd_datalist(tmp_path, tmp_path / "c.json", seed=1).read_text())
