@@ -6,14 +6,29 @@ import glob
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["SliceDataset", "load_datalist", "require_file", "latest_checkpoint", "build_fusion_demo"]
+from common.utils.errors import InputNotFoundError, InvalidInputError, OutputExistsError
+
+__all__ = [
+    "SliceDataset",
+    "load_datalist",
+    "require_file",
+    "check_cases",
+    "check_options",
+    "check_resume",
+    "refuse_existing_checkpoints",
+    "latest_checkpoint",
+    "build_fusion_demo",
+]
+
+#: keys the pipeline writes itself: not usable as modality names
+RESERVED_KEYS = ("image", "label", "pred", "id", "case", "slice")
 
 
 class SliceDataset(Dataset):
@@ -48,7 +63,10 @@ class SliceDataset(Dataset):
                 nonzero = torch.movedim(ref, self.axis, 0).reshape(n, -1).abs().amax(dim=1) > 0
                 self.index += [(i, int(s)) for s in torch.nonzero(nonzero).flatten()]
         if len(volumes) and not self.index:
-            raise ValueError("no non-empty slice in the training volumes")
+            raise InvalidInputError(
+                f"no slice of the {len(volumes)} training volume(s) has a non-zero '{skip_empty_key}' after cropping "
+                "(train_crop); expected volumes with signal inside the crop"
+            )
 
     def __len__(self) -> int:
         return len(self.index)
@@ -61,25 +79,169 @@ class SliceDataset(Dataset):
         return self.transform(out) if self.transform is not None else out
 
 
-def load_datalist(path: str, key: str, base_dir: str | None = None) -> list[dict]:
-    """``monai.data.load_decathlon_datalist`` or, when ``path`` does not exist yet, an empty list.
+def _join(base: str, value):
+    """``base/value`` for a relative path (or a list of them); other values unchanged."""
+    if isinstance(value, str) and value:
+        return os.path.normpath(os.path.join(base, value))
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return [os.path.normpath(os.path.join(base, v)) for v in value]
+    return value
+
+
+def load_datalist(path: str, key: str, base_dir: str | None = None, id_key: str = "id") -> list[dict]:
+    """The ``key`` list of a Decathlon-style datalist, every file path joined to ``base_dir`` (default: the
+    JSON's folder); or, when ``path`` does not exist yet, an empty list.
 
     Building a workflow (e.g. ``check_properties`` of a freshly downloaded bundle) must not need the data;
-    running it does: ``run`` starts with :func:`require_file`.
+    running it does: ``run`` starts with :func:`require_file`. Unlike ``monai.data.load_decathlon_datalist``,
+    which joins a modality path only when the joined file exists, every path is joined, so that a missing
+    file is reported with its full path. Raises :class:`InvalidInputError` for a file that is not JSON, has
+    no ``key`` list, or whose entries are not one dict per case.
     """
-    from monai.data import load_decathlon_datalist
-
     if not os.path.isfile(path):
         return []
-    items = load_decathlon_datalist(path, data_list_key=key, base_dir=base_dir or os.path.dirname(path))
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidInputError(f"datalist '{path}' is not valid JSON ({e}); expected a Decathlon-style JSON") from e
+    if not isinstance(data, dict) or key not in data:
+        have = sorted(k for k, v in data.items() if isinstance(v, list)) if isinstance(data, dict) else []
+        raise InvalidInputError(
+            f"datalist '{path}' has no '{key}' list (its lists: {have}); expected a Decathlon-style JSON with "
+            "'training', 'validation' and 'test' lists of cases"
+        )
+    items = data[key]
+    if not isinstance(items, list) or not all(isinstance(it, dict) for it in items):
+        raise InvalidInputError(
+            f"'{key}' in datalist '{path}' must be a list with one dict per case "
+            "({'id': ..., '<modality>': '<file>'}), got " + type(items).__name__
+        )
+    base = base_dir or os.path.dirname(path)
+    return [{k: (v if k == id_key else _join(base, v)) for k, v in it.items()} for it in items]
+
+
+def require_file(path: str, what: str = "datalist", key: str = "datalist") -> str:
+    """Raise :class:`InputNotFoundError` naming the config key to override when ``path`` is missing."""
+    if not os.path.isfile(path):
+        raise InputNotFoundError(
+            f"{what} '{path}' does not exist: expected a Decathlon-style JSON file; pass --dataset_dir or --{key}"
+        )
+    return path
+
+
+def _case_name(item: Mapping, index: int, id_key: str = "id") -> str:
+    return f"case '{item[id_key]}'" if item.get(id_key) is not None else f"case #{index}"
+
+
+def check_cases(
+    items: Sequence[Mapping],
+    task: Mapping,
+    keys: Sequence[str],
+    datalist: str,
+    split: str,
+    optional_keys: Sequence[str] = (),
+    id_key: str = "id",
+) -> Sequence[Mapping]:
+    """Check a datalist split before any work: it has cases, every case has every modality the run loads
+    (``keys``: the task's sources, or its targets in reverse mode, plus the targets for evaluation and
+    training), and every file exists and has a plausible image header.
+
+    Raises :class:`InvalidInputError` for an empty split, a reserved or unknown modality name (one that no case
+    of the split has: the message names the ``task#inputs``/``task#targets`` key and the modalities the
+    datalist has), a case without a modality the task needs (naming the case and the modality), a corrupt
+    header; :class:`InputNotFoundError` for a missing file. Checking the headers of every case up front keeps
+    a bad file in a later case from stopping a run after earlier outputs were written.
+    """
+    from common.transforms.validation import check_image_file
+
+    name = task.get("name", "?") if isinstance(task, Mapping) else "?"
+    inputs = list(task.get("inputs", [])) if isinstance(task, Mapping) else []
+    targets = list(task.get("targets", [])) if isinstance(task, Mapping) else []
+
+    def origin(k: str) -> str:
+        return "task#inputs" if k in inputs else "task#targets" if k in targets else "load_keys"
+
+    for k in keys:
+        if k in RESERVED_KEYS:
+            raise InvalidInputError(
+                f"modality name '{k}' in {origin(k)} is reserved (the pipeline writes {list(RESERVED_KEYS)}); "
+                "expected a modality name of the datalist such as 't1'"
+            )
+    if not items:
+        raise InvalidInputError(f"datalist '{datalist}' has no case in its '{split}' list; expected at least one")
+    known = sorted({str(k) for it in items for k in it if k != id_key})
+    for k in keys:
+        if not any(k in it for it in items):
+            raise InvalidInputError(
+                f"modality '{k}' in {origin(k)} of task '{name}' is in no case of the '{split}' list of datalist "
+                f"'{datalist}' (an unknown modality name, or a modality missing from the datalist); expected one of "
+                f"the modalities there: {', '.join(known)}"
+            )
+    for i, it in enumerate(items):
+        missing = [k for k in keys if it.get(k) in (None, "", [])]
+        if missing:
+            raise InvalidInputError(
+                f"{_case_name(it, i, id_key)} in the '{split}' list of datalist '{datalist}' has no "
+                f"{' and no '.join(repr(m) for m in missing)} image; task '{name}' needs {list(keys)} for every case "
+                f"(it has {sorted(str(k) for k in it if k != id_key)})"
+            )
+        for k in [*keys, *(o for o in optional_keys if it.get(o) not in (None, "", []))]:
+            for p in it[k] if isinstance(it[k], list) else [it[k]]:
+                if not isinstance(p, (str, os.PathLike)):
+                    raise InvalidInputError(
+                        f"{_case_name(it, i, id_key)} in datalist '{datalist}': '{k}' is {p!r}; expected a file path"
+                    )
+                check_image_file(p, k)
     return items
 
 
-def require_file(path: str, what: str = "datalist") -> str:
-    """Raise ``FileNotFoundError`` naming the config key to override when ``path`` is missing."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} '{path}' does not exist: pass --dataset_dir or --datalist")
-    return path
+def check_options(direction: str | None = None, augmentation: str | None = None,
+                  fusion_target: str | None = None, is_fusion: bool = False) -> None:
+    """Config values with a fixed set of choices, checked before anything is built: one
+    :class:`InvalidInputError` naming the key and the choices."""
+    choices = {
+        "direction": (direction, ("forward", "reverse", "both")),
+        "augmentation": (augmentation, ("replicate", "dummy_copy", "zeros")),
+        "fusion_target": (fusion_target if is_fusion else None, ("laplacian_maxabs", "average", "datalist")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value is not None and value not in allowed:
+            raise InvalidInputError(f"config key '{key}' is {value!r}; expected one of {list(allowed)}")
+
+
+def check_resume(path: str, network: torch.nn.Module, sha256: str | None = None,
+                 entries: Sequence[str] = ("model", "optimizer", "lr_scheduler", "trainer")) -> None:
+    """Check the checkpoint a resumed training will load, before the trainer (and its log files) is built:
+    it exists, matches ``sha256`` when given, holds every entry in ``entries`` and fits ``network``.
+    Raises the errors of :func:`common.utils.io.load_checkpoint` and :class:`~common.utils.io.CheckpointError`."""
+    from common.utils.io import CheckpointError, check_state_fits, load_checkpoint
+
+    if isinstance(network, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        network = network.module
+    ckpt = load_checkpoint(path, sha256=sha256)
+    missing = [k for k in entries if k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint '{path}' (resume_ckpt) has no entries {missing} (it has {sorted(ckpt)[:8]}); expected a "
+            "training checkpoint of this bundle: is it a checkpoint of another bundle?"
+        )
+    check_state_fits(network, ckpt["model"], f"checkpoint '{path}' (resume_ckpt) entry 'model'")
+
+
+def refuse_existing_checkpoints(ckpt_dir: str, resume: bool = False, overwrite: bool = False) -> None:
+    """A new training (``resume`` false) must not replace the checkpoints of an earlier one: raise
+    :class:`OutputExistsError` naming them unless ``overwrite``."""
+    if resume or overwrite or not os.path.isdir(ckpt_dir):
+        return
+    found = sorted(
+        os.path.basename(f) for f in glob.glob(os.path.join(glob.escape(ckpt_dir), "*.pt"))
+        if os.path.basename(f) == "model.pt" or re.search(r"checkpoint_epoch=\d+\.pt$", f)
+    )
+    if found:
+        raise OutputExistsError(
+            f"checkpoint folder '{ckpt_dir}' (ckpt_dir) already holds {found[:4]} of an earlier training; "
+            "set 'resume' to true to continue it, 'overwrite' to true to replace them, or choose another ckpt_dir"
+        )
 
 
 def latest_checkpoint(ckpt_dir: str, default: str = "model.pt") -> str:

@@ -13,11 +13,50 @@ import torch
 from common.metrics.fusion import fusion_metrics
 from common.metrics.image import nmse, psnr, psnr_per_slice, ssim3d, ssim_per_slice
 from common.transforms.ivan import average_fusion, laplacian_maxabs_fusion
-from common.utils.io import atomic_write
+from monai.transforms import MapTransform
+
+from common.transforms.validation import describe_source
+from common.utils.errors import InvalidInputError
+from common.utils.io import atomic_write, check_writable_dir, refuse_overwrite
 
 from .io import case_id
 
-__all__ = ["IVANMetricsHandler", "synthesis_rows", "fusion_rows"]
+__all__ = ["IVANMetricsHandler", "METRIC_FILES", "check_metric_outputs", "CheckSliceSized", "synthesis_rows", "fusion_rows"]
+
+#: the files evaluation writes into ``output_dir``
+METRIC_FILES = ("metrics_per_slice.csv", "metrics_per_case.csv", "summary.csv")
+
+
+def check_metric_outputs(output_dir: str, overwrite: bool = False) -> None:
+    """Before any work: ``output_dir`` can be written and, unless ``overwrite``, holds none of the metric files."""
+    import os
+
+    check_writable_dir(output_dir, "output folder (output_dir)")
+    for name in METRIC_FILES:
+        refuse_overwrite(os.path.join(output_dir, name), overwrite)
+
+
+class CheckSliceSized(MapTransform):
+    """Refuse volumes whose slices (the two axes other than ``slice_axis``, after ``Orientationd``) are smaller
+    than ``min_size`` in either direction: the per-slice SSIM of the evaluation uses a 7x7 window.
+    Raises :class:`InvalidInputError` naming the file and the sizes."""
+
+    def __init__(self, keys, slice_axis: int = 2, min_size: int = 7, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.axis, self.min_size = int(slice_axis) % 3, int(min_size)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            spatial = tuple(int(s) for s in d[key].shape[-3:])
+            plane = [s for a, s in enumerate(spatial) if a != self.axis]
+            if min(plane) < self.min_size:
+                raise InvalidInputError(
+                    f"{describe_source(d[key], key)} has slices of {plane[0]}x{plane[1]} voxels (spatial shape "
+                    f"{spatial}, slice_axis {self.axis}); evaluation expects at least {self.min_size}x{self.min_size} "
+                    f"voxels per slice (the {self.min_size}x{self.min_size} window of the per-slice SSIM)"
+                )
+        return d
 
 
 def _np(x) -> np.ndarray:
@@ -96,7 +135,8 @@ class IVANMetricsHandler:
     network output against the reference.
 
     Writes ``metrics_per_slice.csv``, ``metrics_per_case.csv`` and ``summary.csv`` (mean over slices, resp.
-    cases, and counts) into ``output_dir``.
+    cases, and counts) into ``output_dir``, each atomically; an existing file is refused (before any of the
+    three is written) unless ``overwrite``.
     """
 
     def __init__(
@@ -109,8 +149,10 @@ class IVANMetricsHandler:
         fusion_levels: int = 4,
         ag_variant: str = "standard",
         id_key: str = "id",
+        overwrite: bool = False,
     ) -> None:
         self.output_dir, self.inputs, self.targets = output_dir, list(inputs), list(targets)
+        self.overwrite = bool(overwrite)
         self.axis = int(slice_axis) % 3
         self.mask_key, self.fusion_levels, self.ag_variant, self.id_key = mask_key, int(fusion_levels), ag_variant, id_key
         self.is_fusion = self.targets == ["fused"]
@@ -183,6 +225,8 @@ class IVANMetricsHandler:
         import os
 
         os.makedirs(self.output_dir, exist_ok=True)
+        for name in METRIC_FILES:
+            refuse_overwrite(os.path.join(self.output_dir, name), self.overwrite)
         _write_csv(os.path.join(self.output_dir, "metrics_per_slice.csv"), self.slice_rows)
         _write_csv(os.path.join(self.output_dir, "metrics_per_case.csv"), self.case_rows)
         _write_csv(os.path.join(self.output_dir, "summary.csv"), self.summary())

@@ -1,0 +1,438 @@
+"""Bad input and faults for the ivan_fusion bundle: inference, evaluation and training.
+
+Every bad input is made from a real image (the SPM avg152 T1/T2/PD triple of the brain demo cohort, cropped
+so that tiny-configuration runs stay short; the CT-like image of the semi-synthetic fusion pair) and fed to the
+configs in-process. Each refusal must be one user error naming the file or config key and what was expected,
+with nothing written (no output, no checkpoint, no temporary file, nothing next to the inputs). Oblique and
+anisotropic inputs, too-small volumes (inference) and extreme MR intensities must work, in the input's
+geometry; extreme CT values (HU expected) and too-small volumes for evaluation are refused.
+
+Not applicable to this bundle: ``three_d_dwi`` and ``bval_bvec_mismatch`` (no diffusion input) and
+``labels_outside_set`` (no label map: the optional evaluation mask is only thresholded at 0).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from functools import partial
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import run_bundle, run_bundle_cli
+from faults import ALL_KINDS, assert_nothing_written, expect_user_error, make_bad_nifti, make_unwritable_dir, snapshot
+
+from common.data.fetch import HashMismatchError, demo_file
+from common.utils.errors import InputNotFoundError, InvalidInputError, OutputExistsError, OutputNotWritableError
+from common.utils.io import CheckpointError
+
+BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "ivan_fusion"
+KINDS = (
+    "missing_file",
+    "truncated_gzip",
+    "corrupt_header",
+    "two_d",
+    "four_d",
+    "wrong_channels",
+    "unknown_modality",
+    "nan",
+    "inf",
+    "all_zero",
+    "extreme_intensity",
+    "oblique_anisotropic",
+    "too_small",
+    "foreign_checkpoint",
+    "mismatched_checkpoint",
+    "hash_mismatch",
+    "unwritable_output",
+    "existing_output",
+)
+assert set(KINDS) <= set(ALL_KINDS)
+
+# real avg152 / sim voxels, cropped (affine shifted accordingly): 40 x 48 x 12
+CROP = (slice(20, 60), slice(30, 78), slice(38, 50))
+TINY = ("tiny.json",)
+
+
+def _forget_bundle() -> None:
+    while str(BUNDLE) in sys.path:
+        sys.path.remove(str(BUNDLE))
+    for m in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+        del sys.modules[m]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_scripts():
+    """Each bundle has its own ``scripts`` package: import this bundle's, forget it afterwards."""
+    _forget_bundle()
+    yield
+    _forget_bundle()
+
+
+def _run(configs, **overrides) -> None:
+    run_bundle(BUNDLE, [*configs, *TINY], **overrides)
+
+
+def _crop(src: Path, dst: Path) -> str:
+    nib.save(nib.load(str(src)).slicer[CROP], str(dst))
+    return str(dst)
+
+
+@pytest.fixture(scope="module")
+def data(brain_demo, tmp_path_factory):
+    """Good inputs (cropped real images), an untrained tiny checkpoint and a fusion pair, shared read-only."""
+    root = tmp_path_factory.mktemp("ivan_robust_data")
+    d = json.loads(Path(brain_demo).read_text())
+    base = Path(brain_demo).parent
+    test = {"id": "avg152"}
+    test.update({k: _crop(base / v, root / f"avg152_{k}.nii.gz") for k, v in d["test"][0].items() if k != "id"})
+    train = [
+        {"id": it["id"], **{k: _crop(base / it[k], root / f"{it['id']}_{k}.nii.gz") for k in ("t1", "t2", "pd")}}
+        for it in (d["training"][0], d["validation"][0])
+    ]
+    sys.path.insert(0, str(BUNDLE))
+    try:
+        from scripts.data import build_fusion_demo
+
+        fus = build_fusion_demo(root, demo_file("spm/avg152T2.nii"), demo_file("spm/TPM.nii")).parent
+    finally:
+        _forget_bundle()
+    fusion = {"id": "icbm152", **{k: _crop(fus / f"{k}.nii.gz", root / f"icbm152_{k}.nii.gz") for k in ("t2", "ct")}}
+
+    from common.networks.diffseg_unet import DiffSegUNet
+    from common.networks.ivan import IVAN
+
+    ckpt = root / "models"
+    ckpt.mkdir()
+    torch.save({"model": IVAN(2, num_blocks=2, growth=8, seed=0).state_dict()}, ckpt / "model.pt")
+    other = root / "other_models"
+    other.mkdir()
+    diffseg = DiffSegUNet(in_channels=1, out_channels=7, channels=[8, 8, 8, 8], time_conditioning=False)
+    torch.save({"model": diffseg.state_dict()}, other / "diffseg.pt")
+    # a checkpoint of this bundle for another task configuration (three sources: C = 4 channels)
+    torch.save({"model": IVAN(4, num_blocks=2, growth=8, seed=0).state_dict()}, other / "ivan_c4.pt")
+    return {"root": root, "test": test, "train": train[0], "val": train[1], "fusion": fusion, "ckpt_dir": ckpt,
+            "other": other}
+
+
+def _datalist(tmp: Path, test=None, train=None, val=None, name: str = "datalist.json") -> str:
+    """A datalist with absolute paths; each split is one case (a dict), several (a list) or none."""
+    lists = {k: (v if isinstance(v, list) else [v] if v else []) for k, v in (("test", test), ("training", train),
+                                                                             ("validation", val))}
+    path = tmp / name
+    path.write_text(json.dumps(lists))
+    return str(path)
+
+
+def _check_refused(data, tmp: Path, run, exc_type, *patterns) -> BaseException:
+    """``run()`` fails with one user error matching ``patterns``; nothing is written in the test's folder (inputs,
+    outputs, checkpoints) nor next to the shared inputs and checkpoint."""
+    roots = (tmp, data["root"])
+    before = snapshot(*roots)
+    err = expect_user_error(run, *patterns, exc_type=exc_type)
+    assert_nothing_written(before, *roots)
+    return err
+
+
+def _bad_input(data, tmp: Path, kind: str, key: str = "t1", case: str = "test", **kw) -> tuple[dict, Path]:
+    item = dict(data[case])
+    bad = make_bad_nifti(kind, item[key], tmp / "inputs" / f"{kind}_{key}.nii.gz", **kw)
+    item[key] = str(bad)
+    return item, bad
+
+
+def _infer(data, datalist: str, out: Path, task: str = "1to1", **overrides) -> None:
+    overrides.setdefault("ckpt_dir", str(data["ckpt_dir"]))
+    _run(["inference.json", f"task_{task}.json"], datalist=datalist, output_dir=str(out), **overrides)
+
+
+def _evaluate(data, datalist: str, out: Path, task: str = "1to1", **overrides) -> None:
+    overrides.setdefault("ckpt_dir", str(data["ckpt_dir"]))
+    _run(["inference.json", "evaluate.json", f"task_{task}.json"], datalist=datalist, output_dir=str(out), **overrides)
+
+
+def _train(datalist: str, out: Path, ckpt_dir: Path, task: str = "1to1", **overrides) -> None:
+    _run(["train.json", f"task_{task}.json"], datalist=datalist, output_dir=str(out), ckpt_dir=str(ckpt_dir),
+         **overrides)
+
+
+# ------------------------------------------------------------------------------------------ file and content
+
+
+FILE_KINDS = {
+    "missing_file": (InputNotFoundError, r"does not exist"),
+    "truncated_gzip": (InvalidInputError, r"truncated gzip"),
+    "corrupt_header": (InvalidInputError, r"corrupt NIfTI header.*sizeof_hdr.*expected 348"),
+    "two_d": (InvalidInputError, r"holds a 2D image.*expected a 3D image"),
+    "four_d": (InvalidInputError, r"4D image with 3 volumes/channels.*expected a 3D image \(1 channel\)"),
+    "nan": (InvalidInputError, r"64 NaN and 0 Inf voxels.*expected finite values"),
+    "inf": (InvalidInputError, r"0 NaN and 1 Inf voxels.*expected finite values"),
+    "all_zero": (InvalidInputError, r"is all-zero.*expected an image with contrast"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FILE_KINDS))
+def test_inference_refuses_bad_source(data, tmp_path, kind):
+    """1 -> 1 and 2 -> 1: a broken source (the second one for 2 -> 1) is refused by name, before any output."""
+    exc, pattern = FILE_KINDS[kind]
+    task, key = ("2to1", "pd") if kind in ("nan", "two_d", "truncated_gzip") else ("1to1", "t1")
+    item, bad = _bad_input(data, tmp_path, kind, key)
+    dl = _datalist(tmp_path, test=item)
+    out = tmp_path / "out"
+    _check_refused(data, tmp_path, partial(_infer, data, dl, out, task), exc, re.escape(bad.name), pattern, f"'{key}'")
+
+
+@pytest.mark.parametrize("kind", ["missing_file", "corrupt_header", "nan"])
+def test_training_refuses_bad_training_case(data, tmp_path, kind):
+    """A broken training volume stops training before any checkpoint or log file is written."""
+    exc, pattern = FILE_KINDS[kind]
+    item, bad = _bad_input(data, tmp_path, kind, "t2", case="train")
+    dl = _datalist(tmp_path, train=item, val=data["val"])
+    run = partial(_train, dl, tmp_path / "out", tmp_path / "models")
+    _check_refused(data, tmp_path, run, exc, re.escape(bad.name), pattern)
+
+
+def test_inference_refuses_reverse_target_missing(data, tmp_path):
+    """Reverse inference loads the targets: a missing target file is the one named."""
+    item, bad = _bad_input(data, tmp_path, "missing_file", "t2")
+    dl = _datalist(tmp_path, test=item)
+    run = partial(_infer, data, dl, tmp_path / "out", direction="reverse")
+    _check_refused(data, tmp_path, run, InputNotFoundError, re.escape(bad.name), "does not exist")
+
+
+# ------------------------------------------------------------------------------------------ modalities
+
+
+def test_wrong_channels_multichannel_source(data, tmp_path):
+    """Two modalities stacked in one file where one volume per modality is expected."""
+    t1, pd = (np.asarray(nib.load(data["test"][k]).dataobj, dtype=np.float32) for k in ("t1", "pd"))
+    bad = tmp_path / "inputs" / "t1_pd_stacked.nii.gz"
+    bad.parent.mkdir()
+    nib.save(nib.Nifti1Image(np.stack([t1, pd], -1), nib.load(data["test"]["t1"]).affine), str(bad))
+    dl = _datalist(tmp_path, test={**data["test"], "t1": str(bad)})
+    _check_refused(data, tmp_path, partial(_infer, data, dl, tmp_path / "out"), InvalidInputError,
+                   re.escape(bad.name), r"2 volumes/channels.*expected a 3D image \(1 channel\)")
+
+
+@pytest.mark.parametrize("entry", ["inference_2to1", "evaluate_1to1", "train_2to1"])
+def test_wrong_channels_missing_modality(data, tmp_path, entry):
+    """A case without a modality the task needs (2 -> 1 needs T1 and PD; evaluation needs the target too),
+    found before the complete case listed first is processed."""
+    if entry == "inference_2to1":
+        item = {**{k: v for k, v in data["test"].items() if k != "pd"}, "id": "second"}
+        dl = _datalist(tmp_path, test=[data["test"], item])
+        run = partial(_infer, data, dl, tmp_path / "out", "2to1")
+        missing, split = "pd", "test"
+    elif entry == "evaluate_1to1":
+        item = {**{k: v for k, v in data["test"].items() if k != "t2"}, "id": "second"}
+        dl = _datalist(tmp_path, test=[data["test"], item])
+        run = partial(_evaluate, data, dl, tmp_path / "out")
+        missing, split = "t2", "test"
+    else:
+        item = {k: v for k, v in data["val"].items() if k != "pd"}
+        dl = _datalist(tmp_path, train=data["train"], val=[data["train"], item])
+        run = partial(_train, dl, tmp_path / "out", tmp_path / "models", "2to1")
+        missing, split = "pd", "validation"
+    _check_refused(data, tmp_path, run, InvalidInputError, rf"case '{item['id']}'", f"'{split}' list",
+                   re.escape(dl), f"has no '{missing}' image", r"needs \[")
+
+
+@pytest.mark.parametrize("entry", ["inference", "train"])
+def test_unknown_modality(data, tmp_path, entry):
+    """A modality name the datalist does not have (here a capitalised 'T1') is named with the config key and the
+    modalities that exist."""
+    if entry == "inference":
+        dl = _datalist(tmp_path, test=data["test"])
+        run = partial(_infer, data, dl, tmp_path / "out", **{"task#inputs": ["T1"]})
+        key, split = "task#inputs", "test"
+    else:
+        dl = _datalist(tmp_path, train=data["train"], val=data["val"])
+        run = partial(_train, dl, tmp_path / "out", tmp_path / "models", **{"task#targets": ["T2"]})
+        key, split = "task#targets", "training"
+    _check_refused(data, tmp_path, run, InvalidInputError, r"modality 'T[12]'", "unknown modality name", re.escape(key),
+                   f"'{split}' list", r"expected one of .*pd, t1, t2")
+
+
+# ------------------------------------------------------------------------------------------ intensities, geometry
+
+
+def _pred(out: Path, name: str) -> nib.Nifti1Image:
+    files = sorted(out.glob(f"*_{name}.nii.gz"))
+    assert len(files) == 1, files
+    return nib.load(str(files[0]))
+
+
+def test_extreme_mr_intensity_gives_the_unscaled_output(data, tmp_path):
+    """MR is normalised per volume by percentiles: values x 1e7 (raw scanner units, a wrong scale slope) give the
+    same output as the original."""
+    dl_good = _datalist(tmp_path, test=data["test"], name="good.json")
+    _infer(data, dl_good, tmp_path / "good")
+    item, _ = _bad_input(data, tmp_path, "extreme_intensity", "t1")
+    peak = [np.abs(np.asarray(nib.load(f).dataobj)).max() for f in (data["test"]["t1"], item["t1"])]
+    assert peak[1] >= 1e6 * peak[0]
+    _infer(data, _datalist(tmp_path, test=item, name="scaled.json"), tmp_path / "scaled")
+    good, scaled = _pred(tmp_path / "good", "1to1"), _pred(tmp_path / "scaled", "1to1")
+    assert good.get_fdata().std() > 0
+    np.testing.assert_allclose(scaled.get_fdata(), good.get_fdata(), atol=1e-4)
+    np.testing.assert_allclose(scaled.affine, good.affine)
+
+
+def test_extreme_ct_intensity_refused(data, tmp_path):
+    """CT is expected in HU (window [-1000, 2000]): values beyond ct_max_abs are a wrong scaling, refused."""
+    item, bad = _bad_input(data, tmp_path, "extreme_intensity", "ct", case="fusion")
+    dl = _datalist(tmp_path, test=item)
+    _check_refused(data, tmp_path, partial(_infer, data, dl, tmp_path / "out", "fusion"), InvalidInputError,
+                   re.escape(bad.name), r"'ct'", r"\|value\| > 100000", "expected intensities within that bound")
+
+
+@pytest.mark.parametrize("direction", ["forward", "both"])
+def test_oblique_anisotropic_input_works_in_input_geometry(data, tmp_path, direction):
+    item, bad = _bad_input(data, tmp_path, "oblique_anisotropic", "t1")
+    ref = nib.load(str(bad))
+    assert not np.allclose(ref.affine[:3, :3], np.diag(np.diag(ref.affine[:3, :3])))  # oblique
+    _infer(data, _datalist(tmp_path, test=item), tmp_path / "out", direction=direction)
+    names = ["1to1"] + (["rev_t1"] if direction == "both" else [])
+    for name in names:
+        pred = _pred(tmp_path / "out", name)
+        assert pred.shape == ref.shape
+        np.testing.assert_allclose(pred.affine, ref.affine, atol=1e-5)
+        p = pred.get_fdata()
+        assert np.isfinite(p).all() and p.std() > 0
+
+
+def test_too_small_volume_inference_works_in_input_geometry(data, tmp_path):
+    """The network is fully convolutional without down-sampling: an 8^3 volume needs no padding."""
+    item, bad = _bad_input(data, tmp_path, "too_small", "t1")
+    ref = nib.load(str(bad))
+    assert ref.shape == (8, 8, 8)
+    _infer(data, _datalist(tmp_path, test=item), tmp_path / "out")
+    pred = _pred(tmp_path / "out", "1to1")
+    assert pred.shape == ref.shape
+    np.testing.assert_allclose(pred.affine, ref.affine, atol=1e-5)
+
+
+def test_too_small_volume_refused_by_evaluation(data, tmp_path):
+    """Per-slice SSIM needs 7 x 7 voxels per slice: a 6^3 volume is refused before any metric file is written."""
+    item, bad = _bad_input(data, tmp_path, "too_small", "t1", size=6)
+    dl = _datalist(tmp_path, test=item)
+    run = partial(_evaluate, data, dl, tmp_path / "out")
+    _check_refused(data, tmp_path, run, InvalidInputError, re.escape(bad.name), r"slices of 6x6 voxels",
+                   r"at least 7x7")
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def _ckpt_case(data, kind: str) -> tuple[Path, type, list[str], dict]:
+    """(checkpoint folder, error, patterns, overrides) for one checkpoint kind."""
+    if kind == "foreign_checkpoint":
+        return data["other"], CheckpointError, [r"diffseg\.pt", r"does not fit IVAN", "missing keys"], \
+            {"ckpt_path": str(data["other"] / "diffseg.pt")}
+    if kind == "mismatched_checkpoint":
+        return data["other"], CheckpointError, [r"ivan_c4\.pt", r"shape mismatches.*\(4, 4\) in file vs \(2, 2\)"], \
+            {"ckpt_path": str(data["other"] / "ivan_c4.pt")}
+    return data["ckpt_dir"], HashMismatchError, [r"model\.pt", "has sha256 [0-9a-f]{64}, expected 0{64}"], \
+        {"ckpt_sha256": "0" * 64}
+
+
+@pytest.mark.parametrize("kind", ["foreign_checkpoint", "mismatched_checkpoint", "hash_mismatch"])
+@pytest.mark.parametrize("entry", ["inference", "evaluate"])
+def test_bad_checkpoint_refused(data, tmp_path, kind, entry):
+    _, exc, patterns, overrides = _ckpt_case(data, kind)
+    dl = _datalist(tmp_path, test=data["test"])
+    run = partial(_evaluate if entry == "evaluate" else _infer, data, dl, tmp_path / "out", **overrides)
+    _check_refused(data, tmp_path, run, exc, *patterns)
+
+
+@pytest.mark.parametrize("kind", ["foreign_checkpoint", "mismatched_checkpoint", "hash_mismatch"])
+def test_bad_resume_checkpoint_refused(data, tmp_path, kind):
+    """resume: true with an unusable checkpoint stops before the trainer (and its log files) exists; the
+    checkpoint folder is left as it was."""
+    ckpt_dir = tmp_path / "models"
+    ckpt_dir.mkdir()
+    src = {"foreign_checkpoint": data["other"] / "diffseg.pt", "mismatched_checkpoint": data["other"] / "ivan_c4.pt",
+           "hash_mismatch": data["ckpt_dir"] / "model.pt"}[kind]
+    (ckpt_dir / "checkpoint_epoch=2.pt").write_bytes(src.read_bytes())
+    if kind == "foreign_checkpoint":  # another bundle's checkpoint has no optimiser/trainer entries
+        exc, patterns = CheckpointError, [r"checkpoint_epoch=2\.pt", r"resume_ckpt", r"no entries \['optimizer'"]
+    elif kind == "mismatched_checkpoint":  # a training checkpoint of another configuration
+        ckpt = torch.load(src, weights_only=True)
+        torch.save({**ckpt, "optimizer": {}, "lr_scheduler": {}, "trainer": {}}, ckpt_dir / "checkpoint_epoch=2.pt")
+        exc, patterns = CheckpointError, [r"checkpoint_epoch=2\.pt", r"shape mismatches"]
+    else:
+        exc, patterns = HashMismatchError, [r"checkpoint_epoch=2\.pt", "expected f{64}"]
+    dl = _datalist(tmp_path, train=data["train"], val=data["val"])
+    run = partial(_train, dl, tmp_path / "out", ckpt_dir, resume=True,
+                  resume_sha256="f" * 64 if kind == "hash_mismatch" else None)
+    _check_refused(data, tmp_path, run, exc, *patterns)
+
+
+# ------------------------------------------------------------------------------------------ outputs
+
+
+@pytest.mark.parametrize("entry", ["inference", "evaluate", "train_output_dir", "train_ckpt_dir"])
+def test_unwritable_output_refused_up_front(data, tmp_path, entry):
+    bad = make_unwritable_dir(tmp_path / "blocked")
+    dl = _datalist(tmp_path, test=data["test"], train=data["train"], val=data["val"])
+    run, key = {
+        "inference": (partial(_infer, data, dl, bad), "output_dir"),
+        "evaluate": (partial(_evaluate, data, dl, bad), "output_dir"),
+        "train_output_dir": (partial(_train, dl, bad, tmp_path / "models"), "output_dir"),
+        "train_ckpt_dir": (partial(_train, dl, tmp_path / "out", bad), "ckpt_dir"),
+    }[entry]
+    _check_refused(data, tmp_path, run, OutputNotWritableError, re.escape(str(bad)), rf"\({key}\)", "cannot be written")
+
+
+def test_existing_inference_output_kept_unless_overwrite(data, tmp_path):
+    """1 -> 2 writes two files per case: with only the second one present, neither is written (all or none)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    existing = out / "avg152_1to2_pd.nii.gz"
+    existing.write_bytes(b"an earlier result")
+    dl = _datalist(tmp_path, test=data["test"])
+    _check_refused(data, tmp_path, partial(_infer, data, dl, out, "1to2"), OutputExistsError,
+                   re.escape(existing.name), "already exists", "'overwrite'")
+    assert existing.read_bytes() == b"an earlier result"
+    _infer(data, dl, out, "1to2", overwrite=True)
+    for m in ("t2", "pd"):
+        assert nib.load(str(out / f"avg152_1to2_{m}.nii.gz")).shape == (40, 48, 12)
+
+
+def test_existing_metric_file_refused(data, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.csv").write_text("metric,level,mean\n")
+    dl = _datalist(tmp_path, test=data["test"])
+    run = partial(_evaluate, data, dl, out)
+    _check_refused(data, tmp_path, run, OutputExistsError, r"summary\.csv", "already exists", "'overwrite'")
+
+
+def test_existing_checkpoints_refused_unless_resume_or_overwrite(data, tmp_path):
+    ckpt_dir = tmp_path / "models"
+    ckpt_dir.mkdir()
+    (ckpt_dir / "model.pt").write_bytes((data["ckpt_dir"] / "model.pt").read_bytes())
+    dl = _datalist(tmp_path, train=data["train"], val=data["val"])
+    run = partial(_train, dl, tmp_path / "out", ckpt_dir)
+    _check_refused(data, tmp_path, run, OutputExistsError, re.escape(str(ckpt_dir)), r"model\.pt", r"\(ckpt_dir\)",
+                   "'resume'", "'overwrite'")
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+
+def test_cli_missing_source_one_error_line(data, tmp_path):
+    item, bad = _bad_input(data, tmp_path, "missing_file", "t1")
+    dl = _datalist(tmp_path, test=item)
+    roots = (tmp_path, data["root"])
+    before = snapshot(*roots)
+    res = run_bundle_cli(BUNDLE, ["inference.json", "task_1to1.json", "tiny.json"], datalist=dl,
+                         output_dir=str(tmp_path / "out"), ckpt_dir=str(data["ckpt_dir"]))
+    assert res.returncode != 0
+    tail = "\n".join(res.stderr.strip().splitlines()[-3:])
+    assert "ERROR: InputNotFoundError:" in tail and bad.name in tail and "does not exist" in tail, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert_nothing_written(before, *roots)
