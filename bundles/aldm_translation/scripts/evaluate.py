@@ -20,10 +20,12 @@ from itertools import permutations
 
 import numpy as np
 import torch
-from monai.data import load_decathlon_datalist
 
 from common.metrics.image import nmse, psnr, ssim3d
-from common.utils.io import atomic_write
+from common.utils.errors import InvalidInputError
+from common.utils.io import atomic_write, check_writable_dir, refuse_overwrite
+
+from .aldm import _entry_name, load_datalist
 
 __all__ = ["direction_datalist", "TranslationMetricsSaver", "METRICS"]
 
@@ -37,34 +39,49 @@ def direction_datalist(
     split: str = "test",
     disjoint_from: Sequence[str] = ("training", "validation"),
     target_key: str = "target",
+    optional: bool = False,
 ) -> list[dict]:
     """Items ``{"id", "image", <target_key>, ["mask"], "source", "targets": [t]}`` for every direction.
 
     ``target_key="label"`` makes the target the evaluator's label (validation key metrics).
+    Every direction between the modalities of ``modalities`` a case has is evaluated; a case with
+    fewer than two of them, or a datalist without ``split`` (unless ``optional``), is refused.
 
-    Raises ``ValueError`` when a case of ``split`` also appears (same ``id``) in ``disjoint_from``.
+    Raises :class:`common.utils.errors.InvalidInputError` (a ``ValueError``) naming the datalist
+    when a case of ``split`` also appears (same ``id``) in ``disjoint_from``, or when a case has
+    fewer than two modalities.
     """
     if not os.path.isfile(datalist):
         return []  # checked at the start of `run` (scripts.aldm.require_items)
     with open(datalist) as fh:
-        raw = json.load(fh)
-    seen = {str(it.get("id")) for key in disjoint_from for it in raw.get(key, []) if it.get("id") is not None}
-    cases = load_decathlon_datalist(datalist, is_segmentation=False, data_list_key=split, base_dir=dataset_dir)
-    leak = sorted({str(c.get("id")) for c in raw.get(split, [])} & seen)
+        try:
+            raw = json.load(fh)
+        except ValueError as e:
+            raise InvalidInputError(f"datalist '{datalist}' is not valid JSON: {e}") from e
+    cases = load_datalist(datalist, split, dataset_dir, path_keys=[*modalities, "mask"], optional=optional)
+    seen = {str(it.get("id")) for key in disjoint_from for it in raw.get(key, []) if isinstance(it, dict) and it.get("id") is not None}
+    leak = sorted({str(c.get("id")) for c in cases} & seen)
     if leak:
-        raise ValueError(f"test subjects also used for training/validation: {leak}")
+        raise InvalidInputError(
+            f"datalist '{datalist}': test subjects also used for training/validation: {leak}; "
+            f"'{split}' must not share ids with {list(disjoint_from)}"
+        )
     items = []
-    for i, (case, entry) in enumerate(zip(cases, raw[split])):
-        # the raw id: load_decathlon_datalist joins any value naming an existing path to base_dir
-        case_id = str(entry.get("id", f"case_{i:03d}"))
-        present = [m for m in modalities if m in case]
+    for i, case in enumerate(cases):
+        case_id = str(case.get("id", f"case_{i:03d}"))
+        present = [m for m in modalities if case.get(m)]
+        if len(present) < 2:
+            raise InvalidInputError(
+                f"{_entry_name(i, case, split, datalist)} has {present or 'none'} of the modalities {list(modalities)} "
+                f"(config key 'modalities'); expected at least two (a source and a target) to evaluate a translation"
+            )
         for s, t in permutations(present, 2):
             item = {"id": case_id, "image": case[s], target_key: case[t], "source": s, "targets": [t]}
             if case.get("mask"):
                 item["mask"] = case["mask"]
             items.append(item)
-    if not items:
-        raise ValueError(f"no direction to evaluate: '{split}' of {datalist} has no case with two of {list(modalities)}")
+    if not items and not optional:
+        raise InvalidInputError(f"no direction to evaluate: '{split}' of datalist '{datalist}' has no case")
     return items
 
 
@@ -88,12 +105,20 @@ def _montage(path: str, source: np.ndarray, pred: np.ndarray, target: np.ndarray
     plt.close(fig)
 
 
+#: the summary files of an evaluation, in ``output_dir``
+SUMMARY_FILES = ("metrics.csv", "summary.json", "summary.csv", "directions.md")
+
+
 class TranslationMetricsSaver:
     """Ignite handler: metrics per evaluated item, files on completion.
 
     Reads the decollated evaluator output (``pred`` ``(1, *S)``) and batch (``image``, ``target``,
     optional ``mask``, ``id``, ``source``, ``targets``), all on the model grid. Without a mask the brain mask is
     ``source > 0 or target > 0`` (spec §5: voxels > 0 in any modality).
+
+    Nothing is written before the last item is evaluated (the montage slices are kept in memory), so
+    a run stopped by a bad case leaves no partial output; every file is written atomically. Existing
+    outputs are refused unless ``overwrite`` (:meth:`check_outputs`, called before any work).
     """
 
     def __init__(self, output_dir: str, montage: bool = True, overwrite: bool = False) -> None:
@@ -101,6 +126,23 @@ class TranslationMetricsSaver:
         self.montage = montage
         self.overwrite = overwrite
         self.rows: list[dict] = []
+        self._montages: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, str]] = []
+
+    def planned_outputs(self, items: Sequence[dict] = ()) -> list[str]:
+        """The files this evaluation writes (the montages of ``items`` included)."""
+        out = [os.path.join(self.output_dir, f) for f in SUMMARY_FILES]
+        if self.montage:
+            for it in items:
+                for t in it["targets"]:
+                    out.append(os.path.join(self.output_dir, "montage", f"{it['id']}_{it['source']}2{t}.png"))
+        return out
+
+    def check_outputs(self, items: Sequence[dict] = ()) -> None:
+        """Before any work: refuse existing outputs (unless ``overwrite``) and an output folder that
+        cannot be written (config key ``output_dir``)."""
+        for path in self.planned_outputs(items):
+            refuse_overwrite(path, self.overwrite)
+        check_writable_dir(self.output_dir, "output folder (config key 'output_dir')")
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
@@ -111,10 +153,8 @@ class TranslationMetricsSaver:
 
     def _started(self, engine) -> None:
         self.rows = []
-        os.makedirs(self.output_dir, exist_ok=True)
-        target = os.path.join(self.output_dir, "metrics.csv")
-        if os.path.exists(target) and not self.overwrite:
-            raise FileExistsError(f"output '{target}' already exists; set 'overwrite' to true to replace it")
+        self._montages = []
+        self.check_outputs()
 
     @staticmethod
     def _np(x) -> np.ndarray:
@@ -142,11 +182,11 @@ class TranslationMetricsSaver:
                 "ssim_mask": ssim3d(pred, target, data_range=1.0, mask=mask),
             }
             self.rows.append(row)
-            if self.montage:
-                folder = os.path.join(self.output_dir, "montage")
-                os.makedirs(folder, exist_ok=True)
+            if self.montage:  # the middle axial slices only; written on completion
+                k = source.shape[-1] // 2
                 title = f"{case} {src}->{tgt}  PSNR {row['psnr']:.2f} dB  SSIM {row['ssim']:.3f}"
-                _montage(os.path.join(folder, f"{case}_{src}2{tgt}.png"), source, pred, target, title)
+                name = os.path.join(self.output_dir, "montage", f"{case}_{src}2{tgt}.png")
+                self._montages.append((name, *(a[..., k : k + 1].copy() for a in (source, pred, target)), title))
 
     def summary(self) -> dict:
         """``{"<s>2<t>": {metric: {"mean", "std", "n"}}, ..., "all": ...}``."""
@@ -163,6 +203,10 @@ class TranslationMetricsSaver:
         return out
 
     def _completed(self, engine) -> None:
+        for name, source, pred, target, title in self._montages:
+            refuse_overwrite(name, self.overwrite)
+            _montage(name, source, pred, target, title)
+        self._montages = []
         cols = ["id", "source", "target", *METRICS]
         with atomic_write(os.path.join(self.output_dir, "metrics.csv"), "w") as fh:
             w = csv.DictWriter(fh, fieldnames=cols, lineterminator="\n")
