@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from common.metrics.image import flat_ssim, mae, psnr, ssim3d
-from common.utils.io import atomic_write
+from common.utils.io import atomic_write, refuse_overwrite
 
 __all__ = ["MAP_NAMES", "case_metrics", "NODDIEvaluationHandler", "write_montage", "COLUMNS"]
 
@@ -74,8 +74,12 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, masks: dict[str, np.ndarray]
     return rows
 
 
-def write_montage(path: str | os.PathLike, columns: dict[str, np.ndarray], axis: int = 2) -> Path:
-    """PNG: one row per map, one column per named volume (3, X, Y, Z), middle slice along ``axis``."""
+def write_montage(path: str | os.PathLike, columns: dict[str, np.ndarray], axis: int = 2, overwrite: bool = True) -> Path:
+    """PNG: one row per map, one column per named volume (3, X, Y, Z), middle slice along ``axis``.
+
+    Written atomically; an existing file is refused unless ``overwrite``.
+    """
+    refuse_overwrite(path, overwrite)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,7 +117,8 @@ class NODDIEvaluationHandler:
     fit resampled to the HR grid) for the montage.
 
     Files: ``<output_dir>/metrics.csv`` (columns :data:`COLUMNS`), ``summary.json`` and ``summary.csv`` (mean and std
-    per method, map and mask), ``montage_<case>.png`` for the first ``n_montages`` cases.
+    per method, map and mask), ``montage_<case>.png`` for the first ``n_montages`` cases; each written atomically, and
+    refused when it exists unless ``overwrite`` (the configs check them all before the run starts too).
     """
 
     def __init__(
@@ -128,11 +133,13 @@ class NODDIEvaluationHandler:
         case_key: str = "id",
         lowres_key: str | None = "lowres_fit",
         n_montages: int = 3,
+        overwrite: bool = False,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.method = method
         self.keys = dict(pred=pred_key, label=label_key, brain=brain_key, wm=wm_key, gm=gm_key, case=case_key)
         self.lowres_key, self.n_montages = lowres_key, int(n_montages)
+        self.overwrite = bool(overwrite)
         self.rows: list[dict] = []
         self._n = 0
 
@@ -163,7 +170,7 @@ class NODDIEvaluationHandler:
             cols["ours"] = pred
             cols["reference"] = ref
             cols["|ours - ref|"] = np.abs(pred - ref)
-            write_montage(self.output_dir / f"montage_{case}.png", cols)
+            write_montage(self.output_dir / f"montage_{case}.png", cols, overwrite=self.overwrite)
         self._n += 1
 
     def iteration_completed(self, engine) -> None:
@@ -193,6 +200,8 @@ class NODDIEvaluationHandler:
 
     def write(self) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.csv", "summary.json", "summary.csv"):
+            refuse_overwrite(self.output_dir / name, self.overwrite)
         with atomic_write(self.output_dir / "metrics.csv", "w") as fh:
             w = csv.DictWriter(fh, fieldnames=COLUMNS)
             w.writeheader()

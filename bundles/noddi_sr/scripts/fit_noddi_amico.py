@@ -34,6 +34,7 @@ from scipy import ndimage
 
 from common.data.dwi import read_bvals_bvecs
 from common.data.noddi_phantom import hr_affine
+from common.utils.errors import InvalidInputError
 
 __all__ = ["fit_noddi", "upsample_maps", "MAP_NAMES"]
 
@@ -48,7 +49,10 @@ def fit_noddi(dwi: str, bval: str, bvec: str, mask: str | None, out_dir: str, b0
         raise ImportError("AMICO is needed for this script: pip install dmri-amico==2.1.1 (the PyPI 'amico' is unrelated)") from e
     dwi, bval, bvec = (os.path.abspath(os.fspath(p)) for p in (dwi, bval, bvec))
     mask = None if mask is None else os.path.abspath(os.fspath(mask))
-    n = nib.load(dwi).shape[3]
+    shape = nib.load(dwi).shape
+    if len(shape) != 4:
+        raise InvalidInputError(f"input file '{dwi}' (--dwi) has shape {shape}; expected a 4D diffusion-weighted series")
+    n = shape[3]
     read_bvals_bvecs(bval, bvec, n_volumes=n)  # fail early, naming the file, on a mismatching table
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
