@@ -92,10 +92,12 @@ def intensity_transform(
     ``percentiles`` and rescale (``ScaleIntensityRangePercentilesd(..., channel_wise=True)``;
     z-scoring first, as the official code does, would change nothing).
     """
-    if modality.upper() == "CT":
+    if str(modality).upper() == "CT":
         lo, hi = (float(v) for v in hu_window)
         return ScaleIntensityRanged(keys, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
-    if modality.upper() in ("MR", "MRI"):
+    if str(modality).upper() in ("MR", "MRI"):
         lo, hi = (float(v) for v in percentiles)
         return ScaleIntensityRangePercentilesd(keys, lower=lo, upper=hi, b_min=0.0, b_max=1.0, clip=True, channel_wise=True)
-    raise ValueError(f"modality must be 'CT' or 'MR', got {modality!r}")
+    from common.utils.errors import InvalidInputError
+
+    raise InvalidInputError(f"unknown modality {modality!r} (config key 'modality'); expected 'CT' or 'MR'")

@@ -194,7 +194,13 @@ def test_selection_metric_excludes_background():
 def test_static_monai_label_and_property_checks(tmp_path):
     infer = json.loads((CONFIGS / "inference.json").read_text())
     transforms = infer["preprocessing"]["transforms"]
-    assert transforms[0]["_target_"] == "LoadImaged"
+    # MONAI Label needs a LoadImaged first: the checked loader is one (a subclass)
+    from monai.transforms import LoadImaged
+
+    from common.transforms import CheckedLoadImaged
+
+    assert transforms[0]["_target_"] == "common.transforms.CheckedLoadImaged"
+    assert issubclass(CheckedLoadImaged, LoadImaged)
     targets = [t["_target_"].split(".")[-1] for t in transforms]
     assert "Spacingd" not in targets and "ResampleToSpacingd" in targets
     meta = json.loads((CONFIGS / "metadata.json").read_text())

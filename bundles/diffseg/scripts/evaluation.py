@@ -17,9 +17,13 @@ import numpy as np
 import torch
 
 from common.metrics.segmentation import segmentation_metrics, summarise
-from common.utils.io import atomic_write
+from common.utils.errors import InvalidInputError
+from common.utils.io import atomic_write, check_writable_dir, refuse_overwrite
 
-__all__ = ["SegmentationMetricsWriter", "check_outputs", "class_names", "load_datalist"]
+__all__ = ["SegmentationMetricsWriter", "class_names", "load_datalist"]
+
+#: the files metrics are written to, in ``output_dir``
+METRICS_FILES = ("metrics_per_case.csv", "metrics_summary.csv")
 
 _CASE_COLUMNS = ["case", "class", "name", "dice", "iou", "hd95", "nsd", "msd", "cd"]
 
@@ -67,21 +71,36 @@ class SegmentationMetricsWriter:
         num_classes: C, background included.
         class_names: ``{"1": "liver", ...}`` for the ``name`` column (optional).
         nsd_tolerance: NSD tolerance in mm (spec: 1 mm).
+        overwrite: replace existing CSV files; by default an existing one is refused when the
+            engine starts (before any inference) and again before writing.
     """
 
-    def __init__(self, output_dir: str, num_classes: int, class_names: dict | None = None, nsd_tolerance: float = 1.0) -> None:
+    def __init__(
+        self,
+        output_dir: str,
+        num_classes: int,
+        class_names: dict | None = None,
+        nsd_tolerance: float = 1.0,
+        overwrite: bool = False,
+    ) -> None:
         self.output_dir = Path(output_dir)
         self.num_classes = int(num_classes)
         self.class_names = {int(k): v for k, v in (class_names or {}).items()}
         self.nsd_tolerance = float(nsd_tolerance)
+        self.overwrite = bool(overwrite)
         self.rows: list[dict] = []
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
 
-        engine.add_event_handler(Events.STARTED, lambda e: self.rows.clear())
+        engine.add_event_handler(Events.STARTED, self.on_started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.on_iteration)
         engine.add_event_handler(Events.COMPLETED, self.on_completed)
+
+    def on_started(self, engine) -> None:
+        self.rows.clear()
+        for name in METRICS_FILES:
+            refuse_overwrite(self.output_dir / name, self.overwrite)
 
     def on_iteration(self, engine) -> None:
         outputs = engine.state.output
@@ -101,32 +120,26 @@ class SegmentationMetricsWriter:
         rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
         if not rank0:
             return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        _write_csv(self.output_dir / "metrics_per_case.csv", self.rows, _CASE_COLUMNS)
+        check_writable_dir(self.output_dir, "output folder (key 'output_dir')")
+        for name in METRICS_FILES:
+            refuse_overwrite(self.output_dir / name, self.overwrite)
         summary = summarise(self.rows)
         for s in summary:
             s["name"] = self.class_names.get(s["class"], "") if s["class"] != "overall" else "mean over classes >= 1"
         columns = ["class", "name", "n"] + [k for k in summary[-1] if k not in ("class", "name", "n")]
-        _write_csv(self.output_dir / "metrics_summary.csv", summary, columns)
-
-
-def check_outputs(output_dir: str, overwrite: bool, pattern: str = "*_seg.nii.gz") -> str:
-    """Refuse to run into an ``output_dir`` that already holds predictions, unless ``overwrite``."""
-    found = sorted(Path(output_dir).rglob(pattern)) if os.path.isdir(output_dir) else []
-    if found and not overwrite:
-        raise FileExistsError(
-            f"'{output_dir}' already holds {len(found)} prediction(s) (e.g. {found[0].name}); "
-            "pass --overwrite true or another --output_dir"
-        )
-    return output_dir
+        _write_csv(self.output_dir / METRICS_FILES[0], self.rows, _CASE_COLUMNS)
+        _write_csv(self.output_dir / METRICS_FILES[1], summary, columns)
 
 
 def load_datalist(datalist_file: str, key: str, base_dir: str) -> list[dict]:
     """``load_decathlon_datalist`` that returns ``[]`` (with a warning) when the JSON does not exist yet.
 
     Static checks (MONAI Label, ``check_properties``) build the dataset without the data being
-    there; an actual run with an empty list stops at the data loader.
+    there; an actual run with an empty list is refused by :func:`scripts.checks.require_cases`. A file that is
+    not a datalist (broken JSON, no ``key`` list) is refused naming the file.
     """
+    import json
+
     from monai.data import load_decathlon_datalist
 
     if not os.path.isfile(datalist_file):
@@ -134,6 +147,21 @@ def load_datalist(datalist_file: str, key: str, base_dir: str) -> list[dict]:
             "datalist '%s' not found: build it with common.data.seg_datalists (see the model card)", datalist_file
         )
         return []
+    try:
+        content = json.loads(Path(datalist_file).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidInputError(f"datalist '{datalist_file}' is not a readable JSON file: {e}") from e
+    if not isinstance(content, dict) or not isinstance(content.get(key, []), list):
+        raise InvalidInputError(
+            f"datalist '{datalist_file}' must be a JSON object whose '{key}' entry is a list of cases"
+        )
+    if key not in content:
+        return []
+    for i, item in enumerate(content[key]):
+        if not isinstance(item, dict) or "image" not in item:
+            raise InvalidInputError(
+                f"datalist '{datalist_file}': case {i} of '{key}' is {item!r}; expected an object with an 'image' path"
+            )
     return load_decathlon_datalist(datalist_file, is_segmentation=True, data_list_key=key, base_dir=base_dir)
 
 
@@ -143,4 +171,9 @@ def class_names(datalist_file: str) -> dict:
 
     if not os.path.isfile(datalist_file):
         return {}
-    return dict(json.loads(Path(datalist_file).read_text()).get("labels", {}))
+    try:
+        content = json.loads(Path(datalist_file).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidInputError(f"datalist '{datalist_file}' is not a readable JSON file: {e}") from e
+    labels = content.get("labels", {}) if isinstance(content, dict) else {}
+    return dict(labels) if isinstance(labels, dict) else {}
