@@ -209,7 +209,8 @@ def main(argv=None) -> dict:
         epochs = max(1, -(-iters // args.n_train))
         _reset_peak()
         t0 = time.perf_counter()
-        _workflow(config, "train", overlays, **base, max_epochs=epochs, epoch_length=None, val_interval=epochs)
+        # overwrite: a benchmark re-run retrains from scratch into the same folder
+        _workflow(config, "train", overlays, **base, max_epochs=epochs, epoch_length=None, val_interval=epochs, overwrite=True)
         dt = time.perf_counter() - t0
         train_seconds += dt
         results["train"][config] = {"iterations": epochs * args.n_train, "seconds": round(dt, 1), "peak_mib": round(_peak_mib())}

@@ -67,7 +67,7 @@ def _summary(path: Path) -> dict:
 def train_and_evaluate(name: str, overlays: list[str], datalist: Path, out: Path, common: dict) -> dict:
     ckpt_dir, run_dir = out / name / "models", out / name / "outputs"
     wf = _workflow(["train.json", *overlays], "train", dataset_dir=str(datalist.parent), datalist=str(datalist),
-                   ckpt_dir=str(ckpt_dir), output_dir=str(run_dir), **common)
+                   ckpt_dir=str(ckpt_dir), output_dir=str(run_dir), overwrite=True, **common)
     trainer = wf.parser.get_parsed_content("train#trainer")
     losses: list[float] = []
     from ignite.engine import Events

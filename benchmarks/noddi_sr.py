@@ -53,6 +53,7 @@ def _train_stage(cfg, data_dir, ckpt_dir, out_dir, iters, lr):
     wf = _workflow(
         [cfg], "train", dataset_dir=str(data_dir), ckpt_dir=str(ckpt_dir), output_dir=str(out_dir),
         epoch_length=int(iters), max_epochs=1, val_interval=1, learning_rate=lr,
+        overwrite=True,  # a benchmark re-run retrains from scratch into the same folder
     )
     wf.run()
     wf.finalize()

@@ -25,6 +25,7 @@ import glob
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -148,6 +149,23 @@ def _previews(recipe: dict, ctx: dict, out_dir: Path) -> list[tuple[str, Path]]:
     return made
 
 
+#: written into every demo work folder: only folders carrying it are ever deleted by a re-run
+WORK_MARKER = ".demo-work-folder"
+
+
+def fresh_work_dir(work: Path) -> Path:
+    """An empty work folder for one bundle's demo. A previous demo's folder (with the marker) is
+    replaced, since the demo's training steps refuse to overwrite checkpoints; any other existing
+    non-empty folder is refused, never deleted."""
+    if work.exists():
+        if not (work / WORK_MARKER).is_file() and any(work.iterdir()):
+            raise SystemExit(f"'{work}' exists and was not made by the demo; choose another --out or remove it")
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    (work / WORK_MARKER).write_text("made by ci/run_demo.py; deleted and rebuilt by the next demo run\n")
+    return work
+
+
 def run_demo(bundles: list[str] | None, out: Path, keep_going: bool = True) -> int:
     from common.data import demo
 
@@ -174,8 +192,7 @@ def run_demo(bundles: list[str] | None, out: Path, keep_going: bool = True) -> i
     for name in names:
         recipe = recipes[name]
         bundle_dir = REPO / "bundles" / name
-        work = out / name
-        work.mkdir(parents=True, exist_ok=True)
+        work = fresh_work_dir(out / name)
         ctx = _context(data, work, recipe)
         results = []
         for i, cmd in enumerate(recipe.get("prepare", [])):

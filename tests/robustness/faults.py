@@ -126,7 +126,7 @@ def make_bad_nifti(kind: str, good: str | os.PathLike, dest: str | os.PathLike, 
 def make_bad_labels(good: str | os.PathLike, dest: str | os.PathLike, value: int = 99, n: int = 5) -> Path:
     """A copy of the label map ``good`` with ``n`` voxels set to the out-of-set ``value``."""
     img = nib.load(str(good))
-    data = np.asarray(img.dataobj).astype(np.int16)
+    data = np.ascontiguousarray(np.asarray(img.dataobj), dtype=np.int16)  # reshape(-1) must be a view
     flat = data.reshape(-1)
     flat[np.linspace(0, flat.size - 1, n).astype(int)] = value
     return _save(data, img.affine, Path(dest))
