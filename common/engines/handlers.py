@@ -59,6 +59,16 @@ class AtomicCheckpointSaver(CheckpointSaver):
                 ckpt.save_handler._atomic = True
                 ckpt.save_handler = _RemoveAfterSave(ckpt.save_handler)
 
+    def exception_raised(self, engine, e: Exception) -> None:
+        """MONAI saves a "final" checkpoint when the run fails (``save_final``), deleting the previous
+        one first. A failure caused by bad input is not a state worth keeping and must leave the
+        folder as it was: re-raise without saving. Other failures keep MONAI's behaviour."""
+        from common.utils.errors import find_user_error
+
+        if find_user_error(e) is not None:
+            raise e
+        super().exception_raised(engine, e)
+
 
 class EpochSeedHandler:
     """Re-seed every random generator at the start of each epoch from ``seed + epoch``.

@@ -53,7 +53,7 @@ class SafeSaveImage(SaveImage):
         self.overwrite = bool(overwrite)
         out_dir = getattr(self.folder_layout, "output_dir", None)
         if out_dir is not None:
-            check_writable_dir(out_dir, "output folder")
+            check_writable_dir(out_dir, "output folder", create=False)  # parsing a config creates nothing
 
     def __call__(self, img: torch.Tensor | np.ndarray, meta_data: dict | None = None, filename=None):
         meta = img.meta if isinstance(img, MetaTensor) else meta_data

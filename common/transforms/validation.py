@@ -554,7 +554,9 @@ class ValidateLabeld(MapTransform):
 
     Args:
         keys: keys of label maps (class indices, any layout).
-        num_classes: number of classes including background; a dict gives one per key.
+        num_classes: number of classes including background, or the class set itself (a list,
+            tuple or set of the valid label values, e.g. MAISI's ids 0..132 and body 200); a dict
+            gives one per key.
         allow_missing_keys: skip absent keys.
 
     Non-integer values (e.g. 0.5 after linear interpolation of a mask) and NaN are outside the
@@ -563,7 +565,7 @@ class ValidateLabeld(MapTransform):
     """
 
     def __init__(
-        self, keys: KeysCollection, num_classes: int | Mapping[Hashable, int], allow_missing_keys: bool = False
+        self, keys: KeysCollection, num_classes: int | Sequence[int] | Mapping[Hashable, int | Sequence[int]], allow_missing_keys: bool = False
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.num_classes = num_classes
@@ -571,17 +573,38 @@ class ValidateLabeld(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            n = int(_per_key(self.num_classes, key))
+            spec = _per_key(self.num_classes, key)
             x = torch.as_tensor(d[key])
             values, counts = torch.unique(x, return_counts=True)
             vf = values.double()
-            bad = ~(torch.isfinite(vf) & (vf == torch.round(vf)) & (vf >= 0) & (vf <= n - 1))
+            if isinstance(spec, (list, tuple, set, frozenset)):  # an explicit class set
+                valid = sorted({int(v) for v in spec})
+                ok = torch.isin(vf, torch.tensor(valid, dtype=torch.float64))
+                bad = ~(torch.isfinite(vf) & ok)
+                n = len(valid)
+                set_text = _describe_class_set(valid)
+            else:
+                n = int(spec)
+                bad = ~(torch.isfinite(vf) & (vf == torch.round(vf)) & (vf >= 0) & (vf <= n - 1))
+                set_text = f"{{0, ..., {n - 1}}}"
             if bool(bad.any()):
                 vals, cnts = values[bad].tolist(), counts[bad].tolist()
                 shown = ", ".join(f"{v:g} ({c} voxels)" for v, c in zip(vals[:10], cnts[:10], strict=True))
                 more = f" and {len(vals) - 10} more" if len(vals) > 10 else ""
                 raise InvalidInputError(
                     f"label {describe_source(d[key], key)} has values outside the class set "
-                    f"{{0, ..., {n - 1}}} ({n} classes): {shown}{more}"
+                    f"{set_text} ({n} classes): {shown}{more}"
                 )
         return d
+
+
+def _describe_class_set(values: Sequence[int]) -> str:
+    """``{0, ..., 132, 200}``: sorted values with runs of consecutive integers shortened."""
+    parts, i = [], 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
+            j += 1
+        parts.append(f"{values[i]}, ..., {values[j]}" if j - i >= 2 else ", ".join(str(v) for v in values[i : j + 1]))
+        i = j + 1
+    return "{" + ", ".join(parts) + "}"

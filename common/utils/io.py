@@ -69,9 +69,22 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         os.fsync(fh.fileno())
 
 
-def check_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
-    """Create ``path`` if needed and check that files can be written there; raise a clear error if not."""
+def check_writable_dir(path: str | os.PathLike, what: str = "output folder", create: bool = True) -> Path:
+    """Create ``path`` if needed and check that files can be written there; raise a clear error if not.
+
+    With ``create=False`` nothing is created: an existing ``path`` must be a writable folder, a missing
+    one must have a writable folder as its nearest existing ancestor (so that it can be created when
+    the first output is written). Used where a config is only parsed, e.g. by property checks."""
     path = Path(path)
+    if not create:
+        probe = path
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise OutputNotWritableError(f"{what} '{path}' cannot be written: '{probe}' is not a folder")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise OutputNotWritableError(f"{what} '{path}' cannot be written: '{probe}' is not writable")
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=path)

@@ -129,3 +129,29 @@ def test_atomic_saver_keeps_the_best_model_across_improvements(tmp_path, fixed_n
         assert files == [fixed_name]
     else:
         assert "0.3" in files[0]
+
+
+def test_atomic_saver_keeps_the_final_checkpoint_on_bad_input(tmp_path):
+    """save_final: a crash (a bug) still saves the last state, a user error leaves the folder as it was."""
+    from common.engines import AtomicCheckpointSaver
+    from common.utils.errors import InvalidInputError
+
+    def run(exc):
+        step = _Step()
+
+        def data():
+            yield torch.randn(2, 4)
+            raise exc
+
+        trainer = StepTrainer("cpu", max_epochs=1, train_data_loader=data(), step=step, epoch_length=2)
+        saver = AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": step.net}, save_final=True, final_filename="final.pt")
+        saver.attach(trainer)
+        with pytest.raises(type(exc)):
+            trainer.run()
+
+    (tmp_path / "final.pt").write_bytes(b"previous run")
+    run(InvalidInputError("case 'x.nii.gz' holds NaN"))
+    assert (tmp_path / "final.pt").read_bytes() == b"previous run"
+    run(KeyError("a bug"))
+    assert (tmp_path / "final.pt").read_bytes() != b"previous run"
+    assert "weight" in torch.load(tmp_path / "final.pt", weights_only=True)  # one object: saved as its bare state dict
