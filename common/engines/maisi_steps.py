@@ -22,11 +22,19 @@ NV-Generate-CTMR (``maisi_train_vae_tutorial``, ``diff_model_train.py``, ``train
       residuals = ControlNet(x_t, t, binarize_labels(label), modality)
       L = mean(|UNet(x_t, t, spacing x 100, modality, residuals) - target| * w),
       w = weighted_loss (100) on latent voxels whose (nearest-downsampled) label is in weighted_loss_label, else 1
+
+  plus the MAISI-v2 region-specific contrastive term (arXiv 2508.05772; off when its weight is 0)::
+
+      out_free = UNet(..., ControlNet(x_t, t, binarize_labels(remove_roi(label)), modality))   (same x_t, t)
+      ROI  = voxels whose label remove_roi changes (image resolution), bg = 1 - dilate(ROI, 3)
+      fg   = max(-mean_{ROI, channels} |out - out_free|, -delta)              (delta = 2)
+      bg   = mean_{bg, channels} |out_free - target|
+      L   += w_c (fg + bg)                                                     (w_c = 0.01)
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -35,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.losses.adversarial_loss import PatchAdversarialLoss
 from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
+from monai.transforms.utils_morphological_ops import dilate
 
 from common.engines.trainers import TrainingStep, autocast, engine_device, freeze, optimizer_step, unwrap
 from common.networks.discriminators import disc_logits
@@ -45,6 +54,10 @@ __all__ = [
     "kl_loss",
     "label_weight_map",
     "weighted_l1",
+    "DEFAULT_ROI_REPLACEMENT",
+    "remove_roi",
+    "region_contrastive_masks",
+    "region_contrastive_loss",
     "freeze",
     "MaisiVAEStep",
     "MaisiDiffusionStep",
@@ -90,6 +103,99 @@ def label_weight_map(label: torch.Tensor, latent_shape: Sequence[int], labels: S
 def weighted_l1(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``mean(|pred - target| * w)``; ``w`` (N, 1, ...) applies to every channel."""
     return (torch.abs(pred.float() - target.float()) * weights).mean()
+
+
+#: ROI removal of the region-specific contrastive loss, after ``remove_tumors`` of NV-Generate-CTMR
+#: (``scripts/augmentation.py``, called by ``remove_roi`` in ``scripts/train_controlnet.py``): every ROI label id is
+#: replaced by its host organ, not by background: hepatic tumor 26 -> liver 1, pancreatic tumor 24 -> pancreas 4,
+#: colon cancer primaries 27 -> colon 62; lung tumor 23 -> the lung lobe (28-32) that is most frequent in the
+#: one-voxel ring around the tumour (a sequence = such a majority vote). Bone lesion 128 is left unchanged there
+#: (it is replaced only when pseudo labels are given), so it is no ROI by default.
+DEFAULT_ROI_REPLACEMENT: dict[int, int | tuple[int, ...]] = {26: 1, 24: 4, 27: 62, 23: (28, 29, 30, 31, 32)}
+
+
+def _majority_around(label: torch.Tensor, roi: torch.Tensor, candidates: Sequence[int]) -> int:
+    """Most frequent of ``candidates`` in the 3x3x3 ring around ``roi`` (one sample, (1, X, Y, Z)); ties -> the
+    smallest id. Empty ring: the most frequent candidate in the whole label, else the first candidate."""
+    cand = torch.as_tensor(list(candidates), device=label.device, dtype=torch.long)
+    ring = F.max_pool3d(roi[None].float(), kernel_size=3, stride=1, padding=1)[0].bool() & ~roi
+    votes = label[ring & torch.isin(label, cand)]
+    if votes.numel() == 0:
+        votes = label[torch.isin(label, cand)]
+    if votes.numel() == 0:
+        return int(cand[0])
+    counts = torch.stack([(votes == c).sum() for c in cand])
+    return int(cand[int(torch.argmax(counts))])  # argmax returns the first maximum: smallest id among ties (sorted)
+
+
+def remove_roi(label: torch.Tensor, replacement: Mapping[Any, Any] | None = None) -> torch.Tensor:
+    """The label map with every ROI label replaced, per sample (the "ROI-free" condition of the contrastive loss).
+
+    Args:
+        label: integer label map (N, 1, X, Y, Z).
+        replacement: ``{roi_id: new_id}`` or ``{roi_id: [candidate ids]}`` (majority vote of the candidates in the
+            one-voxel ring around that ROI); keys may be strings (JSON). Default :data:`DEFAULT_ROI_REPLACEMENT`.
+            Direct replacements are applied first, majority votes on their result.
+
+    Returns:
+        a new long tensor of the same shape; voxels whose value changed form the ROI.
+    """
+    table = DEFAULT_ROI_REPLACEMENT if replacement is None else replacement
+    direct = {int(k): int(v) for k, v in table.items() if not isinstance(v, (list, tuple))}
+    voted = {int(k): [int(i) for i in v] for k, v in table.items() if isinstance(v, (list, tuple))}
+    lab = torch.as_tensor(label).long()
+    out = lab.clone()
+    for old, new in direct.items():
+        out[lab == old] = new
+    for n in range(out.shape[0]):
+        for old, candidates in voted.items():
+            roi = out[n] == old
+            if bool(roi.any()):
+                out[n][roi] = _majority_around(out[n], roi, sorted(candidates))
+    return out
+
+
+def region_contrastive_masks(
+    label: torch.Tensor, label_roi_free: torch.Tensor, latent_shape: Sequence[int], dilation: int = 3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ROI and background masks of the contrastive loss at latent size, (N, 1, x, y, z) float in {0, 1}.
+
+    As in NV-Generate-CTMR ``train_controlnet.py``: ROI = voxels where ``remove_roi`` changed the label, background
+    = 1 - ``monai.transforms.utils_morphological_ops.dilate(ROI, filter_size=3)`` (zero padding); both computed at
+    the label's (image) resolution, then nearest-downsampled to the latent size.
+    """
+    roi = (torch.as_tensor(label).long() != torch.as_tensor(label_roi_free).long()).float()
+    bg = 1.0 - (dilate(roi, filter_size=int(dilation)) > 0).float() if dilation > 1 else 1.0 - roi
+    size = tuple(int(s) for s in latent_shape)
+    return F.interpolate(roi, size=size, mode="nearest"), F.interpolate(bg, size=size, mode="nearest")
+
+
+def region_contrastive_loss(
+    pred: torch.Tensor,
+    pred_roi_free: torch.Tensor,
+    target: torch.Tensor,
+    roi: torch.Tensor,
+    background: torch.Tensor,
+    margin: float = 2.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MAISI-v2 region-specific contrastive terms ``(fg, bg)`` (``compute_region_contrasive_loss`` of NV-Generate-CTMR).
+
+    ``fg = max(-mean_{ROI} |pred - pred_roi_free|, -margin)``: rewards outputs that change inside the ROI when the
+    ROI label is removed, bounded by ``margin`` (delta = 2). ``bg = mean_{background} |pred_roi_free - target|``:
+    the ROI-free output must still fit the target outside the dilated ROI. Means run over masked voxels and all
+    channels; an empty mask gives 0 (the official code divides by ``count + 1e-5``).
+
+    Args:
+        pred, pred_roi_free, target: (N, C, x, y, z).
+        roi, background: (N, 1, x, y, z) masks at latent size (:func:`region_contrastive_masks`).
+    """
+    c = pred.shape[1]
+    roi, background = roi.to(pred.device).float(), background.to(pred.device).float()
+    diff = torch.abs(pred.float() - pred_roi_free.float())
+    fg = -(diff * roi).sum() / torch.clamp(roi.sum() * c, min=1.0)
+    fg = torch.clamp(fg, min=-float(margin)) + 0.0  # + 0.0: an empty ROI logs 0, not -0
+    bg = (torch.abs(pred_roi_free.float() - target.float()) * background).sum() / torch.clamp(background.sum() * c, min=1.0)
+    return fg, bg
 
 
 class MaisiVAEStep(TrainingStep):
@@ -299,8 +405,21 @@ class MaisiControlNetStep(_LatentDiffusionBase):
         weighted_loss: weight on the voxels of ``weighted_loss_label`` (100 officially).
         weighted_loss_label: label ids to emphasise (template [129]; rflow-ct [23]).
         label_key: batch key of the label map at image resolution (N, 1, 4x, 4y, 4z).
+        contrastive_loss_weight: weight ``w_c`` of the MAISI-v2 region-specific contrastive term (0 = off, the loss
+            is then exactly the weighted L1). NV-Generate-CTMR's rflow-ct ControlNet config turns it on with
+            ``region_contrasive_loss_weight`` 0.01 and ``region_contrasive_loss_delta`` 2; ddpm-ct / rflow-mr leave it off.
+        contrastive_margin: ``delta``, the bound of the foreground term (``fg >= -delta``).
+        contrastive_dilation: odd filter size of the ROI dilation that defines the background (3 officially, at
+            the label's image resolution; 1 = no dilation).
+        contrastive_roi_replacement: how :func:`remove_roi` builds the ROI-free label (default: tumours -> their
+            host organ, :data:`DEFAULT_ROI_REPLACEMENT`).
 
-    Returns ``{"loss", "loss_weighted_l1"}``.
+    The second (ROI-free) forward runs only when a sample of the batch has an ROI: without one, ``out_free``
+    would equal ``out`` exactly, so ``fg`` = 0 and ``bg`` = the unweighted L1 over all voxels, taken from the first
+    forward (same value and gradient as the official double forward, half the cost).
+
+    Returns ``{"loss", "loss_weighted_l1"}``, plus ``"loss_contrastive_fg"``, ``"loss_contrastive_bg"`` (unweighted
+    terms) and ``"contrastive_roi_voxels"`` (ROI size at latent resolution) when the contrastive term is on.
     """
 
     def __init__(
@@ -313,6 +432,10 @@ class MaisiControlNetStep(_LatentDiffusionBase):
         weighted_loss: float = 100.0,
         weighted_loss_label: Sequence[int] = (129,),
         label_key: str = "label",
+        contrastive_loss_weight: float = 0.0,
+        contrastive_margin: float = 2.0,
+        contrastive_dilation: int = 3,
+        contrastive_roi_replacement: Mapping[Any, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(unet, noise_scheduler, scale_factor, **kwargs)
@@ -321,7 +444,22 @@ class MaisiControlNetStep(_LatentDiffusionBase):
         self.weighted_loss = float(weighted_loss)
         self.weighted_loss_label = [int(i) for i in weighted_loss_label]
         self.label_key = label_key
+        if contrastive_loss_weight < 0 or contrastive_margin < 0:
+            raise ValueError("contrastive_loss_weight and contrastive_margin must be >= 0")
+        if int(contrastive_dilation) < 1 or int(contrastive_dilation) % 2 == 0:
+            raise ValueError(f"contrastive_dilation must be an odd filter size >= 1, got {contrastive_dilation}")
+        self.contrastive_loss_weight = float(contrastive_loss_weight)
+        self.contrastive_margin = float(contrastive_margin)
+        self.contrastive_dilation = int(contrastive_dilation)
+        self.contrastive_roi_replacement = contrastive_roi_replacement
         freeze(unet)
+
+    def _predict(self, x_t, t, cond, cls, batch, device, n):
+        down, mid = self.controlnet(x=x_t, timesteps=t, controlnet_cond=cond, **cls)
+        return self.unet(
+            x=x_t, timesteps=t, down_block_additional_residuals=down, mid_block_additional_residual=mid,
+            **cls, **self.conditions(batch, device, n),
+        )
 
     def __call__(self, engine: Any, batch: Any) -> dict[str, Any]:
         device = engine_device(engine)
@@ -337,12 +475,18 @@ class MaisiControlNetStep(_LatentDiffusionBase):
         labels = self.class_labels(batch, device, n)
         cls = {"class_labels": labels} if labels is not None else {}
         weights = label_weight_map(label, x_t.shape[2:], self.weighted_loss_label, self.weighted_loss)
+        out: dict[str, Any] = {}
         with autocast(engine):
-            down, mid = self.controlnet(x=x_t, timesteps=t, controlnet_cond=cond, **cls)
-            pred = self.unet(
-                x=x_t, timesteps=t, down_block_additional_residuals=down, mid_block_additional_residual=mid,
-                **cls, **self.conditions(batch, device, n),
-            )
-            loss = weighted_l1(pred, target, weights)
+            pred = self._predict(x_t, t, cond, cls, batch, device, n)
+            loss_l1 = weighted_l1(pred, target, weights)
+            loss = loss_l1
+            if self.contrastive_loss_weight > 0:
+                label_free = remove_roi(label, self.contrastive_roi_replacement)
+                roi, bg = region_contrastive_masks(label, label_free, x_t.shape[2:], self.contrastive_dilation)
+                has_roi = bool(torch.any(label_free != label.long()))
+                pred_free = self._predict(x_t, t, binarize_labels(label_free), cls, batch, device, n) if has_roi else pred
+                fg_term, bg_term = region_contrastive_loss(pred, pred_free, target, roi, bg, self.contrastive_margin)
+                loss = loss_l1 + self.contrastive_loss_weight * (fg_term + bg_term)
+                out = {"loss_contrastive_fg": fg_term, "loss_contrastive_bg": bg_term, "contrastive_roi_voxels": roi.sum()}
         optimizer_step(engine, loss, self.optimizer)
-        return self.detach({"loss": loss, "loss_weighted_l1": loss})
+        return self.detach({"loss": loss, "loss_weighted_l1": loss_l1, **out})

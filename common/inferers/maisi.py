@@ -26,6 +26,7 @@ from monai.utils import optional_import
 
 from common.networks.maisi import clamp_num_splits, load_pretrained, read_scale_factor, set_num_splits
 from common.transforms.maisi import MAISI_LABELS, apply_body_mask, binarize_labels, latent_image_to_hu, quality_check
+from common.utils.errors import InvalidInputError
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 
@@ -60,46 +61,46 @@ def check_input(
     size = [int(s) for s in output_size]
     spc = [float(s) for s in spacing]
     if len(size) != 3 or len(spc) != 3:
-        raise ValueError(f"output_size and spacing need three values each, got {size} and {spc}")
+        raise InvalidInputError(f"output_size and spacing need three values each, got {size} and {spc}")
     if any(s <= 0 or s % 32 for s in size):
-        raise ValueError(f"every output_size value must be a positive multiple of 32, got {size}")
+        raise InvalidInputError(f"every output_size value must be a positive multiple of 32, got {size}")
     if any(s <= 0 for s in spc):
-        raise ValueError(f"spacing must be positive, got {spc}")
+        raise InvalidInputError(f"spacing must be positive, got {spc}")
     if strict:
         if size[0] != size[1]:
-            raise ValueError(f"output_size[0] and output_size[1] must be equal, got {size}")
+            raise InvalidInputError(f"output_size[0] and output_size[1] must be equal, got {size}")
         if size[0] not in _XY_SIZES or size[2] not in _Z_SIZES:
-            raise ValueError(
+            raise InvalidInputError(
                 f"output_size {size} is not supported by the official weights: x = y in {_XY_SIZES}, z in {_Z_SIZES} "
                 "(set strict_input_check to false for a custom-trained model)"
             )
         if not (0.5 <= spc[0] <= 3.0 and 0.5 <= spc[1] <= 3.0 and 0.5 <= spc[2] <= 5.0):
-            raise ValueError(f"spacing {spc} mm is outside [0.5, 3.0] (x, y) / [0.5, 5.0] (z) of the official weights")
+            raise InvalidInputError(f"spacing {spc} mm is outside [0.5, 3.0] (x, y) / [0.5, 5.0] (z) of the official weights")
         fov = [size[i] * spc[i] for i in range(2)]
         if min(fov) < 256:
-            raise ValueError(f"field of view {fov} mm is below 256 mm in x/y; increase output_size or spacing")
+            raise InvalidInputError(f"field of view {fov} mm is below 256 mm in x/y; increase output_size or spacing")
     anatomy = list(anatomy_list or [])
     unknown = [a for a in anatomy if a not in label_dict]
     if unknown:
-        raise ValueError(f"unknown anatomy {unknown}; names must be keys of the MAISI label dictionary")
+        raise InvalidInputError(f"anatomy_list has unknown anatomy {unknown}; names must be keys of the MAISI label dictionary (configs/label_dict.json)")
     sizes = list(controllable_anatomy_size or [])
     names = [str(item[0]) for item in sizes]
     if len(names) > 10:
-        raise ValueError(f"at most 10 controllable anatomies, got {len(names)}")
+        raise InvalidInputError(f"at most 10 controllable anatomies, got {len(names)}")
     if len(set(names)) != len(names):
-        raise ValueError(f"controllable_anatomy_size repeats an anatomy: {names}")
+        raise InvalidInputError(f"controllable_anatomy_size repeats an anatomy: {names}")
     bad = [n for n in names if n not in _CONTROLLABLE + _TUMORS]
     if bad:
-        raise ValueError(f"{bad} cannot be size-controlled; choose from {_CONTROLLABLE + _TUMORS}")
+        raise InvalidInputError(f"{bad} cannot be size-controlled; choose from {_CONTROLLABLE + _TUMORS}")
     tumors = {n for n in names + anatomy if n in _TUMORS}
     if len(tumors) > 1:
-        raise ValueError(f"at most one tumour per sample, got {sorted(tumors)}")
+        raise InvalidInputError(f"at most one tumour per sample, got {sorted(tumors)}")
     for name, scale in ((str(i[0]), float(i[1])) for i in sizes):
         if not (0.0 <= scale <= 1.0 or scale == -1.0):
-            raise ValueError(f"size of {name!r} must be in [0, 1] or -1, got {scale}")
+            raise InvalidInputError(f"size of {name!r} must be in [0, 1] or -1, got {scale}")
     regions = [r for r in (body_region or []) if r not in _REGIONS]
     if regions:
-        raise ValueError(f"unknown body_region {regions}; choose from {sorted(_REGIONS)}")
+        raise InvalidInputError(f"body_region has unknown region(s) {regions}; choose from {sorted(_REGIONS)}")
 
 
 def body_region_index(region: str | None) -> torch.Tensor | None:
@@ -107,7 +108,7 @@ def body_region_index(region: str | None) -> torch.Tensor | None:
     if region is None:
         return None
     if region not in _REGIONS:
-        raise ValueError(f"unknown body region {region!r}; choose from {sorted(_REGIONS)}")
+        raise InvalidInputError(f"unknown body region {region!r}; choose from {sorted(_REGIONS)}")
     vec = torch.zeros(4)
     vec[_REGIONS[region]] = 100.0  # the official code feeds one-hot x 100 (like spacing x 100)
     return vec
@@ -330,6 +331,10 @@ class MaisiWeightLoader:
         autoencoder_path: str,
         controlnet_path: str | None,
         device: torch.device | str = "cpu",
+        unet_sha256: str | None = None,
+        autoencoder_sha256: str | None = None,
+        controlnet_sha256: str | None = None,
+        large_files: str | None = None,
     ) -> None:
         self.inferer = inferer
         self.unet = unet
@@ -337,6 +342,12 @@ class MaisiWeightLoader:
         self.autoencoder_path = autoencoder_path
         self.controlnet_path = controlnet_path
         self.device = device
+        # expected hashes (config keys diffusion_unet_sha256, ...) and the bundle's large_files.yml: each file is
+        # verified before it is loaded
+        self.unet_sha256 = unet_sha256
+        self.autoencoder_sha256 = autoencoder_sha256
+        self.controlnet_sha256 = controlnet_sha256
+        self.large_files = large_files
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
@@ -344,10 +355,14 @@ class MaisiWeightLoader:
         engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Any = None) -> None:
-        load_pretrained(self.unet, self.unet_path, "unet", self.device)
+        lf = self.large_files
+        load_pretrained(self.unet, self.unet_path, "unet", self.device, sha256=self.unet_sha256, large_files=lf,
+                        sha256_key="diffusion_unet_sha256")
         if self.inferer.controlnet is not None:
-            load_pretrained(self.inferer.controlnet, self.controlnet_path, "controlnet", self.device, init_from=self.unet)
-        load_pretrained(self.inferer.autoencoder, self.autoencoder_path, "autoencoder", self.device)
+            load_pretrained(self.inferer.controlnet, self.controlnet_path, "controlnet", self.device, init_from=self.unet,
+                            sha256=self.controlnet_sha256, large_files=lf, sha256_key="controlnet_sha256")
+        load_pretrained(self.inferer.autoencoder, self.autoencoder_path, "autoencoder", self.device,
+                        sha256=self.autoencoder_sha256, large_files=lf, sha256_key="autoencoder_sha256")
         self.inferer.scale_factor = read_scale_factor(self.unet_path)
 
 

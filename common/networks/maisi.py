@@ -58,6 +58,7 @@ __all__ = [
     "set_num_splits",
     "load_pretrained",
     "read_scale_factor",
+    "verify_checkpoint_hash",
 ]
 
 F, T = False, True
@@ -271,7 +272,17 @@ def load_maisi_checkpoint(
     """
     if kind not in _STATE_KEYS:
         raise ValueError(f"kind must be one of {sorted(_STATE_KEYS)}, got {kind!r}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    from common.utils.errors import InputNotFoundError
+    from common.utils.io import CheckpointError
+
+    if not Path(path).is_file():
+        raise InputNotFoundError(
+            f"checkpoint '{path}' not found: place the official file there (see large_files.yml and docs/README.md)"
+        )
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # pickle errors, truncated archives, foreign formats
+        raise CheckpointError(f"checkpoint '{path}' cannot be read as a PyTorch weights file: {e}") from e
     state = None
     for key in _STATE_KEYS[kind]:
         if isinstance(ckpt, Mapping) and key in ckpt and isinstance(ckpt[key], Mapping):
@@ -281,7 +292,11 @@ def load_maisi_checkpoint(
         if isinstance(ckpt, Mapping) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
             state = dict(ckpt)  # raw state dict (official autoencoder layout)
         else:
-            raise KeyError(f"{path}: no {kind} state dict under {_STATE_KEYS[kind]} and not a raw state dict")
+            found = sorted(str(k) for k in ckpt)[:8] if isinstance(ckpt, Mapping) else type(ckpt).__name__
+            raise CheckpointError(
+                f"checkpoint '{path}' holds no MAISI {kind} state dict (looked for the entries {list(_STATE_KEYS[kind])} "
+                f"or a raw state dict; it has {found}); is it a checkpoint of another bundle or another stage?"
+            )
     scale = ckpt.get("scale_factor") if isinstance(ckpt, Mapping) else None
     if isinstance(scale, Mapping):  # this collection's trainer checkpoint: ScaleFactor module state
         scale = scale.get("value")
@@ -311,28 +326,92 @@ def set_num_splits(autoencoder: torch.nn.Module, num_splits: int) -> torch.nn.Mo
     return autoencoder
 
 
+def _large_file_entry(path: str | Path, large_files: str | Path | None) -> dict[str, Any] | None:
+    """The ``large_files.yml`` entry whose path (relative to the YAML's folder, the bundle root) is ``path``."""
+    if not large_files or not Path(large_files).is_file():
+        return None
+    import yaml
+
+    target = Path(path).resolve()
+    entries = (yaml.safe_load(Path(large_files).read_text()) or {}).get("large_files", []) or []
+    for entry in entries:
+        if entry.get("path") and (Path(large_files).parent / entry["path"]).resolve() == target:
+            return dict(entry)
+    return None
+
+
+def verify_checkpoint_hash(
+    path: str | Path, sha256: str | None = None, large_files: str | Path | None = None, key: str | None = None
+) -> None:
+    """Check a file before it is used: against ``sha256`` (a config key, named ``key`` in the error) and, when the
+    file is the one a ``large_files.yml`` entry downloads (same path under the bundle root), against that entry's
+    ``hash_val`` (md5 or sha256). Raises ``HashMismatchError`` naming the file and where the expected hash came from.
+    """
+    import hashlib
+
+    from common.data.fetch import HashMismatchError
+
+    def digest(kind: str) -> str:
+        h = hashlib.new(kind)
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    if sha256:
+        got = digest("sha256")
+        if got.lower() != str(sha256).lower():
+            where = f"config key '{key}'" if key else "the expected sha256"
+            raise HashMismatchError(f"checkpoint '{path}' has sha256 {got}, expected {sha256} ({where}); "
+                                    "the file is damaged or not the intended one")
+    entry = _large_file_entry(path, large_files)
+    if entry and entry.get("hash_val") not in (None, ""):
+        kind = str(entry.get("hash_type", "md5")).lower()
+        expected = entry["hash_val"]
+        if isinstance(expected, int):  # YAML reads an all-digit hex digest as a number: restore its zeros
+            expected = str(expected).zfill(hashlib.new(kind).digest_size * 2)
+        got = digest(kind)
+        if got.lower() != str(expected).lower():
+            raise HashMismatchError(
+                f"checkpoint '{path}' has {kind} {got}, expected {expected} (large_files.yml entry "
+                f"'{entry['path']}'); the download is incomplete or damaged: download it again"
+            )
+
+
 def load_pretrained(
     net: torch.nn.Module,
     path: str | Path | None,
     kind: str,
     device: torch.device | str = "cpu",
     init_from: torch.nn.Module | None = None,
+    sha256: str | None = None,
+    large_files: str | Path | None = None,
+    sha256_key: str | None = None,
 ) -> torch.nn.Module:
     """Load a checkpoint strictly into ``net`` (``weights_only=True``) and return it on ``device`` in eval mode.
 
     ``init_from`` (ControlNet): copy that UNet's matching weights first, then load the ControlNet checkpoint,
     the official order. ``path=None`` keeps the (copied or random) initial weights. A missing file raises
     ``FileNotFoundError`` naming the file, so a user sees which official checkpoint to place in ``models/``.
+    The file is first checked against ``sha256`` and its ``large_files.yml`` entry (:func:`verify_checkpoint_hash`),
+    and its keys and shapes against ``net`` before any weight is replaced: a checkpoint of another bundle or
+    configuration raises ``CheckpointError`` naming the file and the mismatching keys.
     """
+    if path is not None:
+        if not Path(path).is_file():
+            from common.utils.errors import InputNotFoundError
+
+            raise InputNotFoundError(
+                f"checkpoint '{path}' not found: place the official file there (see large_files.yml and docs/README.md)"
+            )
+        verify_checkpoint_hash(path, sha256, large_files, sha256_key)
+        state, _ = load_maisi_checkpoint(path, kind, map_location="cpu")
     if init_from is not None:
         init_controlnet_from_unet(net, init_from)
     if path is not None:
-        if not Path(path).is_file():
-            raise FileNotFoundError(
-                f"checkpoint {path} not found: place the official file there (see large_files.yml and docs/README.md)"
-            )
-        state, _ = load_maisi_checkpoint(path, kind, map_location="cpu")
-        net.load_state_dict(state, strict=True)
+        from common.utils.io import load_state_into
+
+        load_state_into(net, state, source=f"{kind} checkpoint '{path}'")
     return net.to(device).eval()
 
 
@@ -341,6 +420,8 @@ def read_scale_factor(path: str | Path, default: float | None = None) -> float:
     _, scale = load_maisi_checkpoint(path, "unet")
     if scale is None:
         if default is None:
-            raise KeyError(f"{path} holds no scale_factor")
+            from common.utils.io import CheckpointError
+
+            raise CheckpointError(f"diffusion checkpoint '{path}' holds no scale_factor (the latent scale of its training)")
         return float(default)
     return float(scale)

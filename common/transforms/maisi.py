@@ -6,6 +6,8 @@ quality-check table ``image_median_statistics.json`` (MONAI tutorials ``generati
 The TotalSegmentator -> MAISI map is name-based (ours): TotalSegmentator v2 names (``kidney_left``,
 ``rib_left_1``, ``vertebrae_L5``) are rewritten to MAISI names (``left kidney``, ``left rib 1``,
 ``vertebrae L5``); structures MAISI does not list map to 0.
+:func:`post_process_generated_mask` cleans masks from the mask-generation model (official
+``general_mask_generation_post_process``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,14 @@ __all__ = [
     "MapToMaisiLabeld",
     "FilterLabelsd",
     "CropAroundLabelsd",
+    "GENERATED_TUMOR_HOSTS",
+    "GENERATED_ORGANS",
+    "GENERATED_SPINE",
+    "GENERATED_INTESTINE",
+    "largest_component",
+    "dilate_mask",
+    "close_mask",
+    "post_process_generated_mask",
 ]
 
 _FIRST_NAMES = (
@@ -252,3 +262,190 @@ class CropAroundLabelsd(MapTransform):
                 lab = SpatialCrop(roi_center=centre, roi_size=self.spatial_size)(lab)
             d[key] = ResizeWithPadOrCrop(self.spatial_size, mode="constant")(lab)
         return d
+
+
+# --- post-processing of generated masks -------------------------------------------------------------------------
+# Facts from the official MAISI code (``general_mask_generation_post_process`` in ``scripts/utils.py`` of
+# NVIDIA-Medtech/NV-Generate-CTMR, same in Project-MONAI/tutorials generation/maisi and the model-zoo bundle
+# ``maisi_ct_generative``); the implementation here is ours (vectorised, cropped to bounding boxes, CPU).
+
+#: tumour label -> label it becomes when that tumour was not requested (lung tumour -> left lung upper lobe,
+#: pancreatic tumour -> pancreas, hepatic tumour -> liver, colon cancer primaries -> colon, bone lesion -> body)
+GENERATED_TUMOR_HOSTS: dict[int, int] = {23: 28, 24: 4, 26: 1, 27: 62, 128: BODY_LABEL}
+#: organs reduced to their largest connected component and then closed, in the official order (liver,
+#: pancreas, gallbladder, stomach, spleen, 5 lung lobes, kidneys, duodenum, aorta, IVC, adrenal glands;
+#: the official list names the gallbladder (10) twice, so it is closed twice)
+GENERATED_ORGANS: tuple[int, ...] = (1, 4, 10, 12, 3, 28, 29, 30, 31, 32, 5, 14, 13, 6, 7, 8, 9, 10)
+#: vertebrae L5..C1, trachea and iliac arteries: treated like the organs unless a bone lesion is requested
+GENERATED_SPINE: tuple[int, ...] = tuple(range(33, 60))
+#: stomach, duodenum, small bowel, colon: one connected intestinal tract
+GENERATED_INTESTINE: tuple[int, ...] = (12, 13, 19, 62)
+_LUNG_LOBES = (28, 29, 30, 31, 32)
+_CUBE = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity and the 3x3x3 morphology kernel of the official code
+
+
+def _bbox(mask: np.ndarray, margin: int) -> tuple[slice, ...] | None:
+    """Bounding box of ``mask`` grown by ``margin`` voxels (clipped to the volume); ``None`` when empty."""
+    if not mask.any():
+        return None
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + 1 + margin, mask.shape[axis])))
+    return tuple(box)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of a binary mask (all False when the mask is empty)."""
+    mask = np.asarray(mask, dtype=bool)
+    out = np.zeros_like(mask)
+    box = _bbox(mask, 0)
+    if box is None:
+        return out
+    lab, n = ndimage.label(mask[box], structure=_CUBE)
+    if n <= 1:
+        out[box] = lab > 0
+        return out
+    sizes = np.bincount(lab.reshape(-1))[1:]
+    out[box] = lab == int(np.argmax(sizes)) + 1
+    return out
+
+
+def dilate_mask(mask: np.ndarray, times: int = 1) -> np.ndarray:
+    """Binary dilation with a 3x3x3 cube, ``times`` times (zero padding)."""
+    return ndimage.binary_dilation(np.asarray(mask, dtype=bool), structure=_CUBE, iterations=int(times))
+
+
+def close_mask(mask: np.ndarray, times: int = 2) -> np.ndarray:
+    """``times`` rounds of (dilate, erode) with a 3x3x3 cube, zero padding for both (official ``organ_fill_by_closing``).
+
+    Computed on the bounding box grown by ``times + 1`` voxels, which gives exactly the whole-volume result.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    out = np.zeros_like(mask)
+    box = _bbox(mask, int(times) + 1)
+    if box is None:
+        return out
+    sub = mask[box]
+    for _ in range(int(times)):
+        sub = ndimage.binary_dilation(sub, structure=_CUBE)
+        sub = ndimage.binary_erosion(sub, structure=_CUBE, border_value=0)
+    out[box] = sub
+    return out
+
+
+def _keep_largest(label: np.ndarray, ids: Sequence[int], fill: int) -> np.ndarray:
+    """Set every voxel of each label in ``ids`` outside that label's largest component to ``fill``."""
+    out = label.copy()
+    for i in dict.fromkeys(int(i) for i in ids):
+        m = label == i
+        out[m & ~largest_component(m)] = fill
+    return out
+
+
+def _grow_into(label: np.ndarray, target: int, region: np.ndarray) -> np.ndarray:
+    """Voxels of ``region`` within three dilations of ``target`` (official ``organ_fill_by_removed_mask``)."""
+    return dilate_mask(label == target, times=3) & np.asarray(region, dtype=bool)
+
+
+def post_process_generated_mask(label: np.ndarray, target_tumor_label: int | None = None) -> np.ndarray:
+    """Clean a mask decoded by the mask-generation VAE (MAISI ids, body 200), as the official pipeline does.
+
+    Steps (official ``general_mask_generation_post_process``):
+
+    1. body: foreground (> 0) eroded once, largest component, dilated once; everything outside becomes 0.
+    2. tumours: tumours other than ``target_tumor_label`` become their host (:data:`GENERATED_TUMOR_HOSTS`);
+       the requested tumour is closed (2 rounds) twice and, except hepatic tumour and bone lesion, reduced to
+       its largest component (the rest -> body).
+    3. organs (:data:`GENERATED_ORGANS`, plus :data:`GENERATED_SPINE` unless a bone lesion is requested): only
+       the largest component survives (the rest -> body); small bowel and colon outside the largest connected
+       intestinal tract (:data:`GENERATED_INTESTINE`) -> body; then every organ is closed (2 rounds).
+    4. tumour-specific refilling: lung tumour (the lung lobe that surrounds it regrows into the removed ring,
+       the tumour regrows into removed organ voxels next to it, lobes closed 3 times), hepatic tumour (liver
+       regrows into removed intestine, spleen into removed organ voxels, tumour into removed organ voxels
+       nearby, liver/hepatic vessel/tumour complex reduced to its largest component, liver closed 3 times),
+       colon cancer primaries (tumour regrows into removed organ voxels nearby).
+    5. hepatic vessel (25) of the decoded mask becomes liver (the size model does not control it), the
+       decoded airway (132) is restored, and the requested tumour voxels of step 2 are restored.
+
+    Deviation (ours): in step 4 the official code selects the liver/vessel/tumour complex with
+    ``(liver) + (vessel) + (tumour) > 1``, which is never true for one label per voxel, so there the step
+    removes nothing and the hepatic tumour is not restored in step 5; we use ``> 0`` (the evident intent).
+
+    Args:
+        label: decoded label map (X, Y, Z), MAISI ids after the 124 -> 132 remap.
+        target_tumor_label: the requested tumour (23, 24, 26, 27 or 128) or ``None``.
+
+    Returns:
+        uint8 label map of the same shape.
+    """
+    vol = np.asarray(label).astype(np.int32)
+    if vol.ndim != 3:
+        raise ValueError(f"expected a 3D label map (X, Y, Z), got shape {vol.shape}")
+    tumor = None if target_tumor_label is None else int(target_tumor_label)
+    if tumor is not None and tumor not in GENERATED_TUMOR_HOSTS:
+        raise ValueError(f"target_tumor_label must be one of {sorted(GENERATED_TUMOR_HOSTS)} or None, got {tumor}")
+    hepatic_vessel, airway = vol == 25, vol == 132
+
+    # 1. body
+    body = ndimage.binary_erosion(vol > 0, structure=_CUBE, border_value=0)
+    body = dilate_mask(largest_component(body))
+    vol = vol * body
+
+    # 2. tumours
+    for t, host in GENERATED_TUMOR_HOSTS.items():
+        if t != tumor:
+            vol[vol == t] = host
+        else:
+            for _ in range(2):
+                vol[close_mask(vol == t)] = t
+    if tumor is not None and tumor not in (26, 128):
+        vol = _keep_largest(vol, [tumor], BODY_LABEL)
+    tumor_mask = (vol == tumor) if tumor is not None else np.zeros(vol.shape, dtype=bool)
+
+    # 3. organs
+    organs = GENERATED_ORGANS + (GENERATED_SPINE if tumor != 128 else ())
+    data = _keep_largest(vol, organs, BODY_LABEL)
+    organ_removed = data != vol
+    tract = largest_component(np.isin(data, GENERATED_INTESTINE))
+    intestine_removed = np.isin(data, (19, 62)) & ~tract
+    data[intestine_removed] = BODY_LABEL
+    for organ in organs:
+        data[close_mask(data == organ)] = organ
+
+    # 4. tumour-specific refilling
+    if tumor == 23 and tumor_mask.any():
+        ring = dilate_mask(data == 23)
+        around = data[ring & (data != 23) & (data != 0)]
+        if around.size:
+            values, counts = np.unique(around, return_counts=True)
+            lobe = int(values[np.argmax(counts)])  # most frequent neighbour (smallest id on ties)
+            if lobe in _LUNG_LOBES:
+                ring = dilate_mask(ring)
+                data[_grow_into(data, lobe, ring & (data != 23))] = lobe
+        ring = dilate_mask(ring)
+        data[_grow_into(data, 23, ring & organ_removed)] = 23
+        for lobe in _LUNG_LOBES:
+            for _ in range(3):
+                data[close_mask(data == lobe)] = lobe
+    if tumor == 26 and tumor_mask.any():
+        for _ in range(2):
+            data[_grow_into(data, 1, intestine_removed)] = 1
+        for _ in range(2):
+            data[_grow_into(data, 3, organ_removed)] = 3
+        data[_grow_into(data, 26, dilate_mask(data == 26, times=2) & organ_removed)] = 26
+        complex_ = np.isin(data, (1, 25, 26))
+        kept = largest_component(complex_)
+        data[complex_ & ~kept] = BODY_LABEL
+        tumor_mask &= kept
+        for _ in range(3):
+            data[close_mask(data == 1)] = 1
+    if tumor == 27 and tumor_mask.any():
+        data[_grow_into(data, 27, dilate_mask(data == 27, times=2) & organ_removed)] = 27
+
+    # 5. restore
+    data[hepatic_vessel] = 1
+    data[airway] = 132
+    if tumor is not None:
+        data[tumor_mask] = tumor
+    return data.astype(np.uint8)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,9 +22,12 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.data import load_decathlon_datalist
-from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Resized, ScaleIntensityRanged, Spacingd
+from monai.transforms import Compose, EnsureChannelFirstd, Orientationd, Resized, ScaleIntensityRanged, Spacingd
 
 from common.transforms.maisi import BODY_LABEL, to_maisi_label, totalsegmentator_to_maisi_lut
+from common.transforms.validation import CheckedLoadImaged, ValidateImaged, ValidateLabeld
+from common.utils.errors import InputNotFoundError, InvalidInputError
+from common.utils.io import atomic_write, check_writable_dir
 
 __all__ = ["target_dims", "precompute_latents", "region_one_hot", "load_datalist"]
 
@@ -63,6 +68,7 @@ def precompute_latents(
     body_region: Sequence[str] = ("abdomen", "abdomen"),
     target_spacing: Sequence[float] | None = None,
     overwrite: bool = False,
+    max_abs_hu: float | None = 1e5,
 ) -> str:
     """Encode every image of ``datalist`` and write the latent datalist; returns its path.
 
@@ -70,24 +76,61 @@ def precompute_latents(
     maps labels to MAISI ids by name (+ body 200 from the CT); ``None`` skips labels. ``target_spacing``
     resamples every image to that spacing first (the official "fixed" spacing option; ``None`` keeps the
     original spacing). Existing outputs are reused unless ``overwrite``.
+
+    Every CT is checked (3D, finite, not constant, ``|HU| <= max_abs_hu``: larger values mean a wrong scaling)
+    and every label map (3D, same grid as its CT, values among the ids of ``label_names``). The outputs are
+    written to a hidden folder in ``out_dir`` and moved into place only when every image is done, so a
+    failure leaves no partial latents.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_writable_dir(out_dir, "output folder (config key 'latent_dir')")
     result = out / "datalist_latents.json"
     if result.is_file() and not overwrite:
         return str(result)
+    if not Path(datalist).is_file():
+        raise InputNotFoundError(f"datalist '{datalist}' (config key 'datalist') does not exist")
     base = os.path.dirname(os.path.abspath(datalist))
     lut = None if label_names is None else totalsegmentator_to_maisi_lut({int(k): v for k, v in label_names.items()})
     keys = ["image", "label"] if lut is not None else ["image"]
-    load = Compose([LoadImaged(keys, image_only=True), EnsureChannelFirstd(keys), Orientationd(keys, axcodes="RAS")])
+    checks = [ValidateImaged("image", spatial_dims=3, channels=1, max_abs=max_abs_hu)]
+    if lut is not None:
+        classes = sorted({0} | {int(k) for k in label_names})
+        checks += [ValidateImaged("label", spatial_dims=3, channels=1, reject_constant=False),
+                   ValidateLabeld("label", num_classes=classes)]
+    load = Compose([CheckedLoadImaged(keys, image_only=True), EnsureChannelFirstd(keys), *checks,
+                    Orientationd(keys, axcodes="RAS")])
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".latents.", dir=out))
+    try:
+        lists = _encode_all(autoencoder, datalist, base, sections, keys, load, lut, size_multiple, modality, body_region,
+                            target_spacing, device, tmp_dir)
+        for f in sorted(tmp_dir.iterdir()):
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    with atomic_write(result, "w") as fh:
+        fh.write(json.dumps(lists, indent=1))
+    return str(result)
+
+
+@torch.no_grad()
+def _encode_all(autoencoder, datalist, base, sections, keys, load, lut, size_multiple, modality, body_region,
+                target_spacing, device, out: Path) -> dict[str, list[dict[str, Any]]]:
+    """Encode every entry of ``sections`` into ``out``; returns the latent datalist sections."""
     scale = ScaleIntensityRanged("image", a_min=-1000, a_max=1000, b_min=0.0, b_max=1.0, clip=True)
     autoencoder.eval()
     lists: dict[str, list[dict[str, Any]]] = {}
     for section in sections:
         entries = []
-        for i, item in enumerate(load_decathlon_datalist(datalist, True, section, base)):
+        for i, item in enumerate(load_datalist(datalist, section, base, required=True)):
+            missing = [k for k in keys if k not in item]
+            if missing:
+                raise InvalidInputError(f"datalist '{datalist}' section '{section}' entry {i} has no {missing}")
             d = load({k: item[k] for k in keys})
             if lut is not None:
+                if tuple(d["image"].shape[1:]) != tuple(d["label"].shape[1:]):
+                    raise InvalidInputError(
+                        f"label '{item['label']}' has spatial shape {tuple(d['label'].shape[1:])} but its image "
+                        f"'{item['image']}' has {tuple(d['image'].shape[1:])}; expected the same grid"
+                    )
                 # MAISI ids by name, body (200) from the CT in HU, on the native grid before resizing
                 mapped = to_maisi_label(d["label"][0].numpy(), lut, d["image"][0].numpy())
                 d["label"] = d["label"].clone().to(torch.uint8)
@@ -122,23 +165,32 @@ def precompute_latents(
             if lut is not None:
                 lab = np.asarray(d["label"][0]).astype(np.uint8)
                 if BODY_LABEL not in np.unique(lab):
-                    raise ValueError(f"{item['image']}: no body voxels found (is the image in HU?)")
+                    raise InvalidInputError(f"input file '{item['image']}': no body voxels found (HU > -500); expected a CT in HU")
                 _save(out / f"{name}_label.nii.gz", lab, affine, np.uint8)
                 entry["label"] = f"{name}_label.nii.gz"
             entries.append(entry)
         lists[section] = entries
-    tmp = result.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(lists, indent=1))
-    os.replace(tmp, result)
-    return str(result)
+    return lists
 
 
-def load_datalist(datalist_file: str, key: str, base_dir: str | None = None) -> list[dict[str, Any]]:
+def load_datalist(datalist_file: str, key: str, base_dir: str | None = None, required: bool = False) -> list[dict[str, Any]]:
     """``load_decathlon_datalist`` that returns ``[]`` (with a warning) while the JSON does not exist yet.
 
     The latent datalist is written by ``precompute_latents`` at the start of ``run``; static checks
     (``check_properties``) build the dataset before that. A real run with an empty list stops at the data loader.
+    ``required``: a missing file is an error too. A file without the section ``key`` is always an error
+    (``InvalidInputError`` naming the file and the section).
     """
+    if required and not os.path.isfile(datalist_file):
+        raise InputNotFoundError(f"datalist '{datalist_file}' does not exist")
+    if os.path.isfile(datalist_file):
+        try:
+            sections = json.loads(Path(datalist_file).read_text())
+        except json.JSONDecodeError as e:
+            raise InvalidInputError(f"datalist '{datalist_file}' is not valid JSON: {e}") from e
+        if not isinstance(sections, dict) or key not in sections:
+            found = sorted(sections) if isinstance(sections, dict) else type(sections).__name__
+            raise InvalidInputError(f"datalist '{datalist_file}' has no section '{key}' (it has {found})")
     if not os.path.isfile(datalist_file):
         import logging
 
