@@ -16,7 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from common.utils.errors import find_user_error
+from common.utils.errors import InputNotFoundError, InvalidInputError, find_user_error
 
 #: the bad-input kinds of the issue, with the names the bundle tests use in ``KINDS``
 ALL_KINDS = {
@@ -129,7 +129,9 @@ def make_bad_labels(good: str | os.PathLike, dest: str | os.PathLike, value: int
     data = np.ascontiguousarray(np.asarray(img.dataobj), dtype=np.int16)  # reshape(-1) must be a view
     flat = data.reshape(-1)
     flat[np.linspace(0, flat.size - 1, n).astype(int)] = value
-    return _save(data, img.affine, Path(dest))
+    out = _save(data, img.affine, Path(dest))
+    assert int((np.asarray(nib.load(str(out)).dataobj) == value).sum()) == n, f"{out}: the bad labels were not written"
+    return out
 
 
 def make_unwritable_dir(path: str | os.PathLike) -> Path:
@@ -144,6 +146,33 @@ def make_unwritable_dir(path: str | os.PathLike) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(0o555)
     return path
+
+
+# ------------------------------------------------------------------------------ expected errors
+
+#: what the shared guards (``CheckedLoadImaged``, ``ValidateImaged``) say about each bad 3D file made by
+#: ``make_bad_nifti`` (``nan``: its 4^3 block; ``inf``: its one voxel): error class and message regex
+GUARD_ERRORS = {
+    "missing_file": (InputNotFoundError, r"does not exist"),
+    "truncated_gzip": (InvalidInputError, r"truncated gzip"),
+    "corrupt_header": (InvalidInputError, r"corrupt NIfTI header.*sizeof_hdr.*expected 348"),
+    "two_d": (InvalidInputError, r"holds a 2D image.*expected a 3D image"),
+    "four_d": (InvalidInputError, r"4D image with 3 volumes/channels.*expected a 3D image \(1 channel\)"),
+    "nan": (InvalidInputError, r"64 NaN and 0 Inf voxels.*expected finite values"),
+    "inf": (InvalidInputError, r"0 NaN and 1 Inf voxels.*expected finite values"),
+    "all_zero": (InvalidInputError, r"is all-zero.*expected an image with contrast"),
+}
+
+
+def forget_bundle(bundle: str | os.PathLike) -> None:
+    """Take ``bundle`` off ``sys.path`` and forget any imported ``scripts`` package, so the next run
+    imports this bundle's scripts afresh (the suite does this around every test as well)."""
+    import sys
+
+    while str(bundle) in sys.path:
+        sys.path.remove(str(bundle))
+    for m in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+        del sys.modules[m]
 
 
 # ------------------------------------------------------------------------------ checks

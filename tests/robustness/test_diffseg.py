@@ -17,7 +17,6 @@ import hashlib
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -26,6 +25,7 @@ import pytest
 import torch
 from conftest import run_bundle, run_bundle_cli
 from faults import (
+    make_bad_labels,
     ALL_KINDS,
     assert_nothing_written,
     expect_user_error,
@@ -66,38 +66,6 @@ INFER = ("inference.json", "tiny.json")
 EVAL = ("inference.json", "evaluate.json", "tiny.json")
 TRAIN = ("train.json", "tiny.json")
 NUM_CLASSES = 7  # tiny.json: the demo's merged classes
-
-
-def _forget_bundle() -> None:
-    while str(BUNDLE) in sys.path:
-        sys.path.remove(str(BUNDLE))
-    for m in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[m]
-
-
-@pytest.fixture(autouse=True)
-def _isolated_scripts():
-    """Each bundle has its own ``scripts`` package: import this bundle's, forget it afterwards."""
-    _forget_bundle()
-    yield
-    _forget_bundle()
-
-
-def make_bad_labels(good: Path, dest: Path, value: int = 99, n: int = 5) -> Path:
-    """A copy of the label map ``good`` with ``n`` voxels set to the out-of-set ``value``.
-
-    Local stand-in for ``faults.make_bad_labels``, which writes into ``reshape(-1)`` of the
-    Fortran-ordered array nibabel returns: that reshape is a copy, so its output keeps the original
-    labels. Here the array is made C-contiguous first."""
-    img = nib.load(str(good))
-    data = np.array(np.asarray(img.dataobj), dtype=np.int16, order="C")
-    flat = data.reshape(-1)
-    flat[np.linspace(0, flat.size - 1, n).astype(int)] = value
-    out = Path(dest)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(data, img.affine), str(out))
-    assert (np.asarray(nib.load(str(out)).dataobj) == value).sum() == n
-    return out
 
 
 def _network_state(**overrides) -> dict:

@@ -24,7 +24,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_bundle, run_bundle_cli
-from faults import ALL_KINDS, assert_nothing_written, expect_user_error, make_bad_nifti, make_unwritable_dir, snapshot
+from faults import (
+    ALL_KINDS,
+    GUARD_ERRORS,
+    assert_nothing_written,
+    expect_user_error,
+    forget_bundle,
+    make_bad_nifti,
+    make_unwritable_dir,
+    snapshot,
+)
 
 from common.data.fetch import HashMismatchError, demo_file
 from common.utils.errors import InputNotFoundError, InvalidInputError, OutputExistsError, OutputNotWritableError
@@ -58,21 +67,6 @@ CROP = (slice(20, 60), slice(30, 78), slice(38, 50))
 TINY = ("tiny.json",)
 
 
-def _forget_bundle() -> None:
-    while str(BUNDLE) in sys.path:
-        sys.path.remove(str(BUNDLE))
-    for m in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[m]
-
-
-@pytest.fixture(autouse=True)
-def _isolated_scripts():
-    """Each bundle has its own ``scripts`` package: import this bundle's, forget it afterwards."""
-    _forget_bundle()
-    yield
-    _forget_bundle()
-
-
 def _run(configs, **overrides) -> None:
     run_bundle(BUNDLE, [*configs, *TINY], **overrides)
 
@@ -100,7 +94,7 @@ def data(brain_demo, tmp_path_factory):
 
         fus = build_fusion_demo(root, demo_file("spm/avg152T2.nii"), demo_file("spm/TPM.nii")).parent
     finally:
-        _forget_bundle()
+        forget_bundle(BUNDLE)
     fusion = {"id": "icbm152", **{k: _crop(fus / f"{k}.nii.gz", root / f"icbm152_{k}.nii.gz") for k in ("t2", "ct")}}
 
     from common.networks.diffseg_unet import DiffSegUNet
@@ -163,16 +157,7 @@ def _train(datalist: str, out: Path, ckpt_dir: Path, task: str = "1to1", **overr
 # ------------------------------------------------------------------------------------------ file and content
 
 
-FILE_KINDS = {
-    "missing_file": (InputNotFoundError, r"does not exist"),
-    "truncated_gzip": (InvalidInputError, r"truncated gzip"),
-    "corrupt_header": (InvalidInputError, r"corrupt NIfTI header.*sizeof_hdr.*expected 348"),
-    "two_d": (InvalidInputError, r"holds a 2D image.*expected a 3D image"),
-    "four_d": (InvalidInputError, r"4D image with 3 volumes/channels.*expected a 3D image \(1 channel\)"),
-    "nan": (InvalidInputError, r"64 NaN and 0 Inf voxels.*expected finite values"),
-    "inf": (InvalidInputError, r"0 NaN and 1 Inf voxels.*expected finite values"),
-    "all_zero": (InvalidInputError, r"is all-zero.*expected an image with contrast"),
-}
+FILE_KINDS = GUARD_ERRORS  # the shared guards' messages
 
 
 @pytest.mark.parametrize("kind", sorted(FILE_KINDS))

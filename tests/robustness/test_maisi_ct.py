@@ -24,7 +24,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_bundle, run_bundle_cli
-from faults import ALL_KINDS, assert_nothing_written, expect_user_error, make_bad_nifti, make_unwritable_dir, snapshot
+from faults import (
+    ALL_KINDS,
+    GUARD_ERRORS,
+    assert_nothing_written,
+    expect_user_error,
+    make_bad_labels,
+    make_bad_nifti,
+    make_unwritable_dir,
+    snapshot,
+)
 
 from common.data.fetch import HashMismatchError
 from common.utils.errors import InputNotFoundError, InvalidInputError, OutputExistsError, OutputNotWritableError
@@ -57,20 +66,6 @@ assert set(KINDS) <= set(ALL_KINDS)
 TINY = "tiny.json"
 GRID = 64  # tiny output_size per axis
 LOG = [r"events\.out\.tfevents"]  # TensorBoard logs of a training run are logs, not outputs
-
-
-def _forget_bundle() -> None:
-    while str(BUNDLE) in sys.path:
-        sys.path.remove(str(BUNDLE))
-    for m in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[m]
-
-
-@pytest.fixture(autouse=True)
-def _isolated_scripts():
-    _forget_bundle()
-    yield
-    _forget_bundle()
 
 
 @pytest.fixture(scope="module")
@@ -121,21 +116,6 @@ def data(ct_demo, tmp_path_factory):
             "labels": ct["labels"], "ckpt_dir": ckpt, "other": other}
 
 
-def _bad_labels(good: str, dest: Path, value: int, n: int = 5) -> Path:
-    """A copy of the label map ``good`` with ``n`` voxels set to the out-of-set ``value``.
-
-    Local stand-in for ``faults.make_bad_labels``, which writes through ``reshape(-1)`` of the array nibabel
-    returns; that array is Fortran-ordered, the reshape a copy, and the written file keeps its original values."""
-    img = nib.load(str(good))
-    data = np.ascontiguousarray(np.asarray(img.dataobj), dtype=np.int16)
-    flat = data.reshape(-1)
-    flat[np.linspace(0, flat.size - 1, n).astype(int)] = value
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(data, img.affine), str(dest))
-    assert int((np.asarray(nib.load(str(dest)).dataobj) == value).sum()) == n
-    return dest
-
-
 def _datalist(tmp: Path, test=None, train=None, val=None, labels=None, name: str = "datalist.json") -> str:
     lists = {k: (v if isinstance(v, list) else [v] if v else []) for k, v in (("test", test), ("training", train),
                                                                              ("validation", val))}
@@ -177,16 +157,7 @@ def _train(data, stage: str, datalist: str, tmp: Path, **overrides) -> None:
 # ------------------------------------------------------------------------------------------ bad files
 
 
-FILE_KINDS = {
-    "missing_file": (InputNotFoundError, r"does not exist"),
-    "truncated_gzip": (InvalidInputError, r"truncated gzip"),
-    "corrupt_header": (InvalidInputError, r"corrupt NIfTI header.*sizeof_hdr.*expected 348"),
-    "two_d": (InvalidInputError, r"holds a 2D image.*expected a 3D image"),
-    "four_d": (InvalidInputError, r"4D image with 3 volumes/channels.*expected a 3D image \(1 channel\)"),
-    "nan": (InvalidInputError, r"64 NaN and 0 Inf voxels.*expected finite values"),
-    "inf": (InvalidInputError, r"0 NaN and 1 Inf voxels.*expected finite values"),
-    "all_zero": (InvalidInputError, r"is all-zero.*expected an image with contrast"),
-}
+FILE_KINDS = GUARD_ERRORS  # the shared guards' messages
 
 
 @pytest.mark.parametrize("kind", sorted(FILE_KINDS))
@@ -251,7 +222,7 @@ def test_evaluate_refuses_bad_generated_samples(data, tmp_path, fault):
 
 def test_inference_refuses_labels_outside_maisi_set(data, tmp_path):
     """133 is not a MAISI id (1..132, body 200)."""
-    bad = _bad_labels(data["mask"], tmp_path / "inputs" / "mask_133.nii.gz", value=133)
+    bad = make_bad_labels(data["mask"], tmp_path / "inputs" / "mask_133.nii.gz", value=133)
     run = lambda: _infer(data, tmp_path / "out", label_path=str(bad))  # noqa: E731
     _check_refused(data, tmp_path, run, InvalidInputError, re.escape(bad.name), r"outside the class set",
                    r"\{0, \.\.\., 132, 200\}", r"133 \(5 voxels\)")
@@ -269,7 +240,7 @@ def test_training_refuses_labels_outside_datalist_classes(data, tmp_path):
     """ControlNet stage: a training label map with a value the datalist's ``labels`` do not name (99) is refused
     while the latents are prepared; no latent is left behind."""
     item = dict(data["train"][0])
-    bad = _bad_labels(item["label"], tmp_path / "inputs" / "label_99.nii.gz", value=99)
+    bad = make_bad_labels(item["label"], tmp_path / "inputs" / "label_99.nii.gz", value=99)
     dl = _datalist(tmp_path, train={**item, "label": str(bad)}, labels=data["labels"])
     run = lambda: _train(data, "controlnet", dl, tmp_path)  # noqa: E731
     _check_refused(data, tmp_path, run, InvalidInputError, re.escape(bad.name), r"outside the class set",

@@ -29,7 +29,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_bundle, run_bundle_cli
-from faults import ALL_KINDS, assert_nothing_written, expect_user_error, make_bad_nifti, make_unwritable_dir, snapshot
+from faults import (
+    ALL_KINDS,
+    assert_nothing_written,
+    expect_user_error,
+    forget_bundle,
+    make_bad_nifti,
+    make_unwritable_dir,
+    snapshot,
+)
 
 from common.data.dwi import GradientTableError, bin_shells
 from common.data.fetch import HashMismatchError, sha256sum
@@ -69,20 +77,6 @@ STAGE2 = ["train_cond_encoder.json", "tiny.json"]
 MAPS = ("noddi", "NDI", "ODI", "FWF")
 
 
-def _forget_bundle() -> None:
-    while str(BUNDLE) in sys.path:
-        sys.path.remove(str(BUNDLE))
-    for m in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[m]
-
-
-@pytest.fixture(autouse=True)
-def _isolated_scripts():
-    _forget_bundle()
-    yield
-    _forget_bundle()
-
-
 def _parsed(configs, ident, **overrides):
     """``ident`` of the bundle's configs (seeded), e.g. a freshly initialised tiny network."""
     from monai.bundle import ConfigParser
@@ -97,7 +91,7 @@ def _parsed(configs, ident, **overrides):
         torch.manual_seed(0)
         return parser.get_parsed_content(ident)
     finally:
-        _forget_bundle()
+        forget_bundle(BUNDLE)
 
 
 def _save_like(data: np.ndarray, like: nib.Nifti1Image, dest: Path) -> Path:
@@ -174,11 +168,11 @@ def _refused(run, roots, *patterns, exc_type):
 def reference(real, weights, tmp_path_factory):
     """Maps of the unmodified real series; the right ``ckpt_sha256`` is accepted."""
     out = tmp_path_factory.mktemp("noddi_ref")
-    _forget_bundle()
+    forget_bundle(BUNDLE)
     try:
         _infer(out, weights.dir, [_case(real.dwi, real.bval, real.bvec)], ckpt_sha256=weights.sha)
     finally:
-        _forget_bundle()
+        forget_bundle(BUNDLE)
     img = nib.load(str(out / "small_101D_noddi.nii.gz"))
     return SimpleNamespace(maps=img.get_fdata(), affine=img.affine)
 
