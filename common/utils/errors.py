@@ -19,6 +19,7 @@ and a non-zero exit status. Errors that are not the user's (bugs) keep Python's 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -128,9 +129,32 @@ def _hook(previous):
     return excepthook
 
 
+class _NoUserErrorTraceback(logging.Filter):
+    """Drop the traceback from log records about a user error (Ignite and MONAI's ``StatsHandler`` log
+    the failing run with ``logger.exception``); the record's one-line message stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and os.environ.get(TRACEBACK_ENV, "") in ("", "0"):
+            if find_user_error(record.exc_info[1]) is not None:
+                record.exc_info, record.exc_text = None, None
+        return True
+
+
+_LOG_FILTER = _NoUserErrorTraceback()
+
+
 def install_excepthook() -> None:
     """Make an uncaught user error end the process with one clear message (exit status 1).
 
-    Idempotent; other exceptions still go to the previous hook (Python's full traceback)."""
+    Also removes the traceback from log records about a user error on every configured log handler,
+    so the run's log does not repeat it. Idempotent; other exceptions still go to the previous hook
+    (Python's full traceback) and keep their logged tracebacks."""
     if not getattr(sys.excepthook, "_medgen", False):
         sys.excepthook = _hook(sys.excepthook)
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    for lg in loggers:
+        for handler in lg.handlers:
+            if _LOG_FILTER not in handler.filters:
+                handler.addFilter(_LOG_FILTER)

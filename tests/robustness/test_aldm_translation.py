@@ -346,6 +346,7 @@ def test_cli_reports_one_error_and_exits_non_zero(case, ckpts, tmp_path):
     assert proc.returncode != 0
     tail = "\n".join(proc.stderr.strip().splitlines()[-3:])
     assert "ERROR: InvalidInputError:" in tail and bad.name in tail and "NaN" in tail, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]  # the engine's log line keeps no traceback either
     assert_nothing_written(before, tmp_path, ckpts["dir"])
 
 
