@@ -97,7 +97,8 @@ def _check_disjoint(split: dict[str, list[str]]) -> None:
                 raise InvalidInputError(f"subject leak between '{a}' and '{b}': {sorted(common)[:5]}")
 
 
-def _refuse_overwrite(out_json: Path, overwrite: bool) -> None:
+def refuse_existing_datalist(out_json: Path, overwrite: bool) -> None:
+    """A datalist's split belongs to the models trained on it: keep an existing one unless ``overwrite``."""
     if out_json.exists() and not overwrite:
         raise OutputExistsError(
             f"datalist '{out_json}' already exists; its split is kept so that trained models stay valid. "
@@ -105,7 +106,8 @@ def _refuse_overwrite(out_json: Path, overwrite: bool) -> None:
         )
 
 
-def _write_json_atomic(path: Path, obj: object) -> None:
+def write_json_atomic(path: Path, obj: object) -> None:
+    """``obj`` as indented JSON, written to a temporary file and renamed into place."""
     with atomic_write(path, "w") as fh:
         json.dump(obj, fh, indent=2)
         fh.write("\n")
@@ -182,7 +184,7 @@ def build_brats2021_datalist(
     root, out_json = Path(root), Path(out_json)
     if test_source not in ("split", "validation_data"):
         raise InvalidInputError(f"test_source must be 'split' or 'validation_data', got '{test_source}'")
-    _refuse_overwrite(out_json, overwrite)
+    refuse_existing_datalist(out_json, overwrite)
     if not root.is_dir():
         raise InputNotFoundError(f"BraTS root folder '{root}' does not exist")
     base = out_json.parent
@@ -220,7 +222,7 @@ def build_brats2021_datalist(
         datalist["test_internal"] = [entries[i] for i in split["test"]]
     lists = ("training", "validation", "test", "test_internal")
     _check_disjoint({k: [e["id"] for e in datalist[k]] for k in lists if k in datalist})  # type: ignore[union-attr]
-    _write_json_atomic(out_json, datalist)
+    write_json_atomic(out_json, datalist)
     return out_json
 
 
@@ -281,7 +283,7 @@ def build_ixi_datalist(
         contrast are listed under ``"excluded"`` with what they lack.
     """
     root, out_json = Path(root), Path(out_json)
-    _refuse_overwrite(out_json, overwrite)
+    refuse_existing_datalist(out_json, overwrite)
     if not root.is_dir():
         raise InputNotFoundError(f"IXI root folder '{root}' does not exist")
     complete, incomplete, prefix = _scan_ixi(root)
@@ -325,5 +327,5 @@ def build_ixi_datalist(
         "test": [entries[i] for i in split["test"]],
         "excluded": {sid: {"missing": missing} for sid, missing in sorted(incomplete.items())},
     }
-    _write_json_atomic(out_json, datalist)
+    write_json_atomic(out_json, datalist)
     return out_json

@@ -18,7 +18,6 @@ subcortical grey {3, 8, 10–13, 17, 18, 26, 42, 47, 49–54, 58}), and the LR i
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,8 +27,8 @@ import numpy as np
 
 from common.data.dwi import read_bvals_bvecs, write_bvals_bvecs
 from common.data.noddi_phantom import block_average, lr_affine
-from common.utils.errors import InputNotFoundError, InvalidInputError, OutputExistsError
-from common.utils.io import atomic_write
+from common.data.datalists import refuse_existing_datalist, write_json_atomic
+from common.utils.errors import InputNotFoundError, InvalidInputError
 
 __all__ = ["WM_LABELS", "GM_LABELS", "hcp_subjects", "tissue_masks", "prepare_hcp_subject", "build_hcp_datalist"]
 
@@ -160,8 +159,7 @@ def build_hcp_datalist(
     An existing datalist is kept (its split belongs to the models trained on it) unless ``overwrite``;
     the check runs before any subject is prepared."""
     path = Path(out_dir) / datalist_name
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"datalist '{path}' already exists; pass overwrite=True to replace it")
+    refuse_existing_datalist(path, overwrite)
     subjects = sorted(subjects) if subjects is not None else hcp_subjects(hcp_root)
     n_train, n_val, n_test = (int(s) for s in split)
     if len(subjects) < n_train + n_val + n_test:
@@ -177,6 +175,5 @@ def build_hcp_datalist(
         "test": test,
         "testing": [{k: e[k] for k in ("id", "dwi", "bval", "bvec", "mask")} for e in test],
     }
-    with atomic_write(path, "w") as fh:
-        json.dump(datalist, fh, indent=2)
+    write_json_atomic(path, datalist)
     return path

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.utils.errors import InputNotFoundError, InvalidInputError, OutputExistsError
-from common.utils.io import atomic_write
+from common.data.datalists import refuse_existing_datalist, write_json_atomic
+from common.utils.errors import InputNotFoundError, InvalidInputError
 
 __all__ = [
     "AMOS_LABELS",
@@ -89,13 +89,8 @@ def write_datalist(out_file: str | os.PathLike, datalist: dict, overwrite: bool 
     """Write ``datalist`` as JSON (via a temporary file, so a crash never leaves half a file). An
     existing file is kept (its split belongs to the models trained on it) unless ``overwrite``."""
     out = Path(out_file)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(
-            f"datalist '{out}' already exists; its split is kept so that trained models stay valid. "
-            "Pass overwrite=True to replace it."
-        )
-    with atomic_write(out, "w") as fh:
-        fh.write(json.dumps(datalist, indent=2) + "\n")
+    refuse_existing_datalist(out, overwrite)
+    write_json_atomic(out, datalist)
     return out
 
 

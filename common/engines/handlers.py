@@ -141,8 +141,6 @@ class SafeCheckpointLoader(CheckpointLoader):
         if self.strict_shape:
             for k, obj in self.load_dict.items():
                 if isinstance(obj, torch.nn.Module):
-                    if isinstance(obj, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
-                        obj = obj.module  # Ignite loads into the wrapped module too
                     # keys and shapes only: raises before any weight is replaced
                     check_state_fits(obj, checkpoint[k], f"checkpoint '{self.load_path}' entry '{k}'", self.strict)
         if not self.strict_shape:

@@ -127,9 +127,11 @@ def load_checkpoint(
 
 def check_state_fits(module: torch.nn.Module, state: Mapping[str, Any], source: str = "checkpoint", strict: bool = True) -> None:
     """Raise :class:`CheckpointError` listing missing, unexpected and shape-mismatched keys when
-    ``state`` does not fit ``module`` (nothing is loaded)."""
+    ``state`` does not fit ``module`` (nothing is loaded; a DataParallel/DDP wrapper is looked through)."""
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{source} holds a {type(state).__name__}, expected a state dict")
+    if isinstance(module, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        module = module.module  # checkpoints hold the wrapped network's keys (as Ignite loads them)
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

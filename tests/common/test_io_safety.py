@@ -133,3 +133,13 @@ def test_killed_during_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path):
         assert {"model", "optimizer", "trainer"} <= set(ckpt)
         assert ckpt["model"]["weight"].shape == (2048, 2048)
         assert ckpt["trainer"]["iteration"] >= 1
+
+
+def test_check_state_fits_looks_through_dataparallel():
+    """Checkpoints hold the wrapped network's keys: a DataParallel/DDP wrapper must not turn every key into a mismatch."""
+    from common.utils.io import check_state_fits
+
+    net = torch.nn.Conv3d(1, 4, 3)
+    check_state_fits(torch.nn.DataParallel(net), net.state_dict(), "checkpoint 'model.pt'")
+    with pytest.raises(CheckpointError, match=r"model.pt' does not fit Conv3d: 2 shape mismatches"):
+        check_state_fits(torch.nn.DataParallel(net), torch.nn.Conv3d(1, 8, 3).state_dict(), "checkpoint 'model.pt'")

@@ -27,6 +27,7 @@ from faults import (
     ALL_KINDS,
     assert_nothing_written,
     expect_user_error,
+    forget_bundle,
     make_bad_nifti,
     make_unwritable_dir,
     snapshot,
@@ -91,12 +92,6 @@ def run_bundle_cli(*args, **kwargs):
     return _RUN["cli"](*args, **kwargs)
 
 
-def _purge_scripts():
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[name]
-    sys.path[:] = [p for p in sys.path if p != str(BUNDLE_DIR)]
-
-
 @pytest.fixture(scope="module")
 def case(brain_demo) -> dict:
     """The real test case of the demo cohort: ``{"id", "t1", "t2", "pd", "mask"}`` absolute paths."""
@@ -120,7 +115,7 @@ def ckpts(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("aldm_ckpt")
     models = root / "models"
     models.mkdir()
-    _purge_scripts()
+    forget_bundle(BUNDLE_DIR)
     sys.path.insert(0, str(BUNDLE_DIR))
     try:
         parser = ConfigParser()
@@ -137,7 +132,7 @@ def ckpts(tmp_path_factory) -> dict:
         parser["spade_hidden"] = 16
         other = parser.get_parsed_content("spade_def", lazy=False)
     finally:
-        _purge_scripts()
+        forget_bundle(BUNDLE_DIR)
     torch.save({"spade": other.state_dict()}, root / "spade_nf16.pt")
     foreign = BasicUNet(spatial_dims=3, in_channels=1, out_channels=2, features=(4, 4, 8, 8, 16, 4))
     torch.save({"model": foreign.state_dict()}, root / "checkpoint.pt")

@@ -81,5 +81,4 @@ def check_resume(resume_ckpt: str, sha256: str | None, network: torch.nn.Module)
             "expected a training checkpoint of this bundle (checkpoint.pt with model, optimizer, lr_scheduler, "
             "step and trainer)"
         )
-    net = network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
-    check_state_fits(net, ckpt["model"], f"checkpoint '{resume_ckpt}' (key 'resume_ckpt') entry 'model'")
+    check_state_fits(network, ckpt["model"], f"checkpoint '{resume_ckpt}' (key 'resume_ckpt') entry 'model'")

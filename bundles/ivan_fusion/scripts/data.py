@@ -216,8 +216,6 @@ def check_resume(path: str, network: torch.nn.Module, sha256: str | None = None,
     Raises the errors of :func:`common.utils.io.load_checkpoint` and :class:`~common.utils.io.CheckpointError`."""
     from common.utils.io import CheckpointError, check_state_fits, load_checkpoint
 
-    if isinstance(network, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
-        network = network.module
     ckpt = load_checkpoint(path, sha256=sha256)
     missing = [k for k in entries if k not in ckpt]
     if missing:
