@@ -68,6 +68,8 @@ __all__ = [
     "save_nifti",
     "build_brain_mri_demo",
     "build_ct_demo",
+    "build_ct_framings",
+    "CT_SLAB_SLICES",
     "build_dwi_demo",
     "build_all",
 ]
@@ -429,6 +431,98 @@ def build_ct_demo(out_dir: str | os.PathLike, n_train: int = 8, n_val: int = 2, 
     return _build_cohort(out_dir, "ct", "datalist.json", args, fill)
 
 
+#: Slab of the example CT used as the thin-slab framing case: slices 70..89 (3 mm: 60 mm),
+#: through liver, spleen, kidneys, bowel and bone.
+CT_SLAB_SLICES: tuple[int, int] = (70, 90)
+#: ``example_ct_sm.nii.gz`` of TotalSegmentator is slices 82..111 of ``example_ct.nii.gz``
+#: (identical voxels; its header keeps the full scan's origin).
+CT_SM_FIRST_SLICE: int = 82
+
+
+def _pad_with_air(array: np.ndarray, affine: np.ndarray, factor: float, fill: float) -> tuple[np.ndarray, np.ndarray]:
+    """``array`` centred in a field of view ``factor`` times larger along every axis, the affine
+    shifted so that every original voxel keeps its physical position."""
+    before = [int(round(n * (factor - 1.0) / 2.0)) for n in array.shape]
+    after = [int(round(n * factor)) - n - b for n, b in zip(array.shape, before)]
+    out = np.pad(array, list(zip(before, after)), mode="constant", constant_values=fill)
+    shifted = affine.copy()
+    shifted[:3, 3] = affine[:3, 3] - affine[:3, :3] @ np.asarray(before, dtype=np.float64)
+    return out, shifted
+
+
+def _slab(array: np.ndarray, affine: np.ndarray, first: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Slices ``first..stop-1`` along the third axis, the affine moved to the first kept slice."""
+    shifted = affine.copy()
+    shifted[:3, 3] = affine[:3, 3] + affine[:3, 2] * first
+    return array[:, :, first:stop], shifted
+
+
+def build_ct_framings(out_dir: str | os.PathLike) -> Path:
+    """The held-out example CT as users' scans are framed: the cases a segmentation model must
+    handle beyond the training framing.
+
+    Cases (``test`` list of ``<out_dir>/ct_framings/datalist.json``, labels merged to
+    :data:`CT_LABELS`):
+
+    * ``example``: the original scan (122x101x112 at 3 mm).
+    * ``example_fov150``: the scan centred in a field of view 1.5 times larger along every axis,
+      padded with air (the scan's minimum HU) and background.
+    * ``example_slab60``: a 60 mm slab (slices :data:`CT_SLAB_SLICES`).
+    * ``example_slab60_fov150``: that slab centred in a field of view 1.5 times larger.
+    * ``example_ct_sm``: TotalSegmentator's own 30-slice crop of the same patient
+      (``example_ct_sm.nii.gz``) with its own reference labels (``example_seg.nii.gz``, 41 classes
+      of the same ``total`` map) merged the same way, with the file's own header (which keeps the
+      full scan's origin although it holds slices from :data:`CT_SM_FIRST_SLICE` on).
+
+    Every file keeps the physical position of every voxel (affines shifted with the padding or
+    the cut), as a scanner or a crop tool would write them.
+    """
+
+    def fill(work: Path) -> None:
+        img = nib.load(str(_src("totalsegmentator/example_ct.nii.gz")))
+        affine = np.asarray(img.affine, dtype=np.float64)
+        hu = np.asarray(img.dataobj, dtype=np.float32)
+        merged = merge_total_labels(np.asarray(nib.load(str(_src("totalsegmentator/example_seg_fast_force_split.nii.gz"))).dataobj))
+        air = float(hu.min())
+        cases = {"example": (hu, merged, affine)}
+        cases["example_fov150"] = (*[_pad_with_air(a, affine, 1.5, v)[0] for a, v in ((hu, air), (merged, 0))], _pad_with_air(hu, affine, 1.5, air)[1])
+        slab_hu, slab_affine = _slab(hu, affine, *CT_SLAB_SLICES)
+        slab_label = _slab(merged, affine, *CT_SLAB_SLICES)[0]
+        cases["example_slab60"] = (slab_hu, slab_label, slab_affine)
+        cases["example_slab60_fov150"] = (
+            _pad_with_air(slab_hu, slab_affine, 1.5, air)[0],
+            _pad_with_air(slab_label, slab_affine, 1.5, 0)[0],
+            _pad_with_air(slab_hu, slab_affine, 1.5, air)[1],
+        )
+        sm_hu = np.asarray(nib.load(str(_src("totalsegmentator/example_ct_sm.nii.gz"))).dataobj, dtype=np.float32)
+        sm_label = merge_total_labels(np.asarray(nib.load(str(_src("totalsegmentator/example_seg.nii.gz"))).dataobj))
+        sm_affine = np.asarray(nib.load(str(_src("totalsegmentator/example_ct_sm.nii.gz"))).affine, dtype=np.float64)
+        cases["example_ct_sm"] = (sm_hu, sm_label, sm_affine)  # the file's own header, as a user has it
+        entries = []
+        for cid, (image, label, aff) in cases.items():
+            save_nifti(work / cid / "image.nii.gz", image, aff, np.float32)
+            save_nifti(work / cid / "label.nii.gz", label, aff, np.uint8)
+            entries.append({"id": cid, "image": f"{cid}/image.nii.gz", "label": f"{cid}/label.nii.gz", "shape": list(image.shape)})
+        _write_json(
+            work / "datalist.json",
+            {
+                "name": "ct_framings",
+                "description": (
+                    "The held-out TotalSegmentator example CT framed as users' scans are: original, padded to a 1.5x "
+                    "field of view with air, a 60 mm slab, that slab in a 1.5x field of view, and TotalSegmentator's own "
+                    "30-slice crop with its own reference labels. Labels merged to a few classes (common.data.demo.CT_CLASS_MERGE)."
+                ),
+                "licence": "Apache-2.0 (TotalSegmentator example data, source archive of totalsegmentator==2.18.0)",
+                "modality": {"0": "CT"},
+                "labels": {str(k): v for k, v in CT_LABELS.items()},
+                "training": [],
+                "test": entries,
+            },
+        )
+
+    return _build_cohort(out_dir, "ct_framings", "datalist.json", {}, fill)
+
+
 # --------------------------------------------------------------------------------------------
 # DWI
 
@@ -482,7 +576,10 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         description="Build the demo cohorts (Decathlon-style datalists) from real package-shipped images."
     )
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--what", nargs="+", choices=["brain_mri", "ct", "dwi"], default=["brain_mri", "ct", "dwi"])
+    parser.add_argument(
+        "--what", nargs="+", choices=["brain_mri", "ct", "dwi", "ct_framings"], default=["brain_mri", "ct", "dwi"],
+        help="cohorts to build; ct_framings: the held-out CT reframed (build_ct_framings)",
+    )
     parser.add_argument("--n-train", type=int, default=8)
     parser.add_argument("--n-val", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -491,6 +588,8 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     for what in args.what:
         if what == "dwi":
             out[what] = build_dwi_demo(args.out)
+        elif what == "ct_framings":
+            out[what] = build_ct_framings(args.out)
         else:
             builder = build_brain_mri_demo if what == "brain_mri" else build_ct_demo
             out[what] = builder(args.out, args.n_train, args.n_val, args.seed)

@@ -9,6 +9,12 @@ Volumes larger than the training patch are handled with ``sliding_window_inferen
 the windows are stitched after **every** step on the full-volume ``x_k`` (ours): all windows see
 the same noise and the same previous prediction, at T network passes per window. With
 ``stitching="per_patch"`` each window runs its own chain and the final logits are averaged.
+
+A volume smaller than the window along some axis (a thin slab, a tight field of view) is padded
+to the window with zeros (air / background after the intensity rules) **before** the noise is
+drawn, and the logits are cropped back: the padded voxels then carry noise in their mask
+channels, as every voxel of a training patch does, instead of the zero mask channels that
+``sliding_window_inference``'s own padding would give them.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from monai.inferers import Inferer, sliding_window_inference
+from monai.utils import ensure_tuple_rep, fall_back_tuple
 
 from common.schedulers.diffseg import DiffSegScheduler
 
@@ -89,10 +97,38 @@ class DiffSegInferer(Inferer):
             x_k = self.scheduler.step(self.scheduler.logits_to_x0(logits), x_k, k, self.sampler, self.eta, generator)
         return logits
 
+    def _pad_to_roi(self, spatial: Sequence[int]) -> list[int]:
+        """``F.pad`` amounts (last axis first) that bring ``spatial`` up to the window size."""
+        if self.roi_size is None:
+            return []
+        roi = fall_back_tuple(ensure_tuple_rep(self.roi_size, len(spatial)), spatial)
+        short = [max(int(r) - int(s), 0) for r, s in zip(roi, spatial)]
+        if not any(short):
+            return []
+        pads: list[int] = []
+        for amount in reversed(short):
+            pads += [amount // 2, amount - amount // 2]
+        return pads
+
     def __call__(self, inputs: torch.Tensor, network, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Final-step logits ``(B, C, *S)`` for ``inputs`` ``(B, n_img, *S)``."""
         if not self.diffusion:
             return self._windowed(inputs, lambda w: network(w, *args, **kwargs))
+        pads = self._pad_to_roi(inputs.shape[2:]) if self.stitching == "per_step" else []
+        if not pads:
+            return self._sample(inputs, network)
+        logits = self._sample(F.pad(inputs, pads, mode="constant", value=0.0), network)
+        spatial = inputs.shape[2:]
+        crop = [slice(None), slice(None)]
+        for axis in range(len(spatial)):
+            before = pads[2 * (len(spatial) - 1 - axis)]
+            crop.append(slice(before, before + spatial[axis]))
+        if self.save_steps:
+            self.step_probs = [p[tuple(crop)] for p in self.step_probs]
+        return logits[tuple(crop)]
+
+    def _sample(self, inputs: torch.Tensor, network) -> torch.Tensor:
+        """The reverse process on ``inputs`` (already at least one window large for per-step stitching)."""
         generator = None
         if self.seed is not None:
             generator = torch.Generator(device=inputs.device)

@@ -5,6 +5,8 @@
   server adds a string ``image_path`` item that ``Spacingd``'s dictionary handling trips over), so
   the bundles wrap the array transform ``Spacing`` in their own dictionary transform. ``Invertd``
   undoes it like ``Spacingd``.
+* :class:`RandFieldOfViewd`: random slab / in-plane field of view with air outside, so a model
+  meets at training time the framings of users' scans (thin slabs, tight or wide fields of view).
 * :func:`intensity_transform`: the spec's intensity rules as MONAI transforms: MR volumes are
   clipped to their 0.5 and 99.5 percentiles and rescaled to [0, 1] (the official v0.2.0+ code uses
   the 0.95th percentile, a slip of a factor 100); CT volumes are clipped to a HU window (AMOS:
@@ -20,13 +22,14 @@ from monai.config import KeysCollection
 from monai.transforms import (
     InvertibleTransform,
     MapTransform,
+    RandomizableTransform,
     ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
     Spacing,
 )
 from monai.utils import ensure_tuple_rep
 
-__all__ = ["AMOS_HU_WINDOW", "MR_PERCENTILES", "ResampleToSpacingd", "intensity_transform"]
+__all__ = ["AMOS_HU_WINDOW", "MR_PERCENTILES", "RandFieldOfViewd", "ResampleToSpacingd", "intensity_transform"]
 
 #: HU window of AMOS CT (official ImgX-DiffSeg AMOS preprocessing).
 AMOS_HU_WINDOW: tuple[float, float] = (-991.0, 362.0)
@@ -101,3 +104,105 @@ def intensity_transform(
     from common.utils.errors import InvalidInputError
 
     raise InvalidInputError(f"unknown modality {modality!r} (config key 'modality'); expected 'CT' or 'MR'")
+
+
+class RandFieldOfViewd(RandomizableTransform, MapTransform):
+    """Random field of view: keep a random box of the body and blank everything outside it.
+
+    A user's scan never has the training scans' framing: it may be a thin slab, a tighter
+    in-plane field of view, or a volume with a wide margin of air. Sliding-window inference then
+    shows the network windows where the body ends abruptly in padding. This transform makes such
+    windows part of training: with probability ``prob`` it keeps a slab of ``slab_size`` voxels
+    along ``slab_axis`` (drawn within the body's extent) and, with probability ``inplane_prob``,
+    an in-plane window of ``inplane_fraction`` of the body's extent along the other axes; outside
+    the kept box every key is set to its ``fill`` value (the air value of the normalised image,
+    background for labels), exactly what padding a smaller scan produces at inference.
+
+    The body is where ``image_key`` exceeds ``body_threshold`` (air is 0 after the CT intensity
+    rule). Shapes: channel-first ``(C, *S)`` arrays or tensors, unchanged.
+
+    Args:
+        keys: keys to blank (image and label).
+        image_key: key whose foreground defines the body's extent.
+        prob: probability of a slab cut.
+        slab_size: (min, max) slab thickness in voxels, inclusive.
+        slab_axis: spatial axis of the slab (2: superior-inferior for RAS volumes).
+        inplane_prob: probability of an in-plane cut (independent of the slab).
+        inplane_fraction: (min, max) fraction of the body's extent kept along each other axis.
+        fill: value outside the kept box, one per key.
+        body_threshold: foreground threshold on ``image_key``.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        image_key: str = "image",
+        prob: float = 0.3,
+        slab_size: Sequence[int] = (8, 32),
+        slab_axis: int = 2,
+        inplane_prob: float = 0.2,
+        inplane_fraction: Sequence[float] = (0.5, 0.9),
+        fill: Sequence[float] | float = 0.0,
+        body_threshold: float = 0.0,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        lo, hi = (int(v) for v in slab_size)
+        if not 1 <= lo <= hi:
+            raise ValueError(f"slab_size must be (min, max) with 1 <= min <= max, got {slab_size}")
+        flo, fhi = (float(v) for v in inplane_fraction)
+        if not 0.0 < flo <= fhi <= 1.0:
+            raise ValueError(f"inplane_fraction must be (min, max) within (0, 1], got {inplane_fraction}")
+        self.image_key, self.slab_axis = image_key, int(slab_axis)
+        self.slab_size, self.inplane_fraction = (lo, hi), (flo, fhi)
+        self.inplane_prob, self.body_threshold = float(inplane_prob), float(body_threshold)
+        self.fill = ensure_tuple_rep(fill, len(self.keys))
+        self._box: list[slice] | None = None
+
+    def randomize(self, extent: Sequence[tuple[int, int]]) -> None:
+        """Draw the kept box within ``extent`` (per spatial axis: first and last body voxel)."""
+        super().randomize(None)
+        cut_slab = self._do_transform
+        cut_plane = self.R.rand() < self.inplane_prob
+        self._box = None
+        if not (cut_slab or cut_plane):
+            return
+        box = [slice(None)] * len(extent)
+        for axis, (first, last) in enumerate(extent):
+            length = last - first + 1
+            if axis == self.slab_axis and cut_slab:
+                size = int(self.R.randint(self.slab_size[0], self.slab_size[1] + 1))
+            elif axis != self.slab_axis and cut_plane:
+                size = int(round(length * self.R.uniform(*self.inplane_fraction)))
+            else:
+                continue
+            size = max(1, min(size, length))
+            start = first + int(self.R.randint(0, length - size + 1))
+            box[axis] = slice(start, start + size)
+        self._box = box
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        image = d[self.image_key]
+        body = torch.as_tensor(image).detach().amax(dim=0) > self.body_threshold
+        if not bool(body.any()):
+            super().randomize(None)  # keep the random stream aligned whatever the content
+            self._box = None
+            return d
+        extent = []
+        for axis in range(body.ndim):
+            other = tuple(a for a in range(body.ndim) if a != axis)
+            hits = torch.nonzero(body.any(dim=other) if other else body).flatten()
+            extent.append((int(hits[0]), int(hits[-1])))
+        self.randomize(extent)
+        if self._box is None:
+            return d
+        for key, fill in self.key_iterator(d, self.fill):
+            x = d[key]
+            kept = x[(slice(None), *self._box)].clone() if isinstance(x, torch.Tensor) else x[(slice(None), *self._box)].copy()
+            x = x.clone() if isinstance(x, torch.Tensor) else x.copy()
+            x[...] = fill
+            x[(slice(None), *self._box)] = kept
+            d[key] = x
+        return d

@@ -1,0 +1,150 @@
+"""Framing: what makes a model independent of the field of view of a user's scan.
+
+``RandFieldOfViewd`` (training augmentation), the inferer padding a small volume up to one window
+before drawing noise, and the framing cases of the held-out example CT (padded field of view,
+thin slabs, TotalSegmentator's own crop) with every voxel kept at its physical position.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from common.data.demo import CT_SLAB_SLICES, build_ct_framings
+from common.inferers import DiffSegInferer
+from common.networks.diffseg_unet import DiffSegUNet
+from common.transforms.segmentation import RandFieldOfViewd
+
+
+@pytest.fixture(scope="module")
+def real_ct(ct_demo) -> dict:
+    """The held-out example CT (HU -> [0, 1] with the AMOS window, air 0) and its merged labels."""
+    case = json.loads(Path(ct_demo).read_text())["test"][0]
+    hu = np.asarray(nib.load(str(Path(ct_demo).parent / case["image"])).dataobj, dtype=np.float32)
+    image = np.clip((hu + 991.0) / (362.0 + 991.0), 0.0, 1.0)
+    label = np.asarray(nib.load(str(Path(ct_demo).parent / case["label"])).dataobj).astype(np.int64)
+    return {"image": torch.from_numpy(image)[None], "label": torch.from_numpy(label)[None]}
+
+
+def _kept_box(image: torch.Tensor, fill: float = 0.0) -> list[tuple[int, int]]:
+    """First/last index of voxels that differ from ``fill`` along each spatial axis."""
+    idx = torch.nonzero(image[0] != fill)
+    return [(int(idx[:, a].min()), int(idx[:, a].max())) for a in range(3)]
+
+
+def test_field_of_view_cut_keeps_a_box_of_the_body_and_blanks_the_rest(real_ct):
+    t = RandFieldOfViewd(["image", "label"], prob=1.0, slab_size=(8, 12), inplane_prob=1.0, inplane_fraction=(0.5, 0.6))
+    body = real_ct["image"][0] > 0
+    first_body = [int(torch.nonzero(body.any(dim=tuple(b for b in range(3) if b != a)))[0]) for a in range(3)]
+    last_body = [int(torch.nonzero(body.any(dim=tuple(b for b in range(3) if b != a)))[-1]) for a in range(3)]
+    for seed in range(4):
+        t.set_random_state(seed)
+        out = t(dict(real_ct))
+        image, label = out["image"], out["label"]
+        assert image.shape == real_ct["image"].shape and label.dtype == real_ct["label"].dtype
+        box = t._box
+        assert box is not None
+        z = box[2]
+        assert 8 <= z.stop - z.start <= 12 and first_body[2] <= z.start and z.stop - 1 <= last_body[2]
+        for axis in (0, 1):  # in-plane: 50-60 % of the body's extent, inside it
+            length = last_body[axis] - first_body[axis] + 1
+            kept = box[axis].stop - box[axis].start
+            assert round(0.5 * length) - 1 <= kept <= round(0.6 * length) + 1
+            assert first_body[axis] <= box[axis].start and box[axis].stop - 1 <= last_body[axis]
+        inside = (slice(None), *box)
+        assert torch.equal(image[inside], real_ct["image"][inside])
+        assert torch.equal(label[inside], real_ct["label"][inside])
+        outside = torch.ones_like(image, dtype=torch.bool)
+        outside[inside] = False
+        assert float(image[outside].abs().max()) == 0.0 and int(label[outside].max()) == 0
+        assert int((real_ct["label"][outside] > 0).sum()) > 0  # organs really were cut away
+    assert not torch.equal(real_ct["image"], out["image"])  # the input dictionary was not modified in place
+
+
+def test_field_of_view_cut_is_seeded_and_off_at_probability_zero(real_ct):
+    t = RandFieldOfViewd(["image", "label"], prob=0.5, slab_size=(8, 40), inplane_prob=0.5)
+    t.set_random_state(3)
+    first = [t(dict(real_ct))["image"].sum().item() for _ in range(6)]
+    t.set_random_state(3)
+    again = [t(dict(real_ct))["image"].sum().item() for _ in range(6)]
+    assert first == again and len(set(first)) > 1  # some draws cut, some differ
+    off = RandFieldOfViewd(["image", "label"], prob=0.0, inplane_prob=0.0)
+    out = off(dict(real_ct))
+    assert torch.equal(out["image"], real_ct["image"]) and torch.equal(out["label"], real_ct["label"])
+
+
+class _Recorder(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.inputs = net, []
+
+    def forward(self, x, t=None):
+        self.inputs.append(x.detach().clone())
+        return self.net(x, t)
+
+
+def test_inferer_pads_a_thin_volume_to_one_window_before_drawing_noise(real_ct):
+    """A 60 mm slab is thinner than the window: the padded voxels must carry noise in their mask
+    channels (as in every training patch), not the zeros of sliding_window_inference's padding."""
+    torch.manual_seed(0)
+    net = _Recorder(DiffSegUNet(1 + 7, 7, (4, 8, 8, 16), time_conditioning=True).eval())
+    slab = real_ct["image"][None, :, 16:48, 16:48, 40:52]  # (1, 1, 32, 32, 12): thinner than the window
+    inferer = DiffSegInferer(7, roi_size=(32, 32, 32), overlap=0.25, seed=0)
+    with torch.no_grad():
+        logits = inferer(slab, net)
+    assert logits.shape == (1, 7, 32, 32, 12)
+    assert all(x.shape[2:] == (32, 32, 32) for x in net.inputs)
+    first = net.inputs[0]
+    pad_before = (32 - 12) // 2
+    padded_rows = torch.cat([first[:, 1:, :, :, :pad_before], first[:, 1:, :, :, pad_before + 12 :]], dim=-1)
+    assert float(padded_rows.std()) > 0.5  # noise, not zeros
+    assert float(first[:, :1, :, :, :pad_before].abs().max()) == 0.0  # the image is padded with air
+    assert torch.equal(first[:, :1, :, :, pad_before : pad_before + 12], slab)
+    # the same as padding by hand and cropping the logits back
+    padded = torch.nn.functional.pad(slab, (pad_before, 32 - 12 - pad_before))
+    with torch.no_grad():
+        by_hand = inferer(padded, net.net)[..., pad_before : pad_before + 12]
+    assert torch.allclose(logits, by_hand, atol=1e-5)
+
+
+def test_framing_cases_keep_every_voxel_at_its_physical_position(tmp_path_factory):
+    root = tmp_path_factory.mktemp("framings")
+    datalist = build_ct_framings(root)
+    cases = {c["id"]: c for c in json.loads(Path(datalist).read_text())["test"]}
+    assert set(cases) == {"example", "example_fov150", "example_slab60", "example_slab60_fov150", "example_ct_sm"}
+
+    def load(cid, key):
+        img = nib.load(str(Path(datalist).parent / cases[cid][key]))
+        return np.asarray(img.dataobj), img.affine
+
+    ct, affine = load("example", "image")
+    labels, _ = load("example", "label")
+    for cid, (lo, hi) in {"example_fov150": (0, ct.shape[2]), "example_slab60": CT_SLAB_SLICES,
+                          "example_slab60_fov150": CT_SLAB_SLICES}.items():
+        image, aff = load(cid, "image")
+        label, laff = load(cid, "label")
+        assert np.allclose(aff, laff)
+        # world position of the original voxel (0, 0, lo) inside the reframed volume
+        world = affine @ np.array([0, 0, lo, 1.0])
+        ijk = np.rint(np.linalg.solve(aff, world)[:3]).astype(int)
+        window = tuple(slice(i, i + n) for i, n in zip(ijk, (ct.shape[0], ct.shape[1], hi - lo)))
+        assert np.array_equal(image[window], ct[:, :, lo:hi]) and np.array_equal(label[window], labels[:, :, lo:hi])
+        outside = np.ones(image.shape, dtype=bool)
+        outside[window] = False
+        if outside.any():
+            assert float(image[outside].max()) == float(ct.min()) and int(label[outside].max()) == 0
+    fov, _ = load("example_fov150", "image")
+    assert all(abs(n / m - 1.5) < 0.02 for n, m in zip(fov.shape, ct.shape))
+    assert load("example_slab60", "image")[0].shape[2] * 3.0 == 60.0
+    sm, _ = load("example_ct_sm", "image")
+    sm_label, _ = load("example_ct_sm", "label")
+    assert np.array_equal(sm, ct[:, :, 82:112])
+    # TotalSegmentator's own reference for the crop, merged: close to (not identical with) the full scan's
+    for c in (1, 2, 3):
+        a, b = sm_label == c, labels[:, :, 82:112] == c
+        assert 0.9 < 2 * (a & b).sum() / (a.sum() + b.sum()) < 1.0
