@@ -25,7 +25,14 @@ from monai.networks.schedulers import DDPMScheduler, RFlowScheduler, Scheduler
 from monai.utils import optional_import
 
 from common.networks.maisi import clamp_num_splits, load_pretrained, read_scale_factor, set_num_splits
-from common.transforms.maisi import MAISI_LABELS, apply_body_mask, binarize_labels, latent_image_to_hu, quality_check
+from common.transforms.maisi import (
+    MAISI_LABELS,
+    apply_body_mask,
+    binarize_labels,
+    body_region_from_mask,
+    latent_image_to_hu,
+    quality_check,
+)
 from common.utils.errors import InvalidInputError
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
@@ -54,7 +61,8 @@ def check_input(
     Always checked: three sizes, each a positive multiple of 32 (the VAE divides by 4 and the UNet halves the
     latent three times), three positive spacings, at most 10 controllable anatomies, at most one tumour, no
     repeats, sizes in [0, 1] or -1, known anatomy and body-region names.
-    ``strict=True`` adds the constraints of the official weights: output_size[0] == [1] in {256, 384, 512},
+    ``strict=True`` adds the constraints of the official weights: spacing x == y, output_size[0] == [1] in
+    {256, 384, 512},
     output_size[2] in {128, ..., 768}, spacing x/y in [0.5, 3.0] mm, z in [0.5, 5.0] mm, field of view
     x/y >= 256 mm. Custom-trained small models set ``strict=False``.
     """
@@ -67,6 +75,8 @@ def check_input(
     if any(s <= 0 for s in spc):
         raise InvalidInputError(f"spacing must be positive, got {spc}")
     if strict:
+        if spc[0] != spc[1]:
+            raise InvalidInputError(f"spacing[0] and spacing[1] must be equal for the official weights, got {spc}")
         if size[0] != size[1]:
             raise InvalidInputError(f"output_size[0] and output_size[1] must be equal, got {size}")
         if size[0] not in _XY_SIZES or size[2] not in _Z_SIZES:
@@ -129,14 +139,16 @@ class MaisiInferer(Inferer):
         scale_factor: latent scale of the diffusion checkpoint (the sampler decodes ``z / scale_factor``).
         num_inference_steps: sampling steps.
         modality: rflow class label (CT = 1; ``modality_mapping.json``); ignored by the DDPM UNet.
-        top_region / bottom_region: DDPM body regions (``head``, ``chest``, ``abdomen``, ``pelvis``, ...).
+        top_region / bottom_region: DDPM body regions (``head``, ``chest``, ``abdomen``, ``pelvis``, ...), used only
+            for a mask without region marker labels: the DDPM regions come from each mask (:meth:`region_tensors`).
         cfg_guidance_scale: classifier-free guidance on the modality label (0 = off; rflow only).
         decode_roi_size: sliding-window ROI **in latent voxels**; volumes whose latent has at most this many
             voxels are decoded in one pass.
         decode_overlap: sliding-window overlap.
         decode_num_splits: tensor-splitting parallelism of the VAE; clamped so every split keeps >= 3 voxels.
         quality_statistics: ``image_median_statistics.json`` table; ``None`` disables the quality check.
-        max_try: samples drawn per mask until one passes the quality check (the last is kept either way).
+        max_try: samples drawn per mask until one passes the quality check (the last is kept either way); the
+            mask-database path uses 1 and moves to the next mask instead (official).
         seed: seed of the generator that draws all noise (on the CPU, so results do not depend on the device).
         amp: autocast (CUDA only).
         progress: show a progress bar over the sampling steps.
@@ -187,6 +199,7 @@ class MaisiInferer(Inferer):
         self.progress = bool(progress) and has_tqdm
         self.sw_device = sw_device
         self.last_report: dict[str, Any] = {}
+        self.last_regions: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def is_rflow(self) -> bool:
@@ -208,6 +221,7 @@ class MaisiInferer(Inferer):
         if affine.ndim == 3:
             affine = affine[0]
         spacing = spacing_from_affine(affine)
+        self.last_regions = None
         for attempt in range(1, self.max_try + 1):
             latent = self.sample_latent(mask, network, spacing)
             image = apply_body_mask(latent_image_to_hu(self.decode(latent).float()), torch.as_tensor(mask).cpu())
@@ -225,6 +239,9 @@ class MaisiInferer(Inferer):
             out = MetaTensor(image.float(), affine=affine.clone())
         # kept outside the tensor's metadata so decollation and the NIfTI writer never see it
         self.last_report = {"quality_check": qc, "attempts": attempt, "spacing": spacing.tolist()}
+        if self.last_regions is not None:
+            self.last_report["top_region_index"] = (self.last_regions[0][0] / 100).int().tolist()
+            self.last_report["bottom_region_index"] = (self.last_regions[1][0] / 100).int().tolist()
         return out
 
     @torch.no_grad()
@@ -237,7 +254,9 @@ class MaisiInferer(Inferer):
         cond = binarize_labels(torch.as_tensor(mask).to(device))
         spacing_t = (spacing.to(device) * 100.0).reshape(1, 3).repeat(n, 1)  # the UNet is trained on mm x 100
         extra: dict[str, torch.Tensor] = {"spacing_tensor": spacing_t}
-        if self.top_region is not None and self.bottom_region is not None:
+        if getattr(unet, "include_top_region_index_input", False):
+            extra.update(self.region_tensors(mask, device))
+        elif self.top_region is not None and self.bottom_region is not None:
             extra["top_region_index_tensor"] = self.top_region.to(device).repeat(n, 1)
             extra["bottom_region_index_tensor"] = self.bottom_region.to(device).repeat(n, 1)
         labels = torch.full((n,), self.modality, dtype=torch.long, device=device) if self.is_rflow else None
@@ -262,6 +281,28 @@ class MaisiInferer(Inferer):
             else:
                 latent, _ = self.scheduler.step(pred.float(), int(t), latent, generator=self._device_generator(device))
         return latent
+
+    def region_tensors(self, mask: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        """DDPM body-region conditioning (N, 4) one-hot x 100, from each mask as the official sampler does
+        (``get_body_region_index_from_mask``); the configured ``top_region`` / ``bottom_region`` only when a mask
+        has none of the region marker labels."""
+        tops, bottoms = [], []
+        for i in range(mask.shape[0]):
+            found = body_region_from_mask(mask[i])
+            if found is not None:
+                tops.append(torch.tensor(found[0], dtype=torch.float32) * 100.0)
+                bottoms.append(torch.tensor(found[1], dtype=torch.float32) * 100.0)
+            elif self.top_region is not None and self.bottom_region is not None:
+                tops.append(self.top_region.float())
+                bottoms.append(self.bottom_region.float())
+            else:
+                raise InvalidInputError(
+                    "the DDPM UNet needs the body region, but the mask has none of the marker labels (brain/skull, "
+                    "lung lobes, abdominal organs, femurs); set config key 'body_region'"
+                )
+        self.last_regions = (torch.stack(tops), torch.stack(bottoms))
+        return {"top_region_index_tensor": self.last_regions[0].to(device),
+                "bottom_region_index_tensor": self.last_regions[1].to(device)}
 
     def _denoise(self, unet, latent, t_batch, cond, labels, extra) -> torch.Tensor:
         """One network evaluation: ControlNet residuals into the UNet, with optional modality guidance."""

@@ -53,9 +53,15 @@ from monai.inferers import SlidingWindowInferer
 from monai.networks.schedulers import DDPMScheduler
 from monai.utils import optional_import
 
-from common.networks.maisi import clamp_num_splits, load_maisi_checkpoint, set_num_splits, verify_checkpoint_hash
+from common.networks.maisi import (
+    clamp_num_splits,
+    load_maisi_checkpoint,
+    load_maisi_state,
+    set_num_splits,
+    verify_checkpoint_hash,
+)
 from common.transforms.maisi import BODY_LABEL, MAISI_LABELS, post_process_generated_mask
-from common.utils.io import atomic_path, load_state_into
+from common.utils.io import atomic_path
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 logger = logging.getLogger(__name__)
@@ -281,10 +287,10 @@ class MaisiMaskGenerator:
         self._lut = load_label_remap(self.files["mask_generation_label_remap_path"])
         ae_path = self.files["mask_generation_autoencoder_path"]
         state, _ = load_maisi_checkpoint(ae_path, "autoencoder")
-        load_state_into(self.autoencoder, state, source=f"mask VAE checkpoint '{ae_path}'")
+        load_maisi_state(self.autoencoder, state, source=f"mask VAE checkpoint '{ae_path}'")
         dm_path = self.files["mask_generation_diffusion_unet_path"]
         state, scale = load_maisi_checkpoint(dm_path, "unet")
-        load_state_into(self.diffusion_unet, state, source=f"mask DM checkpoint '{dm_path}'")
+        load_maisi_state(self.diffusion_unet, state, source=f"mask DM checkpoint '{dm_path}'")
         if scale is not None:  # the official loader reads it from the checkpoint as well
             self.scale_factor = float(scale)
         self.autoencoder.to(self.device).eval()

@@ -25,6 +25,7 @@ switches are applied automatically from the device and official checkpoints stil
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,11 @@ __all__ = [
     "maisi_mask_diffusion",
     "init_controlnet_from_unet",
     "load_maisi_checkpoint",
+    "safe_load_checkpoint",
+    "CHECKPOINT_ALLOWED_GLOBALS",
+    "drop_unused_attention_keys",
+    "load_maisi_state",
+    "maisi_perceptual_loss",
     "clamp_num_splits",
     "set_num_splits",
     "load_pretrained",
@@ -256,10 +262,91 @@ _STATE_KEYS = {
 }
 
 
+def _checkpoint_allow_list() -> list[Any]:
+    """The pickled globals, beyond PyTorch's own ``weights_only`` set, that a MAISI checkpoint may contain.
+
+    The official diffusion trainer (``diff_model_train.py``) saves ``scale_factor = 1 / torch.std(z)`` with ``z``
+    a batch of a ``LoadImaged`` pipeline, so that entry is a MONAI ``MetaTensor`` whose metadata holds MONAI's
+    key enums and, when it comes from an uncollated item or an older pipeline, numpy arrays (numpy 1.x names such
+    as ``numpy.core.multiarray._reconstruct`` and numpy 2 names ``numpy._core...``). Each entry is ``(object,
+    name in the pickle)``: exactly these names are accepted, nothing else (no code, no arbitrary classes).
+    """
+    import numpy as np
+    from monai.data.meta_tensor import MetaTensor
+    from monai.utils.enums import MetaKeys, SpaceKeys, TraceKeys
+
+    try:  # numpy >= 2
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    entries: list[Any] = [
+        (MetaTensor, "monai.data.meta_tensor.MetaTensor"),
+        (MetaKeys, "monai.utils.enums.MetaKeys"),
+        (SpaceKeys, "monai.utils.enums.SpaceKeys"),
+        (TraceKeys, "monai.utils.enums.TraceKeys"),
+        (np.ndarray, "numpy.ndarray"),
+        (np.dtype, "numpy.dtype"),
+    ]
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        entries.append((_reconstruct, f"{module}._reconstruct"))
+    # the dtype objects ``numpy.dtype(...)`` rebuilds (the NIfTI header fields: numbers, flags and byte strings)
+    for name in _NUMPY_DTYPE_CLASSES:
+        cls = getattr(np.dtypes, name, None)
+        if cls is not None:
+            entries.append((cls, f"numpy.dtypes.{name}"))
+    return entries
+
+
+_NUMPY_DTYPE_CLASSES = (
+    "BoolDType", "Int8DType", "UInt8DType", "Int16DType", "UInt16DType", "Int32DType", "UInt32DType", "Int64DType",
+    "UInt64DType", "Float16DType", "Float32DType", "Float64DType", "BytesDType",
+)
+
+
+#: names of :func:`_checkpoint_allow_list` (documented in the maisi_ct model card)
+CHECKPOINT_ALLOWED_GLOBALS: tuple[str, ...] = (
+    "monai.data.meta_tensor.MetaTensor",
+    "monai.utils.enums.MetaKeys",
+    "monai.utils.enums.SpaceKeys",
+    "monai.utils.enums.TraceKeys",
+    "numpy.ndarray",
+    "numpy.dtype",
+    "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray._reconstruct",
+    "numpy.dtypes.<Bool|(U)Int8..64|Float16..64|Bytes>DType",
+)
+
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def safe_load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with the MAISI allow-list (:data:`CHECKPOINT_ALLOWED_GLOBALS`).
+
+    A file that pickles any other global (a class or function that could run code) is refused with one
+    ``CheckpointError`` naming the file and the global; unreadable files likewise.
+    """
+    from common.utils.io import CheckpointError
+
+    try:
+        with torch.serialization.safe_globals(_checkpoint_allow_list()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # pickle errors, truncated archives, foreign formats
+        found = _UNSUPPORTED_GLOBAL.search(str(e))
+        if found:
+            raise CheckpointError(
+                f"checkpoint '{path}' contains a pickled object of type '{found.group(1)}', which a MAISI checkpoint "
+                "does not hold; it was not loaded (objects that could run code are refused: only tensors, state "
+                "dicts, numbers, strings and the allow-list "
+                f"{', '.join(CHECKPOINT_ALLOWED_GLOBALS[:4])}, numpy arrays are read; see the model card, "
+                "'Checkpoints')"
+            ) from None
+        raise CheckpointError(f"checkpoint '{path}' cannot be read as a PyTorch weights file: {e}") from e
+
+
 def load_maisi_checkpoint(
     path: str | Path, kind: str, map_location: str | torch.device = "cpu"
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """Load an official or self-trained MAISI checkpoint with ``weights_only=True``.
+    """Load an official or self-trained MAISI checkpoint with ``weights_only=True`` and the MAISI allow-list.
 
     Args:
         path: checkpoint file.
@@ -268,7 +355,8 @@ def load_maisi_checkpoint(
         map_location: where tensors are loaded.
 
     Returns:
-        ``(state_dict, scale_factor)``; ``scale_factor`` is a 0-d float tensor or ``None`` when the file has none.
+        ``(state_dict, scale_factor)``; ``scale_factor`` is a plain 0-d float32 tensor (a ``MetaTensor`` in the
+        file loses its metadata) or ``None`` when the file has none.
     """
     if kind not in _STATE_KEYS:
         raise ValueError(f"kind must be one of {sorted(_STATE_KEYS)}, got {kind!r}")
@@ -279,10 +367,7 @@ def load_maisi_checkpoint(
         raise InputNotFoundError(
             f"checkpoint '{path}' not found: place the official file there (see large_files.yml and docs/README.md)"
         )
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # pickle errors, truncated archives, foreign formats
-        raise CheckpointError(f"checkpoint '{path}' cannot be read as a PyTorch weights file: {e}") from e
+    ckpt = safe_load_checkpoint(path, map_location)
     state = None
     for key in _STATE_KEYS[kind]:
         if isinstance(ckpt, Mapping) and key in ckpt and isinstance(ckpt[key], Mapping):
@@ -297,12 +382,57 @@ def load_maisi_checkpoint(
                 f"checkpoint '{path}' holds no MAISI {kind} state dict (looked for the entries {list(_STATE_KEYS[kind])} "
                 f"or a raw state dict; it has {found}); is it a checkpoint of another bundle or another stage?"
             )
+    state = {k: (v.as_tensor() if hasattr(v, "as_tensor") else v) for k, v in state.items()}
     scale = ckpt.get("scale_factor") if isinstance(ckpt, Mapping) else None
     if isinstance(scale, Mapping):  # this collection's trainer checkpoint: ScaleFactor module state
         scale = scale.get("value")
     if scale is not None:
-        scale = torch.as_tensor(scale, dtype=torch.float32).reshape(())
+        if hasattr(scale, "as_tensor"):  # MetaTensor of the official trainer: keep the number only
+            scale = scale.as_tensor()
+        try:
+            scale = torch.as_tensor(scale, dtype=torch.float32).detach().clone().reshape(())
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint '{path}': 'scale_factor' is not one number ({e})") from e
     return state, scale
+
+
+_OUT_PROJ_KEY = re.compile(r"^(?P<block>.+)\.out_proj\.(weight|bias)$")
+
+
+def drop_unused_attention_keys(net: torch.nn.Module, state: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Remove the ``<block>.out_proj.{weight,bias}`` entries MONAI 1.4 wrote for attention blocks built with
+    ``include_fc=False`` (it created the layer and never used it; MONAI >= 1.5 has no such keys).
+
+    Only keys ``net`` does not have, whose ``<block>`` in ``net`` is an attention block with ``include_fc`` False,
+    are removed: every other key is left for the strict check. Official DDPM files: 22 (UNet) / 10 (ControlNet).
+
+    Returns:
+        ``(state without those keys, the removed keys)``.
+    """
+    own = net.state_dict()
+    dropped = []
+    for key in state:
+        if key in own:
+            continue
+        m = _OUT_PROJ_KEY.match(key)
+        if not m:
+            continue
+        try:
+            block = net.get_submodule(m.group("block"))
+        except AttributeError:
+            continue
+        if getattr(block, "include_fc", True) is False and isinstance(getattr(block, "out_proj", None), torch.nn.Identity):
+            dropped.append(key)
+    return {k: v for k, v in state.items() if k not in set(dropped)}, dropped
+
+
+def load_maisi_state(net: torch.nn.Module, state: Mapping[str, Any], source: str) -> list[str]:
+    """Strict load of ``state`` into ``net`` after :func:`drop_unused_attention_keys`; returns the dropped keys."""
+    from common.utils.io import load_state_into
+
+    state, dropped = drop_unused_attention_keys(getattr(net, "module", net), state)
+    load_state_into(net, state, source=source)
+    return dropped
 
 
 def clamp_num_splits(num_splits: int, latent_len: int, min_voxels: int = 3) -> int:
@@ -341,7 +471,8 @@ def _large_file_entry(path: str | Path, large_files: str | Path | None) -> dict[
 
 
 def verify_checkpoint_hash(
-    path: str | Path, sha256: str | None = None, large_files: str | Path | None = None, key: str | None = None
+    path: str | Path, sha256: str | None = None, large_files: str | Path | None = None, key: str | None = None,
+    what: str = "checkpoint",
 ) -> None:
     """Check a file before it is used: against ``sha256`` (a config key, named ``key`` in the error) and, when the
     file is the one a ``large_files.yml`` entry downloads (same path under the bundle root), against that entry's
@@ -362,7 +493,7 @@ def verify_checkpoint_hash(
         got = digest("sha256")
         if got.lower() != str(sha256).lower():
             where = f"config key '{key}'" if key else "the expected sha256"
-            raise HashMismatchError(f"checkpoint '{path}' has sha256 {got}, expected {sha256} ({where}); "
+            raise HashMismatchError(f"{what} '{path}' has sha256 {got}, expected {sha256} ({where}); "
                                     "the file is damaged or not the intended one")
     entry = _large_file_entry(path, large_files)
     if entry and entry.get("hash_val") not in (None, ""):
@@ -373,7 +504,7 @@ def verify_checkpoint_hash(
         got = digest(kind)
         if got.lower() != str(expected).lower():
             raise HashMismatchError(
-                f"checkpoint '{path}' has {kind} {got}, expected {expected} (large_files.yml entry "
+                f"{what} '{path}' has {kind} {got}, expected {expected} (large_files.yml entry "
                 f"'{entry['path']}'); the download is incomplete or damaged: download it again"
             )
 
@@ -409,9 +540,7 @@ def load_pretrained(
     if init_from is not None:
         init_controlnet_from_unet(net, init_from)
     if path is not None:
-        from common.utils.io import load_state_into
-
-        load_state_into(net, state, source=f"{kind} checkpoint '{path}'")
+        load_maisi_state(net, state, source=f"{kind} checkpoint '{path}'")
     return net.to(device).eval()
 
 
@@ -425,3 +554,55 @@ def read_scale_factor(path: str | Path, default: float | None = None) -> float:
             raise CheckpointError(f"diffusion checkpoint '{path}' holds no scale_factor (the latent scale of its training)")
         return float(default)
     return float(scale)
+
+
+def maisi_perceptual_loss(
+    weights_path: str | Path | None, device: torch.device | str = "cpu", key: str = "perceptual_weights_path"
+) -> torch.nn.Module | None:
+    """The VAE's perceptual term (``PerceptualLoss(spatial_dims=3, network_type="squeeze", is_fake_3d=True,
+    fake_3d_ratio=0.2)``, official) with its weights from a **local** file; never a download.
+
+    MONAI 1.6.1 ignores ``pretrained_path`` for the ``squeeze`` network and its LPIPS backbone downloads the
+    ImageNet SqueezeNet weights when built. Here the network is built with a random backbone (``lpips``'s
+    ``pnet_rand=True``, no download) and ``weights_path`` is loaded into it strictly (``weights_only=True``): the
+    file is the ``state_dict()`` of ``PerceptualLoss(...).perceptual_function`` (backbone and LPIPS linear layers).
+
+    Returns ``None`` when ``weights_path`` is ``None`` (no perceptual term). Raises a user error naming the config
+    key ``key`` when the file is missing, does not fit, or the packages the network needs (``lpips``,
+    ``torchvision``) are not installed.
+    """
+    if not weights_path:
+        return None
+    import functools
+    import importlib.util
+
+    from common.utils.errors import InputNotFoundError, InvalidInputError
+    from common.utils.io import load_state_into
+
+    if not Path(weights_path).is_file():
+        raise InputNotFoundError(f"perceptual weights '{weights_path}' (config key '{key}') do not exist")
+    missing = [m for m in ("lpips", "torchvision") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise InvalidInputError(
+            f"config key '{key}' is set ('{weights_path}'), but the squeeze perceptual network needs the package(s) "
+            f"{missing}, which are not installed; install them or set '{key}' to null (no perceptual term: "
+            "perceptual_weight 0)"
+        )
+    import lpips
+    import monai.losses.perceptual as perceptual
+
+    original = perceptual.LPIPS
+    perceptual.LPIPS = functools.partial(lpips.LPIPS, pnet_rand=True)  # random backbone: nothing is downloaded
+    try:
+        loss = perceptual.PerceptualLoss(spatial_dims=3, network_type="squeeze", is_fake_3d=True, fake_3d_ratio=0.2,
+                                         pretrained=False)
+    finally:
+        perceptual.LPIPS = original
+    state = safe_load_checkpoint(weights_path)
+    if not isinstance(state, Mapping):
+        from common.utils.io import CheckpointError
+
+        raise CheckpointError(f"perceptual weights '{weights_path}' (config key '{key}') hold a {type(state).__name__}, "
+                              "expected the state dict of PerceptualLoss(network_type='squeeze').perceptual_function")
+    load_state_into(loss.perceptual_function, state, source=f"perceptual weights '{weights_path}' (config key '{key}')")
+    return loss.to(device).eval()

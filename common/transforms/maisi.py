@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform
+from monai.transforms import MapTransform, Randomizable
 from scipy import ndimage
 
 __all__ = [
@@ -45,6 +45,17 @@ __all__ = [
     "dilate_mask",
     "close_mask",
     "post_process_generated_mask",
+    "DUMMY_LABELS",
+    "ORGAN_MAX_VOLUME_ML",
+    "LABEL_FORMATS",
+    "maisi_label_problems",
+    "looks_like_totalsegmentator",
+    "body_from_labels",
+    "totalsegmentator_mask_to_maisi",
+    "MaisiUserMaskd",
+    "REGION_LABELS",
+    "body_region_from_mask",
+    "AugmentMaskd",
 ]
 
 _FIRST_NAMES = (
@@ -449,3 +460,236 @@ def post_process_generated_mask(label: np.ndarray, target_tumor_label: int | Non
     if tumor is not None:
         data[tumor_mask] = tumor
     return data.astype(np.uint8)
+
+
+# --- user masks: MAISI label semantics, TotalSegmentator conversion ------------------------------------------------
+
+#: ids named ``dummy1`` .. ``dummy8`` in the MAISI label dictionary: never produced by the MAISI mask pipeline
+DUMMY_LABELS: tuple[int, ...] = tuple(sorted(v for k, v in MAISI_LABELS.items() if k.startswith("dummy")))
+#: upper bounds (ml) of a whole organ in an adult CT (ours: several times the typical volume); a mask beyond
+#: them is not in MAISI ids or has a wrong voxel size. Lower bounds are not checked: the field of view may cut
+#: an organ.
+ORGAN_MAX_VOLUME_ML: dict[str, float] = {
+    "liver": 6000.0, "spleen": 2500.0, "pancreas": 600.0, "right kidney": 1000.0, "left kidney": 1000.0,
+    "gallbladder": 500.0, "heart": 2500.0, "brain": 3000.0, "bladder": 2000.0, "aorta": 1500.0,
+}
+LABEL_FORMATS = ("maisi", "totalsegmentator")
+
+
+def _ids_text(ids: Sequence[int], counts: Mapping[int, int] | None = None) -> str:
+    names = {v: k for k, v in MAISI_LABELS.items()}
+    parts = []
+    for i in ids:
+        part = f"{i} ({names.get(i, '?')}"
+        if counts is not None:
+            part += f", {counts[i]} voxels"
+        parts.append(part + ")")
+    return ", ".join(parts)
+
+
+def maisi_label_problems(label: np.ndarray, spacing: Sequence[float]) -> list[str]:
+    """What makes ``label`` (X, Y, Z) not a MAISI label map: no body label 200, ``dummy*`` ids, organs larger than
+    :data:`ORGAN_MAX_VOLUME_ML` at voxel size ``spacing`` (mm). Empty list = plausible."""
+    lab = np.asarray(label)
+    values, counts = np.unique(lab, return_counts=True)
+    count = {int(v): int(c) for v, c in zip(values, counts)}
+    problems = []
+    if BODY_LABEL not in count:
+        problems.append(f"no body label {BODY_LABEL} (MAISI labels every body voxel outside the listed structures "
+                        f"{BODY_LABEL}; without it the whole background becomes air)")
+    dummies = [i for i in DUMMY_LABELS if i in count]
+    if dummies:
+        problems.append(f"ids the MAISI label dictionary leaves unused: {_ids_text(dummies, count)}")
+    voxel_ml = float(np.prod([float(s) for s in spacing])) / 1000.0
+    big = []
+    for name, limit in ORGAN_MAX_VOLUME_ML.items():
+        ml = count.get(MAISI_LABELS[name], 0) * voxel_ml
+        if ml > limit:
+            big.append(f"{MAISI_LABELS[name]} ({name}) {ml:.0f} ml > {limit:.0f} ml")
+    if big:
+        problems.append("implausible organ volumes at this voxel size: " + ", ".join(big))
+    return problems
+
+
+def looks_like_totalsegmentator(label: np.ndarray, class_map: Mapping[int, str]) -> bool:
+    """A TotalSegmentator ``total`` map has no 200 and only ids of its class map (1..117 in v2)."""
+    ids = {int(v) for v in np.unique(np.asarray(label)) if v}
+    return bool(ids) and BODY_LABEL not in ids and ids <= {int(k) for k in class_map}
+
+
+def body_from_labels(label: np.ndarray, spacing: Sequence[float], closing_mm: float = 15.0) -> np.ndarray:
+    """An approximate body region from a label map without one (ours): the labelled structures, closed with a
+    ``closing_mm`` cube and filled slice by slice along the axial axis. Skin and subcutaneous fat
+    outside the outermost labelled structures are missed."""
+    fg = np.asarray(label) > 0
+    if not fg.any():
+        return fg
+    r = max(1, int(round(closing_mm / max(float(s) for s in spacing))))  # r 3x3x3 steps = a (2r+1)^3 cube
+    padded = np.pad(fg, r)
+    closed = ndimage.binary_closing(padded, structure=_CUBE, iterations=r)
+    body = closed[tuple(slice(r, r + n) for n in fg.shape)] | fg
+    for z in range(body.shape[-1]):
+        body[..., z] = ndimage.binary_fill_holes(body[..., z])
+    return body
+
+
+def totalsegmentator_mask_to_maisi(label: np.ndarray, class_map: Mapping[int, str], spacing: Sequence[float]) -> np.ndarray:
+    """TotalSegmentator ``total`` label map -> MAISI ids by name (:func:`totalsegmentator_to_maisi_lut`, the map the
+    bundle uses for training labels); structures MAISI does not list and the approximate body
+    (:func:`body_from_labels`) become body 200."""
+    lab = np.asarray(label).astype(np.int64)
+    out = to_maisi_label(lab, totalsegmentator_to_maisi_lut(class_map))
+    out[(out == 0) & body_from_labels(lab, spacing)] = BODY_LABEL
+    return out
+
+
+class MaisiUserMaskd(MapTransform):
+    """Check (and convert) a user's label mask before generation; channel-first (1, X, Y, Z) MetaTensor in.
+
+    ``label_format="maisi"``: the mask must have MAISI semantics (:func:`maisi_label_problems`), otherwise one
+    ``InvalidInputError`` names the file, the offending ids and, when the content looks like a TotalSegmentator
+    map, the ``label_format`` option. ``"totalsegmentator"``: every id must be a TotalSegmentator ``total`` id
+    (``class_map``); the map is converted by name (:func:`totalsegmentator_mask_to_maisi`).
+    """
+
+    def __init__(self, keys: KeysCollection, label_format: str = "maisi", class_map: Mapping[int, str] | None = None,
+                 enabled: bool = True, key_name: str = "label_path") -> None:
+        super().__init__(keys)
+        from common.utils.errors import InvalidInputError
+
+        if label_format not in LABEL_FORMATS:
+            raise InvalidInputError(f"config key 'label_format' is {label_format!r}; expected one of {LABEL_FORMATS}")
+        self.label_format = label_format
+        self.class_map = {int(k): str(v) for k, v in (class_map or {}).items()}
+        self.enabled = bool(enabled)
+        self.key_name = key_name
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from common.utils.errors import InvalidInputError
+
+        d = dict(data)
+        if not self.enabled:
+            return d
+        for key in self.key_iterator(d):
+            lab = d[key]
+            arr = np.asarray(lab[0])
+            meta = getattr(lab, "meta", {}) or {}
+            source = meta.get("filename_or_obj", "the mask")
+            affine = np.asarray(getattr(lab, "affine", np.eye(4)))
+            spacing = np.linalg.norm(affine[:3, :3], axis=0)
+            if self.label_format == "totalsegmentator":
+                ids = sorted(int(v) for v in np.unique(arr) if v)
+                unknown = [i for i in ids if i not in self.class_map]
+                if unknown:
+                    raise InvalidInputError(
+                        f"label mask '{source}' (config key '{self.key_name}', label_format 'totalsegmentator') has "
+                        f"ids {unknown} that are not TotalSegmentator 'total' classes (1..{max(self.class_map)}); "
+                        "is it a MAISI mask (label_format 'maisi') or another segmenter's?"
+                    )
+                mapped = totalsegmentator_mask_to_maisi(arr, self.class_map, spacing)
+                d[key] = lab.clone().copy_(torch.as_tensor(mapped[None]).to(lab.dtype)) if torch.is_tensor(lab) else mapped[None]
+                continue
+            problems = maisi_label_problems(arr, spacing)
+            if problems:
+                hint = ""
+                if self.class_map and looks_like_totalsegmentator(arr, self.class_map):
+                    hint = ("; its ids are all TotalSegmentator 'total' classes: if it is a TotalSegmentator map, set "
+                            "label_format to 'totalsegmentator' to convert it by name")
+                raise InvalidInputError(
+                    f"label mask '{source}' (config key '{self.key_name}') is not a MAISI label map: "
+                    + "; ".join(problems) + hint
+                )
+        return d
+
+
+# --- body region and mask augmentation ---------------------------------------------------------------------------
+
+#: labels that mark each body region (official ``get_body_region_index_from_mask``): head (brain, skull), thorax
+#: (lung lobes), abdomen (liver, dummy1, spleen, pancreas, kidneys), pelvis/lower (femurs)
+REGION_LABELS: tuple[tuple[int, ...], ...] = ((22, 120), (28, 29, 30, 31, 32), (1, 2, 3, 4, 5, 14), (93, 94))
+
+
+def body_region_from_mask(label: np.ndarray | torch.Tensor) -> tuple[list[int], list[int]] | None:
+    """One-hot top and bottom body region (order head, thorax, abdomen, pelvis) of a MAISI mask: the first and
+    the last region whose marker labels are present; ``None`` when none is."""
+    present = set(np.unique(torch.as_tensor(label).cpu().numpy()).astype(int).tolist())
+    hits = [i for i, ids in enumerate(REGION_LABELS) if present & set(ids)]
+    if not hits:
+        return None
+    eye = np.eye(len(REGION_LABELS), dtype=int)
+    return eye[min(hits)].tolist(), eye[max(hits)].tolist()
+
+
+# tumour -> (host labels, label its voxels get before the move, affine ranges (translate vox, rotate rad, scale),
+# fraction of its volume that must land in the host); official ``augmentation.py`` (facts; Rand3DElastic there,
+# an affine move here (ours))
+_TUMOR_AUG: dict[int, tuple[tuple[int, ...], int | None, tuple, float]] = {
+    128: (tuple(range(33, 57)) + tuple(range(63, 98)) + (127, 114), BODY_LABEL, ((5, 5, 0), (0, 0, 0.1), (0.15, 0.15, 0)), 0.8),
+    26: ((1,), 1, ((10, 10, 10), (np.pi / 36,) * 3, (0.2, 0.2, 0.2)), 0.8),
+    23: ((28, 29, 30, 31, 32), None, ((20, 20, 20), (np.pi / 36, np.pi / 36, np.pi), (0.15, 0.15, 0.15)), 0.85),
+    24: ((4,), 4, ((15, 15, 15), (np.pi / 36,) * 3, (0.1, 0.1, 0.1)), 0.8),
+    27: ((62,), 62, ((5, 5, 5), (np.pi / 36,) * 3, (0.1, 0.1, 0.1)), 0.8),
+}
+
+
+class AugmentMaskd(MapTransform, Randomizable):
+    """Augment a retrieved mask (1, X, Y, Z) before generation, as the official sampler does for database masks.
+
+    Facts from the official ``augmentation`` (MONAI tutorials / NV-Generate-CTMR ``scripts/augmentation.py``): a
+    mask with a tumour (priority bone lesion, hepatic, lung, pancreatic, colon) has the tumour moved at random
+    inside its host organ (its old place filled with the host) until at least 80 % (lung 85 %) of it lands in the
+    closed host region, then closed; a mask without a tumour is zoomed by a random factor in [0.99, 1.01]
+    (nearest neighbour, same size). Ours: an affine move (the official uses an elastic one for four tumours) and at
+    most ``max_tries`` moves (then the tumour stays where it was). Applied only when the item's ``augment_key``
+    is true.
+    """
+
+    def __init__(self, keys: KeysCollection, seed: int = 0, augment_key: str = "augment", max_tries: int = 50) -> None:
+        MapTransform.__init__(self, keys)
+        self.augment_key = augment_key
+        self.max_tries = int(max_tries)
+        self.set_random_state(seed=int(seed))
+
+    def randomize(self, data: Any = None) -> int:
+        return int(self.R.randint(0, 2**31 - 1))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if not d.get(self.augment_key):
+            return d
+        for key in self.key_iterator(d):
+            lab = d[key]
+            out = self.augment(torch.as_tensor(lab).clone(), self.randomize())
+            d[key] = lab.clone().copy_(out) if isinstance(lab, torch.Tensor) else out.numpy()
+        return d
+
+    def augment(self, label: torch.Tensor, seed: int) -> torch.Tensor:
+        from monai.transforms import RandAffine, RandZoom
+
+        vol = label[0].clone()
+        present = set(torch.unique(vol).tolist())
+        tumor = next((t for t in (128, 26, 23, 24, 27) if t in present), None)
+        if tumor is None:
+            zoom = RandZoom(min_zoom=0.99, max_zoom=1.01, mode="nearest", prob=1.0, keep_size=True)
+            zoom.set_random_state(seed=seed)
+            return torch.as_tensor(zoom(label)).to(label.dtype)
+        hosts, fill, (translate, rotate, scale), need = _TUMOR_AUG[tumor]
+        t_mask = vol == tumor
+        if fill is None:  # lung tumour: the most frequent lobe around it
+            ring = torch.as_tensor(dilate_mask(t_mask.numpy(), 1)) & ~t_mask & torch.isin(vol, torch.tensor(hosts, dtype=vol.dtype))
+            fill = int(torch.mode(vol[ring]).values) if ring.any() else hosts[0]
+        vol[t_mask] = fill
+        host = close_mask(torch.isin(vol, torch.tensor(hosts, dtype=vol.dtype)).numpy() | t_mask.numpy(), times=2)
+        size = int(t_mask.sum())
+        move = RandAffine(prob=1.0, translate_range=translate, rotate_range=rotate, scale_range=scale,
+                          mode="nearest", padding_mode="zeros")
+        move.set_random_state(seed=seed)
+        placed = t_mask.numpy()
+        for _ in range(self.max_tries):
+            moved = np.asarray(move(t_mask[None].float()))[0] > 0.5
+            inside = moved & host
+            if inside.sum() >= need * size:
+                placed = close_mask(inside, times=2) & host
+                break
+        vol[torch.as_tensor(placed)] = tumor
+        return vol[None].to(label.dtype)

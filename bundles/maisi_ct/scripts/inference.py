@@ -9,14 +9,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import torch
 from monai.transforms import MapTransform
 
-from common.data.maisi_masks import find_masks
+from common.data.maisi_masks import ensure_mask_folder, find_masks
 from common.transforms.maisi import MAISI_LABELS
 from common.utils.errors import InputNotFoundError, InvalidInputError
 from common.utils.io import atomic_write, refuse_overwrite
 
-__all__ = ["mask_requests", "requested_label_ids", "NameSampled", "sample_name_formatter", "WriteSampleReportd"]
+__all__ = ["mask_requests", "KeepSampled", "requested_label_ids", "NameSampled", "sample_name_formatter", "WriteSampleReportd"]
 
 
 def mask_requests(
@@ -30,10 +31,20 @@ def mask_requests(
     controllable_anatomy_size: Sequence[Sequence[Any]] | None = None,
     mask_generator: Any = None,
     mask_dir: str | None = None,
+    mask_db_dir: str | None = None,
+    body_region: Sequence[str] | None = None,
+    max_try: int = 2,
+    survival_transform: Any = None,
+    large_files: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Dataset items, one per output sample, from the first applicable mask source: the user's mask
-    (``label_path``), masks generated from ``controllable_anatomy_size`` by ``mask_generator`` (written to
-    ``mask_dir``), or masks retrieved from ``mask_db``."""
+    """Dataset items in the order the sampler tries them, from the first applicable mask source: the user's mask
+    (``label_path``, repeated ``num`` times), masks generated from ``controllable_anatomy_size`` by
+    ``mask_generator`` (written to ``mask_dir``), or candidates retrieved from ``mask_db``
+    (:func:`common.data.maisi_masks.find_masks`; file names relative to ``mask_db_dir``, the official unzipped mask
+    folder, unzipped from ``<mask_db_dir>.zip`` on first use, or to the JSON's folder when ``mask_db_dir`` is null).
+
+    ``survival_transform``: the inference preprocessing, used to check that the requested labels survive the
+    resampling of a closest-match mask to the requested grid."""
     if label_path:
         if not Path(label_path).is_file():
             raise InputNotFoundError(f"label mask '{label_path}' (config key 'label_path') does not exist")
@@ -46,12 +57,52 @@ def mask_requests(
         raise InputNotFoundError(
             f"no label_path given and the mask database '{mask_db}' (config key 'mask_db') does not exist"
         )
-    # only the file travels through the transforms; the geometry comes from the file itself
+    if mask_db_dir:
+        ensure_mask_folder(mask_db_dir, large_files=large_files)
+    wanted = {MAISI_LABELS[a] for a in anatomy_list if a in MAISI_LABELS}
+
+    def survives(item: dict[str, Any]) -> bool:
+        if survival_transform is None or not wanted:
+            return True
+        label = survival_transform({"label": item["label"]})["label"]
+        return wanted <= {int(v) for v in torch.unique(torch.as_tensor(label)).tolist()}
+
     try:
-        found = find_masks(mask_db, anatomy_list, spacing, output_size, num=int(num), seed=int(seed))
+        found = find_masks(mask_db, anatomy_list, spacing, output_size, num=int(num), seed=int(seed),
+                           body_region=body_region, mask_dir=mask_db_dir, max_try=int(max_try), survives=survives)
     except ValueError as e:
+        if isinstance(e, InvalidInputError):
+            raise
         raise InvalidInputError(f"mask database '{mask_db}' (config key 'mask_db'): {e} (config key 'anatomy_list')") from e
-    return [{"label": e["label"]} for e in found]
+    # only the file and the augmentation flag travel through the transforms; the geometry comes from the file itself.
+    # The database fields stay out: MONAI treats every ``label_*`` key (e.g. ``label_list``) as metadata of ``label``.
+    return [{"label": c["label"], "augment": bool(c.get("augment", True))} for c in found]
+
+
+class KeepSampled(MapTransform):
+    """Decide whether a generated sample is kept (official rule, :class:`~common.data.maisi_masks.MaskCandidateQueue`)
+    and run ``transforms`` (naming, filtering, saving, report) only for kept samples; a dropped sample's mask is
+    replaced by the next candidate."""
+
+    def __init__(self, keys: str, queue: Any, inferer: Any, transforms: Sequence[Any]) -> None:
+        super().__init__(keys)
+        from monai.transforms import Compose
+
+        self.queue = queue
+        self.inferer = inferer
+        self.transforms = Compose(list(transforms))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        report = self.inferer.last_report
+        qc = report.get("quality_check")
+        passed = qc is None or all(v["passed"] for v in qc.values())
+        keep = self.queue.decide(passed) if hasattr(self.queue, "decide") else True
+        report["kept"] = bool(keep)
+        report["masks_tried"] = int(getattr(self.queue, "tried", 1))
+        for key in self.key_iterator(d):
+            report["mask"] = str(getattr(d[key], "meta", {}).get("filename_or_obj", ""))
+        return self.transforms(d) if keep else d
 
 
 def requested_label_ids(anatomy_list: Sequence[str], keep_all_labels: bool) -> list[int] | None:

@@ -1,0 +1,247 @@
+"""The official inference path on replica files: the official mask database (zip + JSON with paths relative to the
+unzipped folder), retrieval and next-mask retry, user masks (MAISI semantics, TotalSegmentator maps), and the
+configs' scheduler, scale factor and tensor splitting."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser, ConfigWorkflow
+
+from common.data.maisi_masks import MaskCandidateQueue, ensure_mask_folder, find_masks, load_mask_db
+from common.networks import maisi as M
+from common.transforms.maisi import BODY_LABEL, MAISI_LABELS, MaisiUserMaskd, body_region_from_mask
+from common.utils.errors import InvalidInputError
+
+HERE = Path(__file__).parent
+REF = json.loads((HERE / "monai14_reference.json").read_text())
+DB_NAME = "all_masks_flexible_size_and_spacing_4000"
+
+
+@pytest.fixture(scope="module")
+def official_db(maisi_masks, tmp_path_factory) -> dict[str, Path]:
+    """The official database layout: ``datasets/<DB_NAME>.zip`` holding ``<DB_NAME>/Task06/labelsTr/...`` and the
+    JSON with ``./Task06/...`` names (relative to the unzipped folder, not to the JSON's folder)."""
+    root = tmp_path_factory.mktemp("official_db")
+    grid = nib.load(str(maisi_masks["grid"]))
+    entries = []
+    with zipfile.ZipFile(root / f"{DB_NAME}.zip", "w") as zf:
+        for i, name in enumerate(["./Task06/labelsTr/lung_001.nii.gz", "./Task03/labelsTr/liver_007.nii.gz"]):
+            src = root / f"m{i}.nii.gz"
+            nib.save(grid, str(src))
+            zf.write(src, f"{DB_NAME}/{name[2:]}")
+            arr = np.asarray(grid.dataobj)
+            entries.append({"pseudo_label_filename": name, "spacing": [1.5, 1.5, 1.5], "dim": [64, 64, 64],
+                            "label_list": sorted(int(v) for v in np.unique(arr) if v),
+                            "top_region_index": [0, 0, 1, 0], "bottom_region_index": [0, 0, 1, 0]})
+            src.unlink()
+    (root / "candidate_masks.json").write_text(json.dumps(entries))
+    return {"root": root, "json": root / "candidate_masks.json", "dir": root / DB_NAME}
+
+
+def test_mask_paths_resolve_against_the_unzipped_folder(official_db, tmp_path):
+    entries = load_mask_db(official_db["json"], official_db["dir"])
+    assert entries[0]["pseudo_label_filename"] == str(official_db["dir"] / "Task06" / "labelsTr" / "lung_001.nii.gz")
+    # unzip on first use: into place atomically, no partial folder left, the second call reuses it
+    dest = tmp_path / DB_NAME
+    (tmp_path / f"{DB_NAME}.zip").write_bytes((official_db["root"] / f"{DB_NAME}.zip").read_bytes())
+    assert ensure_mask_folder(dest) == dest and (dest / "Task06" / "labelsTr" / "lung_001.nii.gz").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [DB_NAME, f"{DB_NAME}.zip"]
+    # a damaged archive leaves nothing behind
+    bad = tmp_path / "bad" / f"{DB_NAME}.zip"
+    bad.parent.mkdir()
+    bad.write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(InvalidInputError, match="cannot be unzipped"):
+        ensure_mask_folder(bad.with_suffix(""))
+    assert [p.name for p in bad.parent.iterdir()] == [bad.name]
+    # a large_files.yml hash that does not match is refused before extraction
+    yml = tmp_path / "lf" / "large_files.yml"
+    yml.parent.mkdir()
+    (yml.parent / "datasets").mkdir()
+    z = yml.parent / "datasets" / f"{DB_NAME}.zip"
+    z.write_bytes(bad.read_bytes())
+    yml.write_text(f'large_files:\n  - path: "datasets/{DB_NAME}.zip"\n    url: "u"\n    hash_val: "{"0" * 32}"\n'
+                   '    hash_type: "md5"\n')
+    from common.data.fetch import HashMismatchError
+
+    with pytest.raises(HashMismatchError, match="mask archive"):
+        ensure_mask_folder(z.with_suffix(""), large_files=yml)
+    assert not z.with_suffix("").exists()
+
+
+def _db(n_exact: int, n_other: int, labels=(1, 3, 200)) -> list[dict]:
+    db = [{"pseudo_label_filename": f"/e{i}.nii.gz", "spacing": [1.5, 1.5, 2.0], "dim": [256, 256, 256],
+           "label_list": list(labels)} for i in range(n_exact)]
+    db += [{"pseudo_label_filename": f"/o{i}.nii.gz", "spacing": [1.0 + 0.1 * i, 1.0 + 0.1 * i, 2.0],
+            "dim": [256, 256, 200], "label_list": list(labels)} for i in range(n_other)]
+    return db
+
+
+def test_retrieval_follows_the_official_rule():
+    args = (["liver"], [1.5, 1.5, 2.0], [256, 256, 256])
+    # enough exact matches: only those, shuffled by the seed (all of them can come first)
+    firsts = {find_masks(_db(6, 3), *args, num=2, seed=s)[0]["label"] for s in range(12)}
+    assert firsts <= {f"/e{i}.nii.gz" for i in range(6)} and len(firsts) > 2
+    # too few exact: the closest, masks far too small dropped, at most max(2n, 5), label survival checked
+    db = _db(1, 8) + [{"pseudo_label_filename": "/tiny.nii.gz", "spacing": [1.5, 1.5, 2.0], "dim": [128, 128, 128],
+                       "label_list": [1, 200]}]
+    picks = find_masks(db, *args, num=2, seed=0)
+    assert len(picks) == 5 and "/tiny.nii.gz" not in {p["label"] for p in picks}
+    assert not any(p["exact_match"] for p in picks)
+    lost = find_masks(db, *args, num=2, seed=0, survives=lambda item: item["label"] not in ("/e0.nii.gz", "/o0.nii.gz"))
+    assert {p["label"] for p in lost}.isdisjoint({"/e0.nii.gz", "/o0.nii.gz"})
+    with pytest.raises(ValueError, match="keeps all of"):  # num=2: one exact match is too few, closest path
+        find_masks(db, *args, num=2, survives=lambda item: False)
+    # body regions (DDPM): a mask whose regions do not cover the request is not a candidate
+    regional = [dict(e, top_region_index=[0, 1, 0, 0], bottom_region_index=[0, 0, 1, 0]) for e in _db(3, 0)]
+    assert len(find_masks(regional, *args, body_region=["abdomen"])) == 3
+    with pytest.raises(ValueError, match="body region"):
+        find_masks(regional, *args, body_region=["pelvis"])
+
+
+def test_queue_moves_to_the_next_mask_and_stops_at_the_limit():
+    q = MaskCandidateQueue([{"label": f"m{i}"} for i in range(5)], num=2)
+    seen = []
+    outcomes = iter([False, True, False, False, False])  # QC of the samples drawn from m0 .. m4
+    for item in q:
+        seen.append(item["label"])
+        q.decide(next(outcomes))
+    # m0 failed -> dropped, m1 kept, m2 failed with 3 left for 1 missing -> dropped, m3 failed with 2 left -> dropped,
+    # m4: the last candidate for the last missing sample is kept although it failed
+    assert seen == ["m0", "m1", "m2", "m3", "m4"] and q.decisions == [False, True, False, False, True]
+    q = MaskCandidateQueue([{"label": "u"}] * 3, num=3)  # a user mask: every sample kept
+    assert [q.decide(False) for _ in q] == [True, True, True]
+
+
+def test_totalsegmentator_map_refused_as_maisi_and_converted_by_name(maisi_bundle):
+    from monai.data import MetaTensor
+
+    from common.data.fetch import demo_file
+
+    seg = nib.load(str(demo_file("totalsegmentator/example_seg_fast_force_split.nii.gz")))
+    arr = np.asarray(seg.dataobj).astype(np.int16)
+    classes = json.loads((maisi_bundle / "configs" / "totalsegmentator_classes.json").read_text())
+    lab = MetaTensor(torch.as_tensor(arr[None]), affine=torch.as_tensor(seg.affine),
+                     meta={"filename_or_obj": "ts_seg.nii.gz"})
+    with pytest.raises(InvalidInputError) as err:
+        MaisiUserMaskd("label", class_map=classes)({"label": lab})
+    msg = str(err.value)
+    assert "ts_seg.nii.gz" in msg and f"no body label {BODY_LABEL}" in msg and "label_format" in msg
+    assert "2 (dummy1" in msg  # TotalSegmentator 2 = kidney_right would be read as MAISI dummy1
+    out = np.asarray(MaisiUserMaskd("label", "totalsegmentator", classes)({"label": lab})["label"][0])
+    ts = {v: int(k) for k, v in classes.items()}
+    assert np.array_equal(out[arr == ts["spleen"]], np.full((arr == ts["spleen"]).sum(), MAISI_LABELS["spleen"]))
+    assert np.all(out[arr == ts["kidney_left"]] == MAISI_LABELS["left kidney"])
+    assert BODY_LABEL in np.unique(out) and np.all(out[arr > 0] != 0)
+    assert body_region_from_mask(out) is not None
+    with pytest.raises(InvalidInputError, match=r"ids \[150\]"):
+        MaisiUserMaskd("label", "totalsegmentator", classes)({"label": lab.clone().fill_(150)})
+
+
+def test_maisi_semantics_pass_for_a_real_maisi_mask_and_catch_wrong_voxel_size(maisi_masks):
+    from monai.data import MetaTensor
+
+    img = nib.load(str(maisi_masks["grid"]))
+    lab = MetaTensor(torch.as_tensor(np.asarray(img.dataobj)[None]), affine=torch.as_tensor(img.affine))
+    MaisiUserMaskd("label")({"label": lab})  # a real MAISI mask passes
+    big = MetaTensor(lab.as_tensor().clone(), affine=torch.diag(torch.tensor([20.0, 20.0, 20.0, 1.0])))
+    with pytest.raises(InvalidInputError, match=r"implausible organ volumes.*1 \(liver\)"):
+        MaisiUserMaskd("label")({"label": big})
+
+
+def _ddpm_replicas(out: Path) -> None:
+    """Tiny DDPM files as MONAI 1.4 wrote them (unused out_proj keys) with a MetaTensor scale factor."""
+    from monai.data import MetaTensor
+
+    torch.manual_seed(2)
+    unet = M.maisi_diffusion_unet("ddpm", tiny=True, device="cpu").state_dict()
+    cn = M.maisi_controlnet("ddpm", tiny=True, device="cpu").state_dict()
+    for state, name in ((unet, "diffusion_unet_ddpm_tiny"), (cn, "controlnet_ddpm_tiny")):
+        for k, shape in REF["layouts"][name].items():
+            state.setdefault(k, torch.zeros(shape))
+    torch.save(M.maisi_autoencoder(tiny=True, device="cpu").state_dict(), out / "autoencoder_epoch273.pt")
+    torch.save({"epoch": 1, "loss": 0.1, "num_train_timesteps": 1000, "unet_state_dict": unet,
+                "scale_factor": MetaTensor(torch.tensor(0.8), meta={"filename_or_obj": "x", "dim": np.arange(3)})},
+               out / "input_unet3d_data-all_steps1000size512ddpm_random_current_inputx_v1.pt")
+    torch.save({"epoch": 1, "loss": torch.tensor(0.2), "controlnet_state_dict": cn},
+               out / "controlnet-20datasets-e20wl100fold0bc_noi_dia_fsize_current.pt")
+
+
+def _workflow(bundle, **overrides) -> ConfigWorkflow:
+    wf = ConfigWorkflow(config_file=[str(bundle / "configs" / "inference.json"), str(bundle / "configs" / "tiny.json")],
+                        workflow_type="infer", bundle_root=str(bundle), **overrides)
+    wf.initialize()
+    return wf
+
+
+def test_ddpm_generates_from_the_official_zipped_database(maisi_bundle, official_db, tmp_path):
+    ckpt = tmp_path / "models"
+    ckpt.mkdir()
+    _ddpm_replicas(ckpt)
+    datasets = tmp_path / "datasets"
+    datasets.mkdir()
+    (datasets / f"{DB_NAME}.zip").write_bytes((official_db["root"] / f"{DB_NAME}.zip").read_bytes())
+    out = tmp_path / "out"
+    wf = _workflow(maisi_bundle, version="ddpm", ckpt_dir=str(ckpt), output_dir=str(out), num_inference_steps=2,
+                   mask_db=str(official_db["json"]), mask_db_dir=str(datasets / DB_NAME), anatomy_list=["liver"],
+                   output_size=[64, 64, 64], spacing=[1.5, 1.5, 1.5], num_output_samples=1, quality_check=True,
+                   keep_all_labels=True)
+    wf.run()
+    assert (datasets / DB_NAME / "Task03" / "labelsTr" / "liver_007.nii.gz").is_file()
+    assert wf.parser.get_parsed_content("inferer").scale_factor == pytest.approx(0.8)
+    images = sorted(out.glob("sample_*_image.nii.gz"))
+    reports = [json.loads(p.read_text()) for p in out.glob("sample_*.json")]
+    assert len(images) == 1 and len(reports) == 1
+    report = reports[0]
+    assert report["kept"] and report["mask"].endswith((".nii.gz",)) and DB_NAME in report["mask"]
+    label = np.asarray(nib.load(str(images[0]).replace("_image.nii.gz", "_label.nii.gz")).dataobj)
+    top, bottom = body_region_from_mask(label)  # the mask the sample was conditioned on (augmented)
+    assert report["top_region_index"] == top and report["bottom_region_index"] == bottom
+    assert 1 <= report["masks_tried"] <= 5 and report["attempts"] == 1  # next mask, not a redraw
+
+
+def test_configs_bind_scheduler_scale_factor_and_splitting(maisi_bundle, tiny_ckpt_dir, maisi_masks):
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiConvolution
+
+    parser = ConfigParser()
+    parser.read_config(str(maisi_bundle / "configs" / "inference.json"))
+    parser["bundle_root"] = str(maisi_bundle)
+    rflow = parser.get_parsed_content("rflow_scheduler")
+    rflow.set_timesteps(30, input_img_size_numel=64 * 64 * 32)
+    assert [round(float(t), 1) for t in rflow.timesteps[:4]] == [1000.0, 978.5, 957.0, 934.5]
+    assert float(rflow.timesteps[-1]) == pytest.approx(51.9, abs=0.2)
+    parser["version"] = "ddpm"
+    ddpm = parser.get_parsed_content("ddpm_scheduler")
+    assert float(ddpm.betas[0]) == pytest.approx(0.0015) and float(ddpm.betas[-1]) == pytest.approx(0.0195)
+    assert ddpm.clip_sample is False and parser.get_parsed_content("num_inference_steps") == 1000
+
+    # the checkpoint's scale factor is what the inferer decodes with
+    wf = _workflow(maisi_bundle, ckpt_dir=str(tiny_ckpt_dir), output_dir="/nonexistent", label_path=str(maisi_masks["grid"]),
+                   decode_num_splits=2, decode_roi_size=[64, 64, 64])
+    inferer = wf.parser.get_parsed_content("inferer")
+    wf.parser.get_parsed_content("handlers")[0]()  # MaisiWeightLoader
+    assert inferer.scale_factor == pytest.approx(1.25)  # tiny_ckpt_dir's UNet file
+    seen = {}
+    vae = inferer.autoencoder
+    original = vae.decode_stage_2_outputs
+    vae.decode_stage_2_outputs = lambda z: (seen.setdefault("z", z.clone()), original(z))[1]
+    convs = [m for m in vae.decoder.modules() if isinstance(m, MaisiConvolution)]
+    calls = []
+    hook = convs[1].conv.register_forward_hook(lambda *a: calls.append(1))
+    latent = torch.randn(1, 4, 16, 16, 16)
+    inferer.decode(latent)
+    hook.remove()
+    assert torch.allclose(seen["z"], latent / 1.25)
+    assert convs[1].num_splits == 2 and len(calls) == 2  # the convolution really ran on two pieces
+    inferer.decode_num_splits = 1
+    calls.clear()
+    hook = convs[1].conv.register_forward_hook(lambda *a: calls.append(1))
+    inferer.decode(latent)
+    hook.remove()
+    assert len(calls) == 1
