@@ -82,7 +82,7 @@ class ImportanceTimeSampler:
         return {"loss_sq": self.loss_sq.clone(), "counts": self.counts.clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.loss_sq, self.counts = state["loss_sq"].clone().double(), state["counts"].clone().long()
+        self.loss_sq, self.counts = state["loss_sq"].detach().cpu().double().clone(), state["counts"].detach().cpu().long().clone()
 
 
 class DiffSegStep(TrainingStep):
@@ -103,7 +103,11 @@ class DiffSegStep(TrainingStep):
         grad_clip: global-norm gradient clipping (paper A: 1.0); ``None`` or 0 disables it.
         accumulation_steps: optimiser step every n iterations (effective batch n * batch).
         image_key, label_key: batch keys.
-        seed: seed of the step's own generator for steps and noise (reproducible runs).
+        seed: seed of the step's own generators (reproducible runs). Step indices come from a CPU
+            generator; the noise is drawn **on the training device** (no CPU draw and copy of two
+            mask-sized tensors per iteration): from that same CPU generator when training on the
+            CPU, from a generator on the accelerator otherwise (seeded with ``seed``, its state saved
+            in :meth:`state_dict`, so resumed runs continue the same noise on the same kind of device).
 
     Returns per iteration a dict with ``loss`` and its terms (``loss_dice``, ``loss_ce``,
     ``loss_focal``, ``loss_mse`` where enabled) as floats.
@@ -150,9 +154,13 @@ class DiffSegStep(TrainingStep):
         self.importance = (
             ImportanceTimeSampler(self.num_sampled_steps, **(importance_kwargs or {})) if time_sampling == "importance" else None
         )
+        self.seed = None if seed is None else int(seed)
         self.generator = torch.Generator()
         if seed is not None:
             self.generator.manual_seed(int(seed))
+        # noise generator on the accelerator, made on first use; a state loaded before that is kept
+        self.device_generator: torch.Generator | None = None
+        self._pending_device_state: tuple[str, torch.Tensor] | None = None
         self.scaler: torch.amp.GradScaler | None = None
         self.last_inputs: dict[str, torch.Tensor] = {}  # k, k_re, x_k of the last step (for inspection)
 
@@ -164,8 +172,27 @@ class DiffSegStep(TrainingStep):
         k = torch.randint(0, self.num_sampled_steps, (batch,), generator=self.generator)
         return k, torch.ones(batch)
 
+    def noise_generator(self, device: torch.device | str) -> torch.Generator:
+        """The generator the noise of ``device`` is drawn from (the CPU one on the CPU)."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self.generator
+        gen = self.device_generator
+        if gen is None or gen.device != device:
+            gen = torch.Generator(device=device)
+            if self.seed is not None:
+                gen.manual_seed(self.seed)
+            else:
+                gen.seed()
+            if self._pending_device_state is not None and self._pending_device_state[0] == device.type:
+                gen.set_state(self._pending_device_state[1])
+            self._pending_device_state = None
+            self.device_generator = gen
+        return gen
+
     def _noise(self, like: torch.Tensor) -> torch.Tensor:
-        return torch.randn(like.shape, generator=self.generator, dtype=like.dtype).to(like.device)
+        gen = self.noise_generator(like.device)
+        return torch.randn(like.shape, generator=gen, dtype=like.dtype, device=like.device)
 
     def _predict_x0(self, out: torch.Tensor, x_k: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """The mask in [-1, 1] implied by the network output (x0 logits or epsilon)."""
@@ -253,11 +280,23 @@ class DiffSegStep(TrainingStep):
     def state_dict(self) -> dict[str, Any]:
         """Importance statistics and generator state, so a resumed run continues the same way."""
         state: dict[str, Any] = {"generator": self.generator.get_state()}
+        if self.device_generator is not None:
+            state["device_generator"] = self.device_generator.get_state()
+            state["device_type"] = self.device_generator.device.type
+        elif self._pending_device_state is not None:
+            state["device_type"], state["device_generator"] = self._pending_device_state
         if self.importance is not None:
             state["importance"] = self.importance.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())  # map_location may have moved it
+        if "device_generator" in state:
+            device_type = str(state.get("device_type", "cuda"))
+            if self.device_generator is not None and self.device_generator.device.type == device_type:
+                self.device_generator.set_state(state["device_generator"].cpu())
+            else:
+                self.device_generator = None
+                self._pending_device_state = (device_type, state["device_generator"].cpu())
         if self.importance is not None and "importance" in state:
             self.importance.load_state_dict(state["importance"])

@@ -339,6 +339,13 @@ class ValidateImaged(MapTransform, InvertibleTransform):
         max_abs: refuse images with finite voxels of magnitude above this value (for example
             ``1e5`` for CT in HU: such values mean a wrong scaling in the header or raw scanner
             units). A dict gives one value per key.
+        modality: the modality the pipeline normalises for (``"CT"`` or ``"MR"``; a dict gives one
+            per key; ``None``: not checked). An image whose intensities contradict it gets a
+            ``UserWarning`` naming the file: ``"CT"`` with no voxel below -50 (CT in HU has air near
+            -1000 and fat near -100: an MR image, or a CT in raw scanner units, would be clipped to
+            a meaningless HU window), ``"MR"`` with 5 % or more of its voxels below -500 (a CT in HU,
+            which the percentile rule would normalise into a plausible-looking but wrong input).
+            A warning, not an error: a tight crop of soft tissue can be a valid CT without fat.
         allow_missing_keys: skip absent keys.
 
     Besides these, a MetaTensor whose affine has NaN/Inf or a zero determinant is refused.
@@ -358,8 +365,10 @@ class ValidateImaged(MapTransform, InvertibleTransform):
         max_abs: float | Mapping[Hashable, float | None] | None = None,
         pad_small: bool = False,
         allow_missing_keys: bool = False,
+        modality: str | Mapping[Hashable, str | None] | None = None,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
+        self.modality = modality
         self.spatial_dims = int(spatial_dims)
         self.channels = channels
         for k in self.keys:
@@ -441,6 +450,37 @@ class ValidateImaged(MapTransform, InvertibleTransform):
                 )
             raise InvalidInputError(f"{where} has {n} channels (tensor shape {shape}); expected {want}")
 
+    def _check_modality(self, x: torch.Tensor, finite: torch.Tensor, key: Hashable, where: str) -> None:
+        """Warn when the intensities contradict the configured modality (see ``modality``)."""
+        modality = _per_key(self.modality, key)
+        if modality is None or x.numel() == 0:
+            return
+        modality = str(modality).upper()
+        values = x[finite] if not bool(finite.all()) else x
+        if values.numel() == 0:
+            return
+        if modality == "CT":
+            lo = float(values.min())
+            if lo >= -50.0:
+                warnings.warn(
+                    f"{where} has no voxel below -50 (minimum {lo:g}) but the config key 'modality' is 'CT': CT in "
+                    "Hounsfield units has air near -1000 and fat near -100. Is it an MR image (set modality to "
+                    "'MR' and use a model trained on MR) or a CT in raw scanner units (convert it to HU)? "
+                    "The segmentation of such an input is not meaningful",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        elif modality in ("MR", "MRI"):
+            frac = float((values < -500.0).float().mean())
+            if frac >= 0.05:
+                warnings.warn(
+                    f"{where} has {100 * frac:.0f} % of its voxels below -500 but the config key 'modality' is "
+                    f"'{modality}': that is air in a CT in Hounsfield units. Is it a CT (set modality to 'CT' and "
+                    "use a model trained on CT)? The segmentation of such an input is not meaningful",
+                    UserWarning,
+                    stacklevel=2,
+                )
+
     # -- main ----------------------------------------------------------------------------------
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -505,6 +545,7 @@ class ValidateImaged(MapTransform, InvertibleTransform):
                 )
         if problems:
             raise InvalidInputError(f"{where} " + "; ".join(problems))
+        self._check_modality(x, finite, key, where)
 
         if self.min_spatial_size is not None and any(
             s < m for s, m in zip(spatial, self.min_spatial_size, strict=True)
