@@ -6,12 +6,18 @@ Usage::
     python ci/run_demo.py                      # every bundle that has a recipe
     python ci/run_demo.py --bundle diffseg     # one bundle (repeatable)
     python ci/run_demo.py --out reports/demo --keep-going
+    python ci/run_demo.py --bundle diffseg --train  # retrain a bundle's shipped demo models (long)
 
-For each bundle, the steps of its recipe (``ci/demo_recipes.json``: a short training with the
-tiny configuration, inference, evaluation) run through ``python -m monai.bundle run`` exactly
-as a user would run them, from the bundle folder, with the demo datalist passed on the command
-line. The report (``<out>/report.md``) lists what ran with timings and exit status, the metrics
-the evaluate step wrote, and PNG previews (orthogonal slices) of inputs, outputs and references.
+For each bundle, the steps of its recipe (``ci/demo_recipes.json``) run through
+``python -m monai.bundle run`` exactly as a user would run them, from the bundle folder, with the
+demo datalist passed on the command line. A bundle that ships demo models (``models/demo/``,
+``configs/demo.json``) runs inference and evaluation with them; ``--train`` runs its
+``train_steps`` instead (training from scratch, then the same evaluation of the new weights).
+Bundles without shipped models train briefly with the tiny configuration. The report
+(``<out>/report.md``) lists what ran with timings and exit status, the metrics the evaluate step
+wrote, and PNG previews (orthogonal slices) of inputs, outputs and references; ``<out>/summary.json``
+gives per bundle the wall time, each step's exit status and the headline metrics with their
+thresholds.
 The demo data are built first (``common.data.demo``): simulated brain MRI for training with the
 real avg152 triple held out, deformed CT with the original held out, dipy's real DWI schemes.
 Exit status 0 when every step of every requested bundle succeeded.
@@ -166,7 +172,35 @@ def fresh_work_dir(work: Path) -> Path:
     return work
 
 
-def run_demo(bundles: list[str] | None, out: Path, keep_going: bool = True) -> int:
+def recipe_steps(recipe: dict, train: bool) -> list[dict]:
+    """The steps a run executes: ``train_steps`` with ``--train`` where the recipe has them
+    (bundles shipping demo models), ``steps`` otherwise."""
+    return recipe.get("train_steps", recipe["steps"]) if train else recipe["steps"]
+
+
+def headline(spec: dict, ctx: dict) -> dict:
+    """One headline number of a bundle from a metrics CSV of its run.
+
+    ``spec``: ``name``, ``csv`` (path with placeholders), ``where`` (column -> value filters),
+    ``column`` reduced over the matching rows (NaN left out) by ``reduce`` (``mean``, default, or
+    ``min``), optional ``threshold`` (the value must be at least that).
+    """
+    path = Path(fill_placeholders(spec["csv"], ctx))
+    value = None
+    if path.is_file():
+        with open(path) as fh:
+            rows = [r for r in csv.DictReader(fh) if all(r.get(k) == str(v) for k, v in spec.get("where", {}).items())]
+        values = [float(r[spec["column"]]) for r in rows if r.get(spec["column"], "") not in ("", "nan")]
+        if values:
+            value = min(values) if spec.get("reduce") == "min" else sum(values) / len(values)
+    out = {"name": spec["name"], "value": value}
+    if "threshold" in spec:
+        out["threshold"] = spec["threshold"]
+        out["meets_threshold"] = value is not None and value >= spec["threshold"]
+    return out
+
+
+def run_demo(bundles: list[str] | None, out: Path, keep_going: bool = True, train: bool = False) -> int:
     from common.data import demo
 
     recipes = json.loads(RECIPES.read_text())
@@ -188,14 +222,15 @@ def run_demo(bundles: list[str] | None, out: Path, keep_going: bool = True) -> i
         "| bundle | step | status | seconds | command |",
         "|---|---|---|---|---|",
     ]
-    sections, failures = [], 0
+    sections, failures, summary = [], 0, {}
     for name in names:
         recipe = recipes[name]
         bundle_dir = REPO / "bundles" / name
         work = fresh_work_dir(out / name)
         ctx = _context(data, work, recipe)
         results = []
-        for i, cmd in enumerate(recipe.get("prepare", [])):
+        bundle_t0 = time.perf_counter()
+        for i, cmd in enumerate(recipe.get("prepare", []) + (recipe.get("train_prepare", []) if train else [])):
             t1 = time.perf_counter()
             log = work / f"prepare_{i}.log"
             with open(log, "w") as fh:
@@ -205,7 +240,8 @@ def run_demo(bundles: list[str] | None, out: Path, keep_going: bool = True) -> i
             if rc:
                 failures += 1
         ctx = _context(data, work, recipe)  # the prepared datalist's test case
-        for step in recipe["steps"]:
+        steps = recipe_steps(recipe, train)
+        for step in steps:
             print(f"[{name}] {step['name']} ...", flush=True)
             res = _run_step(bundle_dir, step, ctx, work)
             results.append(res)
@@ -227,11 +263,18 @@ def run_demo(bundles: list[str] | None, out: Path, keep_going: bool = True) -> i
         except Exception as e:  # a preview must never hide the run's own result
             sec.append(f"\n(preview failed: {type(e).__name__}: {e})\n")
         sections += sec
+        summary[name] = {
+            "wall_seconds": round(time.perf_counter() - bundle_t0, 1),
+            "trained_here": bool(train and "train_steps" in recipe),
+            "steps": {r["name"]: r["rc"] for r in results},
+            "headline": [headline(h, ctx) for h in recipe.get("headline", [])],
+        }
         if failures and not keep_going:
             break
     lines += ["", f"Total {time.perf_counter() - t0:.1f} s."] + sections
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"report: {report}")
     return 1 if failures else 0
 
@@ -241,9 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", action="append", help="bundle name (repeatable); default: all with a recipe")
     parser.add_argument("--out", default=str(REPO / "reports" / "demo"), help="report folder")
     parser.add_argument("--stop-on-failure", action="store_true", help="stop at the first failing step")
+    parser.add_argument(
+        "--train", action="store_true",
+        help="bundles with shipped demo models: retrain them from scratch (long: see each model card) instead of "
+        "running the shipped weights",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    return run_demo(args.bundle, Path(args.out), keep_going=not args.stop_on_failure)
+    return run_demo(args.bundle, Path(args.out), keep_going=not args.stop_on_failure, train=args.train)
 
 
 if __name__ == "__main__":

@@ -30,3 +30,40 @@ def test_foreign_folder_is_refused_and_kept(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert fresh_work_dir(empty) == empty
+
+
+def test_headline_reads_the_metric_it_names(tmp_path):
+    from run_demo import headline
+
+    csv_path = tmp_path / "eval" / "metrics_per_case.csv"
+    csv_path.parent.mkdir()
+    csv_path.write_text(
+        "case,class,name,dice\n"
+        "a,1,liver,0.9\na,2,spleen,0.7\na,3,kidney,nan\n"
+        "b,1,liver,0.5\nb,2,spleen,0.3\n"
+    )
+    spec = {"name": "a", "csv": "{work}/eval/metrics_per_case.csv", "where": {"case": "a"}, "column": "dice"}
+    ctx = {"work": str(tmp_path)}
+    assert headline({**spec, "threshold": 0.8}, ctx) == {"name": "a", "value": 0.8, "threshold": 0.8, "meets_threshold": True}
+    low = headline({**spec, "reduce": "min", "threshold": 0.75}, ctx)
+    assert low["value"] == 0.7 and low["meets_threshold"] is False
+    assert headline({**spec, "where": {"case": "b"}}, ctx)["value"] == 0.4
+    missing = headline({**spec, "csv": "{work}/none.csv", "threshold": 0.1}, ctx)
+    assert missing["value"] is None and missing["meets_threshold"] is False
+
+
+def test_train_flag_selects_the_demo_training_steps():
+    import json
+
+    from run_demo import RECIPES, recipe_steps
+
+    recipes = json.loads(RECIPES.read_text())
+    diffseg = recipes["diffseg"]
+    assert all("configs/tiny.json" in s["config"] for s in recipe_steps(diffseg, train=False))
+    trained = recipe_steps(diffseg, train=True)
+    assert [s["name"] for s in trained][:2] == ["train", "train_baseline"]
+    assert all("configs/demo.json" in s["config"] for s in trained)
+    # the evaluation reads the weights this run trained, not the shipped ones
+    assert all(s["args"]["ckpt_path"].startswith("{work}/") for s in trained if s["name"].startswith(("inference", "evaluate")))
+    tiny_only = next(r for n, r in recipes.items() if "train_steps" not in r)
+    assert recipe_steps(tiny_only, train=True) == recipe_steps(tiny_only, train=False) == tiny_only["steps"]

@@ -1,0 +1,256 @@
+#!/usr/bin/env python
+"""The shipped diffseg demo models on the held-out real CT and its reframings, samplers, curves.
+
+Everything runs through the bundle's own default configs with only the demo overlay
+(``inference.json`` + ``evaluate.json`` + ``demo.json``; the baseline adds
+``train_baseline.json``), as a user runs them:
+
+1. **Quality and framing**: the diffusion model (5-step DDPM sampler) and its non-diffusion twin
+   on the cases of :func:`common.data.demo.build_ct_framings` (the original TotalSegmentator
+   example CT, the CT in a 1.5x field of view padded with air, a 60 mm slab, that slab in a 1.5x
+   field of view, TotalSegmentator's own 30-slice crop with its own labels): per-case mean Dice
+   over the 6 foreground classes, per-class Dice, HD95 and NSD (1 mm) from ``evaluate.json``'s
+   ``metrics_per_case.csv`` (computed on the model's 5 mm grid), seconds per case, and Dice of the
+   written predictions against the reference labels on each input's own (3 mm) grid.
+2. **Samplers** (``--samplers``): on the original CT, the 5-step DDPM sampler against DDIM (5
+   steps, eta 0) and the 1000-step DDPM chain (the linear schedule resampled to 1000 steps),
+   Dice and seconds per volume, one run.
+3. **Learning curves** (``--train-dirs``): training loss and validation Dice against iteration
+   from the TensorBoard files of the two training runs, as one PNG.
+
+Usage (from the repository root)::
+
+    python benchmarks/diffseg_demo.py --out runs/diffseg_demo_eval --samplers \\
+        --train-dirs runs/diffseg_demo/diffusion/outputs runs/diffseg_demo/baseline/outputs
+
+Prints one JSON document (also ``<out>/results.json``, the card's tables in ``<out>/results.md``;
+the curves go to ``<out>/learning_curves.png``). The labels are TotalSegmentator model outputs merged to 6 organ
+groups (regression references, not manual ground truth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "diffseg"
+FOREGROUND = ["liver", "spleen", "kidney", "bowel", "urinary_bladder", "bone"]
+
+
+def evaluate(model: str, datalist: Path, out: Path, ckpt_path: str | None = None, **overrides) -> dict:
+    """Run ``evaluate.json`` (+ the demo overlay) on every ``test`` case of ``datalist``."""
+    from monai.bundle import ConfigWorkflow
+
+    files = ["inference.json", "evaluate.json"] + (["train_baseline.json"] if model == "baseline" else []) + ["demo.json"]
+    if ckpt_path:
+        overrides["ckpt_path"] = ckpt_path
+    wf = ConfigWorkflow(
+        config_file=[str(BUNDLE / "configs" / f) for f in files],
+        meta_file=str(BUNDLE / "configs" / "metadata.json"),
+        logging_file=str(BUNDLE / "configs" / "logging.conf"),
+        workflow_type="infer",
+        bundle_root=str(BUNDLE),
+        dataset_dir=str(datalist.parent),
+        datalist_file=str(datalist),
+        output_dir=str(out),
+        overwrite=True,
+        **overrides,
+    )
+    wf.initialize()
+    seconds: list[float] = []
+    evaluator = wf.parser.get_parsed_content("evaluator")
+    from ignite.engine import Events
+
+    clock = {}
+    evaluator.add_event_handler(Events.ITERATION_STARTED, lambda e: clock.update(t=time.perf_counter()))
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seconds.append(time.perf_counter() - clock["t"]))
+    wf.run()
+    wf.finalize()
+    return read_metrics(out / "metrics_per_case.csv", seconds)
+
+
+def read_metrics(path: Path, seconds: list[float]) -> dict:
+    """Per case: mean over the foreground classes present in its reference, and per class."""
+    with open(path) as fh:
+        rows = list(csv.DictReader(fh))
+    cases: dict[str, dict] = {}
+    for r in rows:
+        case = cases.setdefault(r["case"], {"per_class": {}})
+        dice = float(r["dice"])
+        if dice == dice:  # classes absent from the reference give NaN and are left out
+            case["per_class"][r["name"]] = {"dice": dice, "hd95_mm": float(r["hd95"]), "nsd_1mm": float(r["nsd"])}
+    for i, (name, case) in enumerate(cases.items()):
+        pc = case["per_class"]
+        case["mean_dice"] = sum(v["dice"] for v in pc.values()) / len(pc)
+        case["min_dice"] = min(v["dice"] for v in pc.values())
+        finite = [v["hd95_mm"] for v in pc.values() if v["hd95_mm"] == v["hd95_mm"] and v["hd95_mm"] != float("inf")]
+        case["mean_hd95_mm"] = sum(finite) / max(len(finite), 1)
+        nsd = [v["nsd_1mm"] for v in pc.values() if v["nsd_1mm"] == v["nsd_1mm"]]  # NaN: nothing predicted
+        case["mean_nsd_1mm"] = sum(nsd) / max(len(nsd), 1)
+        if i < len(seconds):
+            case["seconds"] = round(seconds[i], 2)
+    return cases
+
+
+def native_grid_dice(datalist: Path, out: Path) -> dict:
+    """Dice of the written predictions (in each input's own geometry) against the reference
+    labels on the input grid: the number a user computes from the output files."""
+    import nibabel as nib
+    import numpy as np
+
+    from common.metrics.segmentation import dice
+
+    result = {}
+    for case in json.loads(datalist.read_text())["test"]:
+        pred = next((out / case["id"]).glob("*_seg.nii.gz"))
+        p = np.asarray(nib.load(str(pred)).dataobj)
+        g = np.asarray(nib.load(str(datalist.parent / case["label"])).dataobj)
+        per = {name: dice(p == c, g == c) for c, name in enumerate(FOREGROUND, start=1)}
+        per = {k: v for k, v in per.items() if v == v}
+        result[case["id"]] = {"mean_dice": sum(per.values()) / len(per), "per_class": per}
+    return result
+
+
+def learning_curves(train_dirs: list[str], png: Path, epoch_length: int = 200) -> dict:
+    """Training loss (mean of each 50 iterations) and validation Dice from TensorBoard files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {}
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+    for folder in train_dirs:
+        name = "baseline" if "baseline" in folder else "diffusion"
+        acc = EventAccumulator(folder, size_guidance={"scalars": 0})
+        acc.Reload()
+        tags = acc.Tags()["scalars"]
+        loss_tag = next((t for t in tags if t in ("loss", "train_loss")), None) or next(t for t in tags if "loss" in t)
+        loss = [(e.step, e.value) for e in acc.Scalars(loss_tag)]
+        val_tag = next(t for t in tags if "dice" in t.lower())
+        val = [(e.step, e.value) for e in acc.Scalars(val_tag)]
+        block = 50
+        smooth = [
+            (loss[i + block - 1][0], sum(v for _, v in loss[i : i + block]) / block) for i in range(0, len(loss) - block + 1, block)
+        ]
+        val_iter = [(s * epoch_length, v) for s, v in val]  # validation is logged per epoch
+        curves[name] = {"loss": smooth, "val_dice_nobg": val_iter}
+        ax_loss.plot(*zip(*smooth), label=name)
+        ax_val.plot(*zip(*val_iter), marker="o", label=name)
+    ax_loss.set(xlabel="iteration", ylabel="training loss (Dice + CE, mean of 50)", yscale="log", title="training loss")
+    ax_val.set(xlabel="iteration", ylabel="validation mean Dice (no background)", title="validation (2 held-out deformed CTs)")
+    for ax in (ax_loss, ax_val):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    return curves
+
+
+CASE_TITLES = {
+    "example": "original CT (122x101x112 at 3 mm)",
+    "example_fov150": "in a 1.5x field of view, air-padded",
+    "example_slab60": "60 mm slab",
+    "example_slab60_fov150": "60 mm slab in a 1.5x field of view",
+    "example_ct_sm": "TotalSegmentator's 30-slice crop, its own labels",
+}
+
+
+def markdown(results: dict) -> str:
+    """The card's tables from ``results``."""
+    d, b = results["diffusion"], results["baseline"]
+    dn, bn = results["diffusion_native_grid"], results["baseline_native_grid"]
+    lines = [
+        "| case | diffusion mean Dice | lowest organ | baseline mean Dice | difference | diffusion HD95 (mm) | diffusion NSD 1 mm | "
+        "Dice on the input grid (diffusion / baseline) | seconds (diffusion / baseline) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for case, title in CASE_TITLES.items():
+        low = min(d[case]["per_class"].items(), key=lambda kv: kv[1]["dice"])
+        lines.append(
+            f"| {title} | {d[case]['mean_dice']:.3f} | {low[0]} {low[1]['dice']:.3f} | {b[case]['mean_dice']:.3f} | "
+            f"{d[case]['mean_dice'] - b[case]['mean_dice']:+.3f} | {d[case]['mean_hd95_mm']:.1f} | {d[case]['mean_nsd_1mm']:.3f} | "
+            f"{dn[case]['mean_dice']:.3f} / {bn[case]['mean_dice']:.3f} | {d[case].get('seconds', float('nan')):.1f} / "
+            f"{b[case].get('seconds', float('nan')):.1f} |"
+        )
+    lines += ["", "| organ (original CT) | diffusion Dice | HD95 (mm) | NSD 1 mm | baseline Dice | HD95 (mm) | NSD 1 mm |", "|---|---|---|---|---|---|---|"]
+    for organ in FOREGROUND:
+        x, y = d["example"]["per_class"][organ], b["example"]["per_class"][organ]
+        lines.append(
+            f"| {organ} | {x['dice']:.3f} | {x['hd95_mm']:.1f} | {x['nsd_1mm']:.3f} | {y['dice']:.3f} | {y['hd95_mm']:.1f} | {y['nsd_1mm']:.3f} |"
+        )
+    if "sampling" in results:
+        lines += ["", "| sampler (original CT) | mean Dice | difference to 5-step DDPM | seconds per volume | time ratio |", "|---|---|---|---|---|"]
+        for name, v in results["sampling"].items():
+            lines.append(f"| {name} | {v['mean_dice']:.4f} | {v['dice_minus_5_step']:+.4f} | {v['seconds']:.1f} | {v['time_ratio_to_5_step']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/diffseg_demo_eval")
+    ap.add_argument("--diffusion-ckpt", default=None, help="default: the shipped models/demo/model.pt")
+    ap.add_argument("--baseline-ckpt", default=None, help="default: the shipped models/demo/baseline.pt")
+    ap.add_argument("--samplers", action="store_true", help="also time DDIM and the 1000-step chain on the original CT")
+    ap.add_argument("--train-dirs", nargs="*", default=[], help="TensorBoard folders of the two training runs")
+    ap.add_argument("--epoch-length", type=int, default=200, help="iterations per epoch of those runs (demo.json)")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(BUNDLE))
+    from common.data.demo import build_ct_framings, build_ct_demo
+    from common.data.fetch import cache_dir
+
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    framings = Path(build_ct_framings(cache_dir() / "diffseg-demo-eval"))
+    results: dict = {
+        "command": "python benchmarks/diffseg_demo.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d"),
+        "device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "load_average_at_start": os.getloadavg(),
+        "configs": "inference.json + evaluate.json (+ train_baseline.json) + demo.json, no other override",
+    }
+    for model, ckpt in (("diffusion", args.diffusion_ckpt), ("baseline", args.baseline_ckpt)):
+        results[model] = evaluate(model, framings, out / model, ckpt)
+        results[model + "_native_grid"] = native_grid_dice(framings, out / model)
+    results["difference_diffusion_minus_baseline"] = {
+        case: round(results["diffusion"][case]["mean_dice"] - results["baseline"][case]["mean_dice"], 4)
+        for case in results["diffusion"]
+    }
+    if args.samplers:
+        test = Path(build_ct_demo(cache_dir() / "diffseg-demo-eval", n_train=1, n_val=0, seed=0))
+        sampling = {}
+        for name, over in (
+            ("DDPM 5 steps", {}),
+            ("DDIM 5 steps (eta 0)", {"sampler": "ddim"}),
+            ("DDPM 1000 steps (resampled schedule)", {"infer_timesteps": 1000}),
+        ):
+            res = evaluate("diffusion", test, out / "samplers" / name.split(" (")[0].replace(" ", "_"), args.diffusion_ckpt, **over)
+            case = res["example"]
+            sampling[name] = {"mean_dice": case["mean_dice"], "seconds": case.get("seconds")}
+        base = sampling["DDPM 5 steps"]
+        for v in sampling.values():
+            v["dice_minus_5_step"] = round(v["mean_dice"] - base["mean_dice"], 4)
+            v["time_ratio_to_5_step"] = round(v["seconds"] / base["seconds"], 1) if v.get("seconds") and base.get("seconds") else None
+        results["sampling"] = sampling
+    if args.train_dirs:
+        results["learning_curves"] = learning_curves(args.train_dirs, out / "learning_curves.png", args.epoch_length)
+    results["load_average_at_end"] = os.getloadavg()
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(results))
+    print(json.dumps({k: v for k, v in results.items() if k != "learning_curves"}, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
