@@ -12,9 +12,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import pickletools
-import zipfile
 from pathlib import Path
 
 import nibabel as nib
@@ -32,17 +31,11 @@ LAYOUT = json.loads((HERE / "official_state_dict_layout.json").read_text())
 
 
 def _globals(path: Path) -> set[str]:
-    with zipfile.ZipFile(path) as zf:
-        data = zf.read(next(n for n in zf.namelist() if n.endswith("data.pkl")))
-    names, strings = set(), []
-    for op, arg, _ in pickletools.genops(data):
-        if op.name == "GLOBAL":
-            names.add(arg.replace(" ", "."))
-        elif "UNICODE" in op.name:
-            strings.append(arg)
-        elif op.name == "STACK_GLOBAL":
-            names.add(f"{strings[-2]}.{strings[-1]}")
-    return names
+    """The globals a checkpoint's pickle refers to, read the way the generator recorded them."""
+    spec = importlib.util.spec_from_file_location("make_monai14_reference", HERE / "make_monai14_reference.py")
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    return set(generator.pickled_globals(path))
 
 
 def _official_scale_factor(tmp: Path) -> torch.Tensor:
