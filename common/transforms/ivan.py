@@ -45,6 +45,10 @@ __all__ = [
     "laplacian_maxabs_fusion",
     "average_fusion",
     "FusionTargetd",
+    "ValidateSlicesd",
+    "AsSliceVolumed",
+    "overlap_fraction",
+    "CheckSourceGeometryd",
 ]
 
 AUGMENTATION_MODES = ("replicate", "dummy_copy", "zeros")
@@ -304,4 +308,150 @@ class FusionTargetd(MapTransform):
         out = torch.movedim(out, 0, self.slice_axis % 3) if len(imgs[0].shape) == 4 else out[0]
         ref = d[next(iter(self.key_iterator(d)))]
         d[self.output_key] = convert_to_dst_type(out[None], ref, dtype=torch.float32)[0]
+        return d
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs users have: 2D slices (2D NIfTI, one-slice NIfTI, PNG), and sources that must overlap in physical space
+
+
+class ValidateSlicesd(MapTransform):
+    """The shared input guard (:class:`common.transforms.validation.ValidateImaged`) for a 2D network: a 3D volume,
+    a single-slice volume ``(1, H, W, 1)`` or a 2D image ``(1, H, W)`` (2D NIfTI, greyscale PNG) is accepted; every
+    other check of the guard (channels, NaN/Inf, constant images, ``max_abs``) applies unchanged. A colour image
+    (2D with 3 or 4 channels, e.g. an RGB PNG) is refused with :class:`InvalidInputError`.
+
+    Args: as ``ValidateImaged`` (``spatial_dims`` is fixed: 2 or 3 per image).
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False, **kwargs) -> None:
+        from common.transforms.validation import ValidateImaged
+
+        super().__init__(keys, allow_missing_keys)
+        kwargs.pop("spatial_dims", None)
+        self.v3 = ValidateImaged(keys, spatial_dims=3, allow_missing_keys=allow_missing_keys, **kwargs)
+        self.v2 = ValidateImaged(keys, spatial_dims=2, allow_missing_keys=allow_missing_keys, **kwargs)
+
+    @staticmethod
+    def _file_shape(img) -> tuple[int, ...]:
+        meta = getattr(img, "meta", {}) or {}
+        if meta.get("spatial_shape") is not None:
+            return tuple(int(s) for s in np.atleast_1d(np.asarray(meta["spatial_shape"])))
+        return tuple(int(s) for s in img.shape[1:])
+
+    def __call__(self, data: Mapping) -> dict:
+        from monai.data import MetaTensor
+
+        from common.transforms.validation import describe_source
+        from common.utils.errors import InvalidInputError
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            file_shape = self._file_shape(img)
+            if len(file_shape) == 2:
+                if img.ndim == 3 and img.shape[0] in (3, 4):
+                    raise InvalidInputError(
+                        f"{describe_source(img, key)} is a colour image ({img.shape[0]} channels, spatial shape "
+                        f"{file_shape}); expected a greyscale slice (convert it to grey levels first)"
+                    )
+                self.v2._validate(img, key)
+            elif len(file_shape) == 3 and img.ndim == 4 and sum(s == 1 for s in img.shape[1:]) == 1:
+                axis = [int(s) for s in img.shape[1:]].index(1)
+                flat = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
+                view = MetaTensor(flat.select(axis + 1, 0), affine=getattr(img, "affine", None),
+                                  meta={"filename_or_obj": (getattr(img, "meta", {}) or {}).get("filename_or_obj"),
+                                        "spatial_shape": np.asarray([s for s in file_shape if s != 1] or [1])})
+                self.v2._validate(view, key)
+            else:
+                d[key] = self.v3._validate(img, key)
+        return d
+
+
+class AsSliceVolumed(MapTransform):
+    """A 2D image ``(C, H, W)`` becomes a one-slice volume ``(C, H, W, 1)`` (its 4x4 affine and file name kept);
+    3D images pass unchanged. Place it right after :class:`ValidateSlicesd`, before ``Orientationd``, so that a 2D
+    NIfTI or PNG runs through the same 3D pipeline and is written as a one-slice NIfTI."""
+
+    def __call__(self, data: Mapping) -> dict:
+        from monai.data import MetaTensor
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            if img.ndim == 3:
+                out = img[..., None]
+                if isinstance(img, MetaTensor):
+                    out = MetaTensor(img.as_tensor()[..., None], meta=dict(img.meta))  # meta holds the affine
+                    out.meta["spatial_shape"] = np.asarray([*img.shape[1:], 1])
+                d[key] = out
+        return d
+
+
+def _corners(shape: Sequence[int]) -> np.ndarray:
+    """Voxel-space corners (at the voxel edges, ``-0.5`` and ``n - 0.5``) of a grid, ``(8, 3)``."""
+    lo, hi = [-0.5] * 3, [s - 0.5 for s in shape]
+    return np.array([[(lo, hi)[b >> a & 1][a] for a in range(3)] for b in range(8)], dtype=np.float64)
+
+
+def overlap_fraction(ref_affine, ref_shape: Sequence[int], other_affine, other_shape: Sequence[int],
+                     samples: int = 24) -> float:
+    """Fraction of the field of view of the grid ``(ref_affine, ref_shape)`` (3D, voxel to world) that lies inside
+    the field of view of ``(other_affine, other_shape)``: the share of a regular ``samples``-per-axis grid of points
+    spanning the reference voxels (one point per voxel along short axes) whose position, mapped into the other
+    image's voxel space, falls within its voxel extent. Exact for axis-aligned grids up to the sampling, and valid
+    for oblique ones."""
+    ref_affine, other_affine = np.asarray(ref_affine, np.float64), np.asarray(other_affine, np.float64)
+    axes = [np.linspace(0, s - 1, min(int(s), samples)) for s in ref_shape]
+    pts = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+    to_other = np.linalg.inv(other_affine) @ ref_affine
+    ijk = pts @ to_other[:3, :3].T + to_other[:3, 3]
+    hi = np.asarray(other_shape, np.float64) - 0.5
+    inside = np.all((ijk >= -0.5 - 1e-6) & (ijk <= hi + 1e-6), axis=1)
+    return float(inside.mean())
+
+
+class CheckSourceGeometryd(MapTransform):
+    """Geometry checks before the modalities are resampled onto the grid of ``ref_key`` (inputs ``(1, H, W, D)``,
+    after ``Orientationd``):
+
+    - every image overlaps the reference's field of view by at least ``min_overlap`` (a fraction; 0.5 = half of
+      the reference's field of view lies inside the other image): below it, resampling would fill the reference
+      grid with padding or repeated edge values, so the run stops with :class:`InvalidInputError` naming both
+      files and the measured overlap;
+    - a one-slice image (2D input) has its single slice across ``slice_axis`` (the network runs on the planes
+      across that axis), else :class:`InvalidInputError` naming ``slice_axis``.
+    """
+
+    def __init__(self, keys: KeysCollection, ref_key: str, min_overlap: float = 0.5, slice_axis: int = 2,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.ref_key, self.min_overlap, self.axis = ref_key, float(min_overlap), int(slice_axis) % 3
+
+    def __call__(self, data: Mapping) -> dict:
+        from common.transforms.validation import describe_source
+        from common.utils.errors import InvalidInputError
+
+        d = dict(data)
+        ref = d[self.ref_key]
+        ref_shape = tuple(int(s) for s in ref.shape[1:])
+        for key in self.key_iterator(d):
+            img = d[key]
+            shape = tuple(int(s) for s in img.shape[1:])
+            if len(shape) == 3 and shape[self.axis] != 1 and sum(s == 1 for s in shape) == 1:
+                raise InvalidInputError(
+                    f"{describe_source(img, key)} is a single slice across axis {shape.index(1)} (spatial shape "
+                    f"{shape} after reorientation to RAS); the network runs on the planes across slice_axis "
+                    f"{self.axis}: expected a single slice across that axis (or set 'slice_axis' to {shape.index(1)})"
+                )
+            if key == self.ref_key:
+                continue
+            frac = overlap_fraction(ref.affine, ref_shape, img.affine, shape)
+            if frac < self.min_overlap:
+                raise InvalidInputError(
+                    f"{describe_source(img, key)} covers {100 * frac:.1f} % of the field of view of "
+                    f"{describe_source(ref, self.ref_key)} in physical space (world coordinates of the two affines); "
+                    f"expected at least {100 * self.min_overlap:g} % ('min_overlap'): the images are not of the same "
+                    "region or not co-registered"
+                )
         return d

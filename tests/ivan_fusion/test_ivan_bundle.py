@@ -121,7 +121,10 @@ def test_each_task_trains_with_falling_loss(trained, task):
     assert np.isfinite(first) and last < first, (task, first, last)
     assert (ckpt_dir / "model.pt").is_file() and (ckpt_dir / "checkpoint_epoch=3.pt").is_file()
     state = torch.load(ckpt_dir / "model.pt", map_location="cpu", weights_only=True)
-    assert {"model", "optimizer", "lr_scheduler", "trainer"} <= set(state)
+    assert {"model", "optimizer", "lr_scheduler", "trainer", "task"} <= set(state)
+    tasks = {"1to1": (["t1"], ["t2"]), "2to1": (["t1", "pd"], ["t2"]), "1to2": (["t1"], ["t2", "pd"]),
+             "fusion": (["t2", "ct"], ["fused"])}
+    assert (state["task"]["inputs"], state["task"]["targets"]) == tasks[task] and state["task"]["name"] == task
     assert state["trainer"]["iteration"] == 12 and state["trainer"]["max_epochs"] == 3
 
 

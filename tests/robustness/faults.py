@@ -36,7 +36,9 @@ ALL_KINDS = {
     "too_small": "a volume smaller than the network's minimum size (padded or refused)",
     "bval_bvec_mismatch": "bval/bvec files that do not match the DWI",
     "labels_outside_set": "label values outside the class set",
+    "no_overlap": "inputs of one case that do not overlap in physical space",
     "foreign_checkpoint": "a checkpoint of another bundle",
+    "wrong_task_checkpoint": "a checkpoint of this bundle trained for another task",
     "mismatched_checkpoint": "a checkpoint with mismatched shapes (another configuration)",
     "hash_mismatch": "a checkpoint or downloaded file whose hash does not match",
     "unwritable_output": "an output folder that cannot be written",
@@ -76,7 +78,8 @@ def make_bad_nifti(kind: str, good: str | os.PathLike, dest: str | os.PathLike, 
     copies stacked on a 4th axis), ``three_d_dwi`` (the first volume of a 4D series), ``nan`` / ``inf``
     (a 4^3 block of NaN / one +Inf voxel), ``all_zero``, ``extreme_intensity`` (values x ``scale``,
     default 1e7), ``oblique_anisotropic`` (same voxels, oblique anisotropic affine), ``too_small``
-    (a centred crop of ``size``, default 8 voxels per axis).
+    (a centred crop of ``size``, default 8 voxels per axis), ``no_overlap`` (same voxels, the affine
+    translated along the first world axis by ``shift`` field-of-view widths, default 1.5: no overlap).
     """
     good, dest = Path(good), Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -113,6 +116,10 @@ def make_bad_nifti(kind: str, good: str | os.PathLike, dest: str | os.PathLike, 
         data = data * float(kw.get("scale", 1e7))
     elif kind == "oblique_anisotropic":
         affine = oblique_anisotropic_affine(affine, **{k: kw[k] for k in ("spacing", "degrees") if k in kw})
+    elif kind == "no_overlap":
+        affine = np.array(affine, dtype=np.float64, copy=True)
+        extent = np.abs(affine[:3, :3] @ np.asarray(data.shape[:3], dtype=np.float64))
+        affine[0, 3] += float(kw.get("shift", 1.5)) * extent[0]
     elif kind == "too_small":
         size = kw.get("size", 8)
         size = [size] * 3 if isinstance(size, int) else list(size)

@@ -4,8 +4,9 @@ Every bad input is made from a real image (the SPM avg152 T1/T2/PD triple of the
 so that tiny-configuration runs stay short; the CT-like image of the semi-synthetic fusion pair) and fed to the
 configs in-process. Each refusal must be one user error naming the file or config key and what was expected,
 with nothing written (no output, no checkpoint, no temporary file, nothing next to the inputs). Oblique and
-anisotropic inputs, too-small volumes (inference) and extreme MR intensities must work, in the input's
-geometry; extreme CT values (HU expected) and too-small volumes for evaluation are refused.
+anisotropic inputs, too-small volumes (inference), 2D images (the network is 2D) and extreme MR intensities must
+work, in the input's geometry; extreme CT values (HU expected), too-small volumes for evaluation, sources that do
+not overlap in physical space and checkpoints trained for another task are refused.
 
 Not applicable to this bundle: ``three_d_dwi`` and ``bval_bvec_mismatch`` (no diffusion input) and
 ``labels_outside_set`` (no label map: the optional evaluation mask is only thresholded at 0).
@@ -54,7 +55,9 @@ KINDS = (
     "extreme_intensity",
     "oblique_anisotropic",
     "too_small",
+    "no_overlap",
     "foreign_checkpoint",
+    "wrong_task_checkpoint",
     "mismatched_checkpoint",
     "hash_mismatch",
     "unwritable_output",
@@ -90,7 +93,7 @@ def data(brain_demo, tmp_path_factory):
     ]
     sys.path.insert(0, str(BUNDLE))
     try:
-        from scripts.data import build_fusion_demo
+        from scripts.data import build_fusion_demo, task_record
 
         fus = build_fusion_demo(root, demo_file("spm/avg152T2.nii"), demo_file("spm/TPM.nii")).parent
     finally:
@@ -109,6 +112,9 @@ def data(brain_demo, tmp_path_factory):
     torch.save({"model": diffseg.state_dict()}, other / "diffseg.pt")
     # a checkpoint of this bundle for another task configuration (three sources: C = 4 channels)
     torch.save({"model": IVAN(4, num_blocks=2, growth=8, seed=0).state_dict()}, other / "ivan_c4.pt")
+    # a checkpoint of this bundle with the same shapes, recorded as trained for T1 -> T2 synthesis
+    record = task_record({"name": "1to1", "inputs": ["t1"], "targets": ["t2"]}, "replicate", 2)
+    torch.save({"model": IVAN(2, num_blocks=2, growth=8, seed=0).state_dict(), "task": record}, other / "ivan_1to1.pt")
     return {"root": root, "test": test, "train": train[0], "val": train[1], "fusion": fusion, "ckpt_dir": ckpt,
             "other": other}
 
@@ -157,14 +163,14 @@ def _train(datalist: str, out: Path, ckpt_dir: Path, task: str = "1to1", **overr
 # ------------------------------------------------------------------------------------------ file and content
 
 
-FILE_KINDS = GUARD_ERRORS  # the shared guards' messages
+FILE_KINDS = {k: v for k, v in GUARD_ERRORS.items() if k != "two_d"}  # the shared guards' messages; 2D works here
 
 
 @pytest.mark.parametrize("kind", sorted(FILE_KINDS))
 def test_inference_refuses_bad_source(data, tmp_path, kind):
     """1 -> 1 and 2 -> 1: a broken source (the second one for 2 -> 1) is refused by name, before any output."""
     exc, pattern = FILE_KINDS[kind]
-    task, key = ("2to1", "pd") if kind in ("nan", "two_d", "truncated_gzip") else ("1to1", "t1")
+    task, key = ("2to1", "pd") if kind in ("nan", "truncated_gzip") else ("1to1", "t1")
     item, bad = _bad_input(data, tmp_path, kind, key)
     dl = _datalist(tmp_path, test=item)
     out = tmp_path / "out"
@@ -309,6 +315,50 @@ def test_too_small_volume_refused_by_evaluation(data, tmp_path):
                    r"at least 7x7")
 
 
+@pytest.mark.parametrize("task", ["1to1", "2to1"])
+def test_two_d_source_works_as_a_single_slice(data, tmp_path, task):
+    """The network is 2D: a 2D NIfTI source (the middle axial slice) gives a 2D output in the slice's geometry; with 2 -> 1 the second source (a volume) is resampled onto that slice."""
+    item, bad = _bad_input(data, tmp_path, "two_d", "t1")
+    assert nib.load(str(bad)).ndim == 2
+    _infer(data, _datalist(tmp_path, test=item), tmp_path / "out", task)
+    pred = _pred(tmp_path / "out", task)
+    assert pred.shape == nib.load(str(bad)).shape  # a 2D NIfTI in, a 2D NIfTI out
+    np.testing.assert_allclose(pred.affine, nib.load(str(bad)).affine, atol=1e-5)
+    p = pred.get_fdata()
+    assert np.isfinite(p).all() and p.std() > 0
+
+
+@pytest.mark.parametrize("entry", ["inference_fusion", "inference_2to1", "train_fusion"])
+def test_no_overlap_refused(data, tmp_path, entry):
+    """Sources that do not overlap in physical space (the CT-like image, or PD, moved 1.5 fields of view away) are
+    refused before resampling would fill the grid with edge values; nothing is written."""
+    if entry == "inference_2to1":
+        item, bad = _bad_input(data, tmp_path, "no_overlap", "pd")
+        run = partial(_infer, data, _datalist(tmp_path, test=item), tmp_path / "out", "2to1")
+        key, ref = "pd", "t1"
+    elif entry == "inference_fusion":
+        item, bad = _bad_input(data, tmp_path, "no_overlap", "ct", case="fusion")
+        run = partial(_infer, data, _datalist(tmp_path, test=item), tmp_path / "out", "fusion")
+        key, ref = "ct", "t2"
+    else:
+        item, bad = _bad_input(data, tmp_path, "no_overlap", "ct", case="fusion")
+        dl = _datalist(tmp_path, train=item, val=data["fusion"])
+        run = partial(_train, dl, tmp_path / "out", tmp_path / "models", "fusion")
+        key, ref = "ct", "t2"
+    _check_refused(data, tmp_path, run, InvalidInputError, re.escape(bad.name), rf"\(key '{key}'\) covers 0\.0 %",
+                   rf"key '{ref}'", r"at least 50 % \('min_overlap'\)", "not co-registered")
+
+
+def test_partial_overlap_above_the_threshold_works(data, tmp_path):
+    """A CT-like image moved by a quarter of the field of view still covers 75 % of the T2: fused, in T2 geometry."""
+    item, bad = _bad_input(data, tmp_path, "no_overlap", "ct", case="fusion", shift=0.25)
+    _infer(data, _datalist(tmp_path, test=item), tmp_path / "out", "fusion")
+    pred = _pred(tmp_path / "out", "fusion")
+    ref = nib.load(data["fusion"]["t2"])
+    assert pred.shape == ref.shape
+    np.testing.assert_allclose(pred.affine, ref.affine, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
@@ -354,6 +404,27 @@ def test_bad_resume_checkpoint_refused(data, tmp_path, kind):
     run = partial(_train, dl, tmp_path / "out", ckpt_dir, resume=True,
                   resume_sha256="f" * 64 if kind == "hash_mismatch" else None)
     _check_refused(data, tmp_path, run, exc, *patterns)
+
+
+@pytest.mark.parametrize("entry", ["inference", "evaluate", "resume"])
+def test_wrong_task_checkpoint_refused(data, tmp_path, entry):
+    """A T1 -> T2 synthesis checkpoint (same shapes: C = 2) loaded into the fusion task: one error naming both tasks,
+    before any weight is loaded."""
+    src = data["other"] / "ivan_1to1.pt"
+    patterns = [r"ivan_1to1\.pt|checkpoint_epoch=2\.pt", r"trained for task '1to1' \(t1 -> t2",
+                r"this run is task 'fusion' \(t2 \+ ct -> fused", "channel roles differ"]
+    if entry == "resume":
+        ckpt_dir = tmp_path / "models"
+        ckpt_dir.mkdir()
+        state = torch.load(src, weights_only=True)
+        torch.save({**state, "optimizer": {}, "lr_scheduler": {}, "trainer": {}}, ckpt_dir / "checkpoint_epoch=2.pt")
+        dl = _datalist(tmp_path, train=data["fusion"], val=data["fusion"])
+        run = partial(_train, dl, tmp_path / "out", ckpt_dir, "fusion", resume=True)
+    else:
+        dl = _datalist(tmp_path, test=data["fusion"])
+        run = partial(_evaluate if entry == "evaluate" else _infer, data, dl, tmp_path / "out", "fusion",
+                      ckpt_path=str(src))
+    _check_refused(data, tmp_path, run, CheckpointError, *patterns)
 
 
 # ------------------------------------------------------------------------------------------ outputs

@@ -17,6 +17,10 @@ from common.utils.errors import InputNotFoundError, InvalidInputError, OutputExi
 
 __all__ = [
     "SliceDataset",
+    "VolumeBlockSampler",
+    "TaskRecord",
+    "task_record",
+    "check_checkpoint_task",
     "load_datalist",
     "require_file",
     "check_cases",
@@ -32,13 +36,19 @@ RESERVED_KEYS = ("image", "label", "pred", "id", "case", "slice")
 
 
 class SliceDataset(Dataset):
-    """Every 2D slice of a dataset of 3D volumes, as one training item.
+    """Every 2D slice of a dataset of 3D volumes, as one training item, holding at most ``cache_volumes`` volumes.
 
-    ``volumes[i]`` is a dict whose ``keys`` are ``(C, H, W, D)`` tensors (e.g. a ``CacheDataset`` after
-    ``VariableAugmentd``). Item ``j`` is ``{key: (C, a, b)}`` for one ``(volume, slice)`` pair along the spatial
-    axis ``slice_axis`` (0, 1 or 2), plus ``case`` and ``slice`` indices. Slices whose ``skip_empty_key`` is all
-    zero (background outside the head) are left out. The index is built once, in volume order, so a seeded
-    shuffling sampler gives the same sequence on every run.
+    ``volumes[i]`` is a dict whose ``keys`` are ``(C, H, W, D)`` tensors (e.g. a ``monai.data.Dataset`` after
+    ``VariableAugmentd``: each access loads and preprocesses the volume). Item ``j`` is ``{key: (C, a, b)}`` for
+    one ``(volume, slice)`` pair along the spatial axis ``slice_axis`` (0, 1 or 2), plus ``case`` and ``slice``
+    indices. Slices whose ``skip_empty_key`` is all zero (background outside the head) are left out. The index is
+    built once, in volume order (one pass over the volumes, nothing kept beyond the cache), so a seeded sampler
+    gives the same sequence on every run.
+
+    Memory: the last ``cache_volumes`` volumes used are kept (least recently used first out), so RAM does not grow
+    with the number of subjects; ``None`` keeps every volume (the old behaviour, fine for small datasets). Use
+    :class:`VolumeBlockSampler` so that consecutive items come from the cached volumes (a plain shuffle over all
+    slices would load a volume for almost every slice).
     """
 
     def __init__(
@@ -48,13 +58,20 @@ class SliceDataset(Dataset):
         slice_axis: int = 2,
         skip_empty_key: str | None = "image",
         transform: Callable | None = None,
+        cache_volumes: int | None = 8,
     ) -> None:
+        from collections import OrderedDict
+
         self.volumes, self.keys = volumes, tuple(keys)
         self.axis = int(slice_axis) % 3 + 1  # channel first
         self.transform = transform
+        if cache_volumes is not None and int(cache_volumes) < 1:
+            raise InvalidInputError(f"config key 'cache_volumes' is {cache_volumes!r}; expected an integer >= 1 or null")
+        self.cache_volumes = None if cache_volumes is None else int(cache_volumes)
+        self._cache: OrderedDict[int, dict] = OrderedDict()
         self.index: list[tuple[int, int]] = []
         for i in range(len(volumes)):
-            item = volumes[i]
+            item = self._volume(i)
             ref = torch.as_tensor(item[skip_empty_key if skip_empty_key else self.keys[0]])
             n = ref.shape[self.axis]
             if skip_empty_key is None:
@@ -68,15 +85,57 @@ class SliceDataset(Dataset):
                 "(train_crop); expected volumes with signal inside the crop"
             )
 
+    def _volume(self, i: int) -> dict:
+        if i in self._cache:
+            self._cache.move_to_end(i)
+            return self._cache[i]
+        item = self.volumes[i]
+        item = {k: item[k] for k in self.keys if k in item} if isinstance(item, Mapping) else item
+        self._cache[i] = item
+        if self.cache_volumes is not None:
+            while len(self._cache) > self.cache_volumes:
+                self._cache.popitem(last=False)
+        return item
+
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, j: int) -> dict:
         i, s = self.index[j]
-        item = self.volumes[i]
+        item = self._volume(i)
         out = {k: torch.as_tensor(item[k]).select(self.axis, s).clone() for k in self.keys}
         out["case"], out["slice"] = i, s
         return self.transform(out) if self.transform is not None else out
+
+
+class VolumeBlockSampler(torch.utils.data.Sampler):
+    """Shuffled slice order that visits the volumes in blocks of ``block`` volumes: each epoch the volumes are
+    permuted, cut into blocks, and the slices of one block are shuffled together before the next block starts.
+    With ``block`` equal to the dataset's ``cache_volumes``, each volume is loaded once per epoch. Uses the
+    global torch generator (seeded per epoch by ``EpochSeedHandler``): runs and resumed runs see the same order.
+    ``shuffle=False`` gives the index order.
+    """
+
+    def __init__(self, dataset: SliceDataset, block: int | None = 8, shuffle: bool = True) -> None:
+        self.dataset, self.shuffle = dataset, bool(shuffle)
+        self.block = None if block is None else max(1, int(block))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self):
+        index = self.dataset.index
+        if not self.shuffle:
+            yield from range(len(index))
+            return
+        by_volume: dict[int, list[int]] = {}
+        for j, (i, _) in enumerate(index):
+            by_volume.setdefault(i, []).append(j)
+        vols = [list(by_volume)[k] for k in torch.randperm(len(by_volume)).tolist()]
+        step = self.block or max(len(vols), 1)
+        for b in range(0, len(vols), step):
+            items = [j for v in vols[b : b + step] for j in by_volume[v]]
+            yield from (items[k] for k in torch.randperm(len(items)).tolist())
 
 
 def _join(base: str, value):
@@ -209,10 +268,77 @@ def check_options(direction: str | None = None, augmentation: str | None = None,
             raise InvalidInputError(f"config key '{key}' is {value!r}; expected one of {list(allowed)}")
 
 
+def task_record(task: Mapping, augmentation: str, channels: int) -> dict:
+    """What a checkpoint of this bundle records about the task it was trained for: task name, source and target
+    modalities in channel order (their roles), augmentation scheme and channel count."""
+    return {
+        "name": str(task.get("name", "")), "inputs": [str(m) for m in task.get("inputs", [])],
+        "targets": [str(m) for m in task.get("targets", [])], "augmentation": str(augmentation),
+        "channels": int(channels),
+    }
+
+
+class TaskRecord:
+    """Checkpoint entry ``task`` (see :func:`task_record`): saved by the training config's checkpoint saver next to
+    the model, checked by :func:`check_checkpoint_task` before inference, evaluation or a resumed training loads
+    the weights. ``load_state_dict`` refuses a record of another task (:class:`CheckpointError`)."""
+
+    def __init__(self, task: Mapping, augmentation: str = "replicate", channels: int = 2) -> None:
+        self.record = task_record(task, augmentation, channels)
+
+    def state_dict(self) -> dict:
+        return dict(self.record)
+
+    def load_state_dict(self, state: Mapping) -> None:
+        _compare_task(state, self.record, "checkpoint")
+
+
+def _describe(rec: Mapping) -> str:
+    return (f"task '{rec.get('name')}' ({' + '.join(rec.get('inputs', []))} -> {' + '.join(rec.get('targets', []))}, "
+            f"augmentation {rec.get('augmentation')}, {rec.get('channels')} channels)")
+
+
+def _compare_task(saved: Mapping, wanted: Mapping, source: str, key: str = "check_ckpt_task") -> None:
+    from common.utils.io import CheckpointError
+
+    if not isinstance(saved, Mapping):
+        raise CheckpointError(f"{source} has a 'task' entry of type {type(saved).__name__}; expected a dict")
+    diff = [k for k in ("inputs", "targets", "augmentation", "channels") if saved.get(k) != wanted.get(k)]
+    if diff:
+        raise CheckpointError(
+            f"{source} was trained for {_describe(saved)}; this run is {_describe(wanted)}: the channel roles differ "
+            f"({', '.join(diff)}). Use a checkpoint trained for this task (if only the modality names differ, rename "
+            f"them in the datalist and 'task', or set '{key}' to false)"
+        )
+
+
+def check_checkpoint_task(path: str, task: Mapping, augmentation: str, channels: int,
+                          sha256: str | None = None, key: str = "ckpt_path") -> None:
+    """Before any weight is loaded: the checkpoint ``path`` was trained for this task. Its ``task`` entry (written
+    by this bundle's training) must name the same sources and targets in the same order, the same augmentation and
+    channel count, else :class:`~common.utils.io.CheckpointError` naming both tasks. A checkpoint without the
+    entry (a bare state dict, or one from before the entry existed) is loaded with a warning: it cannot be checked.
+    Raises the errors of :func:`common.utils.io.load_checkpoint` (missing file, sha256 mismatch, unreadable)."""
+    import logging
+
+    from common.utils.io import load_checkpoint
+
+    ckpt = load_checkpoint(path, sha256=sha256)
+    wanted = task_record(task, augmentation, channels)
+    if "task" not in ckpt:
+        logging.getLogger("ivan_fusion").warning(
+            f"checkpoint '{path}' ({key}) records no task: cannot check that it was trained for {_describe(wanted)}"
+        )
+        return
+    _compare_task(ckpt["task"], wanted, f"checkpoint '{path}' ({key})")
+
+
 def check_resume(path: str, network: torch.nn.Module, sha256: str | None = None,
-                 entries: Sequence[str] = ("model", "optimizer", "lr_scheduler", "trainer")) -> None:
+                 entries: Sequence[str] = ("model", "optimizer", "lr_scheduler", "trainer"),
+                 task: Mapping | None = None, augmentation: str = "replicate", channels: int = 2) -> None:
     """Check the checkpoint a resumed training will load, before the trainer (and its log files) is built:
-    it exists, matches ``sha256`` when given, holds every entry in ``entries`` and fits ``network``.
+    it exists, matches ``sha256`` when given, holds every entry in ``entries``, fits ``network`` and, when it
+    records a task and ``task`` is given, was trained for that task.
     Raises the errors of :func:`common.utils.io.load_checkpoint` and :class:`~common.utils.io.CheckpointError`."""
     from common.utils.io import CheckpointError, check_state_fits, load_checkpoint
 
@@ -223,6 +349,8 @@ def check_resume(path: str, network: torch.nn.Module, sha256: str | None = None,
             f"checkpoint '{path}' (resume_ckpt) has no entries {missing} (it has {sorted(ckpt)[:8]}); expected a "
             "training checkpoint of this bundle: is it a checkpoint of another bundle?"
         )
+    if task is not None and "task" in ckpt:
+        _compare_task(ckpt["task"], task_record(task, augmentation, channels), f"checkpoint '{path}' (resume_ckpt)")
     check_state_fits(network, ckpt["model"], f"checkpoint '{path}' (resume_ckpt) entry 'model'")
 
 
