@@ -93,9 +93,10 @@ def _amico_maps(dwi, bval, bvec, mask, out_dir) -> np.ndarray:
 
 
 def _amico_synthesis_check() -> float:
-    from amico.scheme import Scheme
-    from amico.synthesis import NODDIExtraCellular, NODDIIntraCellular
+    from common.utils.amico import import_amico
 
+    amico = import_amico("scheme", "synthesis")  # keeps logging's logger class (dicelib's exits on error)
+    Scheme, NODDIExtraCellular, NODDIIntraCellular = amico.scheme.Scheme, amico.synthesis.NODDIExtraCellular, amico.synthesis.NODDIIntraCellular
     from common.data.noddi import extra_neurite_signal, intra_neurite_signal, odi_to_kappa
     from common.data.noddi_phantom import acquisition_scheme
 

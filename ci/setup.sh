@@ -13,8 +13,10 @@ python -m pip install --quiet --upgrade pip
 # torch first and pinned: an unpinned torch pulled in by MONAI would fetch several GB of CUDA wheels.
 python -m pip install --quiet "torch==2.13.0"
 python -m pip install --quiet -r requirements-dev.txt
+# optional AMICO (dmri-amico, NODDI fitting): the tests of noddi_sr check the forward model and the phantom with it
+python -m pip install --quiet -r requirements-amico.txt
 python -m pip install --quiet --no-deps -e .
 python - <<'PY'
-import monai, torch, ignite
-print(f"environment ready: torch {torch.__version__}, monai {monai.__version__}, ignite {ignite.__version__}")
+import amico, monai, torch, ignite
+print(f"environment ready: torch {torch.__version__}, monai {monai.__version__}, ignite {ignite.__version__}, dmri-amico {amico.__version__}")
 PY

@@ -163,12 +163,16 @@ def match_shells(
     tolerance: float = 100.0,
     min_directions: int = 6,
     source: str = "the DWI series",
+    key: str | None = None,
 ) -> list[float]:
     """Shells to use, in ascending b: the expected ones (matched within ``tolerance``) or every shell found.
 
     Shells with fewer than ``min_directions`` volumes are dropped with a warning (an l = 2 fit needs 6). When
-    ``expected`` is given, a missing expected shell raises (a model trained on b = 1000/2000 cannot take a different
-    shell set); found shells that are not expected are ignored with a warning. Returns the *found* shell values.
+    ``expected`` is given, a missing expected shell raises (a model trained on b = 1000/2000/3000 cannot take a
+    different shell set, and fewer shells would silently give fewer feature channels); the error names ``key`` (the
+    config key holding ``expected``, e.g. ``shells``) and the expected shells present in the series, the explicit way
+    to opt into fewer features. Found shells that are not expected are ignored with a warning. Returns the *found*
+    shell values.
     """
     values, counts = np.unique(shell_of_volume[shell_of_volume > 0], return_counts=True)
     wanted = None if expected is None else sorted(float(x) for x in expected)
@@ -190,11 +194,22 @@ def match_shells(
     for e in wanted:
         near = [v for v in usable if abs(v - e) <= tolerance]
         if not near:
-            raise GradientTableError(
+            msg = (
                 f"{source}: expected shell b={e:g} s/mm² (±{tolerance:g}) is missing; usable shells are "
                 f"{[round(v) for v in usable]} (all shells and direction counts: "
                 f"{dict(zip([round(v) for v in values.tolist()], counts.tolist()))})"
             )
+            if key is not None:
+                present = [round(w) for w in wanted if any(abs(v - w) <= tolerance for v in usable)]
+                msg += (
+                    f". Config key '{key}' is {[round(w) for w in wanted]}: {2 * len(wanted)} feature channels, two per shell"
+                )
+                if present:
+                    msg += (
+                        f"; to opt into fewer features set '{key}' to {present} ({2 * len(present)} channels; "
+                        f"a model trained with the shells {[round(w) for w in wanted]} cannot take them)"
+                    )
+            raise GradientTableError(msg)
         chosen.append(min(near, key=lambda v: abs(v - e)))
     extra = [round(v) for v in values.tolist() if v not in chosen and not (relevant(v) and v not in usable)]
     if extra:

@@ -273,3 +273,27 @@ class NODDISRInferer(Inferer):
         stack = torch.stack(samples)
         self.last_std = stack.std(0, unbiased=False) if len(samples) > 1 else None
         return stack.mean(0).clamp(0.0, 1.0)
+
+    def count_windows(self, lr_shape: Sequence[int], channels: int = 1) -> int:
+        """Network calls per LR volume of spatial shape ``lr_shape``: the cost unit of validation and inference.
+
+        Counted by running this inferer's own sliding window with a stand-in network that only counts its inputs
+        (so padding of small volumes and the overlap rule are exactly the inferer's), not by a formula.
+        """
+
+        class _Counter(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.windows = 0
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                self.windows += x.shape[0]
+                return torch.zeros(x.shape[0], 3, *(2 * s for s in x.shape[2:]))
+
+        counter, sampler = _Counter(), self.sampler
+        self.sampler = None  # the deterministic path: one call per window, whatever the sampler
+        try:
+            self(torch.zeros(1, channels, *lr_shape), counter)
+        finally:
+            self.sampler = sampler
+        return counter.windows

@@ -35,6 +35,7 @@ __all__ = [
     "DWIFeaturesd",
     "DWIBrainMaskd",
     "RandScaledPairCropd",
+    "ScaledPairCenterCropd",
     "HRMapsd",
 ]
 
@@ -67,6 +68,7 @@ def shell_features(
     include_b0: bool = False,
     mask: np.ndarray | None = None,
     source: str = "the DWI series",
+    shells_key: str | None = None,
 ) -> tuple[np.ndarray, list[float]]:
     """Per-shell spherical mean and l = 2 power of a channel-first DWI series.
 
@@ -75,6 +77,7 @@ def shell_features(
         bvals: (N,) b-values in s/mm²; bvecs: (N, 3) unit vectors (zero for b0).
         shells: expected shell b-values (a missing one raises); None = every shell with ≥ ``min_directions``.
         include_b0: add S0 / P99.5(S0 in ``mask``) as the last channel.
+        shells_key: the config key holding ``shells``, named by the error for a missing shell.
 
     Returns:
         features (C, X, Y, Z) float32 and the shell b-values used (ascending).
@@ -86,7 +89,7 @@ def shell_features(
         raise GradientTableError(f"{source}: {dwi.shape[0]} volumes, {bvals.shape[0]} b-values and bvecs of shape {bvecs.shape}")
     e, s0 = normalise_b0(dwi, bvals, b0_threshold=b0_threshold, channel_axis=0)
     shell_of = bin_shells(bvals, tolerance=shell_tolerance, b0_threshold=b0_threshold)
-    used = match_shells(shell_of, shells, tolerance=shell_tolerance, min_directions=min_directions, source=source)
+    used = match_shells(shell_of, shells, tolerance=shell_tolerance, min_directions=min_directions, source=source, key=shells_key)
     spatial = dwi.shape[1:]
     means, powers = [], []
     for b in used:
@@ -117,6 +120,7 @@ class DWIFeaturesd(MapTransform):
             ignored with a warning. None uses every shell with ≥ ``min_directions`` volumes.
         shell_tolerance: b-values closer than this belong to one shell, and match an expected shell within it.
         include_b0: append the normalised S0 channel (uses ``mask_key`` when given).
+        shells_key: the config key that holds ``shells`` (named by the error for a missing shell).
     """
 
     def __init__(
@@ -131,9 +135,11 @@ class DWIFeaturesd(MapTransform):
         include_b0: bool = False,
         mask_key: str | None = None,
         allow_missing_keys: bool = False,
+        shells_key: str | None = "shells",
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.bval_key, self.bvec_key = bval_key, bvec_key
+        self.shells_key = shells_key
         self.shells = None if shells is None else [float(s) for s in shells]
         self.shell_tolerance = float(shell_tolerance)
         self.min_directions = int(min_directions)
@@ -178,6 +184,7 @@ class DWIFeaturesd(MapTransform):
                     include_b0=self.include_b0,
                     mask=mask,
                     source=source,
+                    shells_key=self.shells_key,
                 )
             for w in caught:  # the same acquisition gives the same warning for every case: say it once
                 msg = str(w.message)
@@ -188,6 +195,17 @@ class DWIFeaturesd(MapTransform):
             out = torch.as_tensor(feats)
             d[key] = MetaTensor(out, meta=dict(img.meta)) if isinstance(img, MetaTensor) else out
         return d
+
+
+def _scaled_pair(lr_keys, hr_keys, lr_roi_size, scale):
+    """Key lists, LR roi (a 3-tuple, or None) and integer scale of the scaled-pair crops."""
+    lr = [lr_keys] if isinstance(lr_keys, str) else list(lr_keys)
+    hr = [hr_keys] if isinstance(hr_keys, str) else list(hr_keys)
+    if lr_roi_size is None:
+        roi = None
+    else:
+        roi = (int(lr_roi_size),) * 3 if isinstance(lr_roi_size, int) else tuple(int(v) for v in lr_roi_size)
+    return lr, hr, roi, int(scale)
 
 
 class RandScaledPairCropd(Randomizable, MapTransform):
@@ -210,12 +228,8 @@ class RandScaledPairCropd(Randomizable, MapTransform):
         max_tries: int = 20,
         allow_missing_keys: bool = False,
     ) -> None:
-        lr_keys = [lr_keys] if isinstance(lr_keys, str) else list(lr_keys)
-        hr_keys = [hr_keys] if isinstance(hr_keys, str) else list(hr_keys)
-        super().__init__(lr_keys + hr_keys, allow_missing_keys)
-        self.lr_keys, self.hr_keys = lr_keys, hr_keys
-        self.lr_roi = (int(lr_roi_size),) * 3 if isinstance(lr_roi_size, int) else tuple(int(s) for s in lr_roi_size)
-        self.scale = int(scale)
+        self.lr_keys, self.hr_keys, self.lr_roi, self.scale = _scaled_pair(lr_keys, hr_keys, lr_roi_size, scale)
+        super().__init__(self.lr_keys + self.hr_keys, allow_missing_keys)
         self.fg_key, self.min_fg_fraction, self.max_tries = fg_key, float(min_fg_fraction), int(max_tries)
         self._start: tuple[int, ...] = (0, 0, 0)
 
@@ -246,6 +260,47 @@ class RandScaledPairCropd(Randomizable, MapTransform):
             start = [p * s for p in self._start]
             end = [(p + r) * s for p, r in zip(self._start, self.lr_roi)]
             d[key] = SpatialCrop(roi_start=start, roi_end=end)(d[key])
+        return d
+
+
+class ScaledPairCenterCropd(MapTransform):
+    """Centred crop of a low-resolution image and the matching high-resolution images (HR = ``scale`` × LR grid).
+
+    The LR crop keeps ``lr_roi_size`` voxels around the centre (start ⌊(size − roi)/2⌋; an axis no larger than the
+    roi, or a roi of None / ≤ 0, is kept whole); HR keys are cropped at ``scale`` × that start with ``scale`` × the size,
+    so LR and HR still cover the same field of view and the MetaTensor affines stay consistent. Used to bound the
+    cost of validation by sampling (``val_roi`` of ``train_diffusion.json``: fewer sliding windows per volume).
+    """
+
+    def __init__(
+        self,
+        lr_keys: KeysCollection,
+        hr_keys: KeysCollection,
+        lr_roi_size: Sequence[int] | int | None,
+        scale: int = 2,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        self.lr_keys, self.hr_keys, self.lr_roi, self.scale = _scaled_pair(lr_keys, hr_keys, lr_roi_size, scale)
+        super().__init__(self.lr_keys + self.hr_keys, allow_missing_keys)
+
+    def window(self, lr_shape: Sequence[int]) -> tuple[list[int], list[int]]:
+        """(start, end) of the LR crop for an LR image of spatial shape ``lr_shape``."""
+        if self.lr_roi is None:
+            return [0] * len(lr_shape), [int(s) for s in lr_shape]
+        start, end = [], []
+        for s, r in zip(lr_shape, self.lr_roi):
+            size = int(s) if r <= 0 or r >= s else int(r)
+            p = (int(s) - size) // 2
+            start.append(p)
+            end.append(p + size)
+        return start, end
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        start, end = self.window(d[self.lr_keys[0]].shape[1:])
+        for key in self.key_iterator(d):
+            s = 1 if key in self.lr_keys else self.scale
+            d[key] = SpatialCrop(roi_start=[p * s for p in start], roi_end=[e * s for e in end])(d[key])
         return d
 
 

@@ -91,13 +91,15 @@ def check_cases(
     shell_tolerance: float = 100.0,
     min_directions: int = 6,
     b0_threshold: float = B0_THRESHOLD,
+    shells_key: str | None = "shells",
 ) -> None:
     """Check every case of ``data`` (the cases of ``source``, e.g. "config key 'data'") before anything is loaded or written.
 
     Per case: the ``required`` entries are present; every image file (``required`` and present ``optional``
     entries other than the gradient files) exists and has a plausible NIfTI header; the bval/bvec pair is readable,
     lists one b-value and one unit vector per DWI volume, has a b0 volume (b ≤ ``b0_threshold``) to normalise the
-    signal with, and has the ``shells`` the model was trained with. Reads headers and text files only.
+    signal with, and has the ``shells`` the model was trained with (config key ``shells_key``: a missing shell is refused,
+    naming the key and how to opt into fewer features, never silently dropped). Reads headers and text files only.
 
     Raises:
         InvalidInputError, InputNotFoundError, GradientTableError: naming the case, the file or the entry.
@@ -150,7 +152,8 @@ def check_cases(
                 shells,
                 tolerance=shell_tolerance,
                 min_directions=min_directions,
-                source=f"bval file '{bval}'",
+                source=f"bval file '{bval}' (key 'bval' of case {name})",
+                key=shells_key,
             )
 
 

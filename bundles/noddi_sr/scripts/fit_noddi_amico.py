@@ -33,20 +33,23 @@ import numpy as np
 from scipy import ndimage
 
 from common.data.dwi import read_bvals_bvecs
+from common.utils.amico import import_amico, keep_logger_class
 from common.data.noddi_phantom import hr_affine
 from common.utils.errors import InvalidInputError
 
-__all__ = ["fit_noddi", "upsample_maps", "MAP_NAMES"]
+__all__ = ["fit_noddi", "fit_noddi_arrays", "upsample_maps", "MAP_NAMES"]
 
 MAP_NAMES = ("NDI", "ODI", "FWF")
 
 
-def fit_noddi(dwi: str, bval: str, bvec: str, mask: str | None, out_dir: str, b0_threshold: float = 50.0, b_step: float = 100.0) -> list[Path]:
-    """AMICO NODDI fit; returns the paths of ``fit_NDI``, ``fit_ODI`` and ``fit_FWF`` in ``out_dir``."""
-    try:
-        import amico  # lazy: an optional dependency (dmri-amico)
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("AMICO is needed for this script: pip install dmri-amico==2.1.1 (the PyPI 'amico' is unrelated)") from e
+def fit_noddi(
+    dwi: str, bval: str, bvec: str, mask: str | None, out_dir: str, b0_threshold: float = 50.0, b_step: float = 100.0, verbose: int | None = None
+) -> list[Path]:
+    """AMICO NODDI fit; returns the paths of ``fit_NDI``, ``fit_ODI`` and ``fit_FWF`` in ``out_dir``.
+
+    ``verbose``: AMICO's verbosity (0 silent … 4 debug); None leaves AMICO's setting.
+    """
+    amico = import_amico("lut", "util")  # lazy: an optional dependency (dmri-amico); keeps logging's logger class
     dwi, bval, bvec = (os.path.abspath(os.fspath(p)) for p in (dwi, bval, bvec))
     mask = None if mask is None else os.path.abspath(os.fspath(mask))
     shape = nib.load(dwi).shape
@@ -56,13 +59,17 @@ def fit_noddi(dwi: str, bval: str, bvec: str, mask: str | None, out_dir: str, b0
     read_bvals_bvecs(bval, bvec, n_volumes=n)  # fail early, naming the file, on a mismatching table
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    amico.setup()
-    with tempfile.TemporaryDirectory(prefix="amico_") as study:
+    if verbose is not None:
+        amico.set_verbose(int(verbose))
+    # amico.setup() precomputes the rotation matrices of every supported direction count (up to 32761); the fit
+    # below uses AMICO's default of 500 directions (lmax 12), so only that one is computed (cached by AMICO).
+    amico.lut.precompute_rotation_matrices(12, 500)
+    with keep_logger_class(), tempfile.TemporaryDirectory(prefix="amico_") as study:  # dicelib may set it up again
         scheme = amico.util.fsl2scheme(bval, bvec, schemeFilename=os.path.join(study, "dwi.scheme"), bStep=b_step)
         ae = amico.Evaluation(study, ".")
         ae.load_data(dwi, scheme, mask_filename=mask, b0_thr=b0_threshold)
         ae.set_model("NODDI")
-        ae.generate_kernels(regenerate=True)
+        ae.generate_kernels(regenerate=True, lmax=12, ndirs=500)
         ae.load_kernels()
         ae.fit()
         ae.save_results()
@@ -74,6 +81,44 @@ def fit_noddi(dwi: str, bval: str, bvec: str, mask: str | None, out_dir: str, b0
             dst.write_bytes(src.read_bytes())  # the study folder is temporary (possibly another file system)
             paths.append(dst)
     return paths
+
+
+def fit_noddi_arrays(
+    dwi: np.ndarray,
+    bvals: np.ndarray,
+    bvecs: np.ndarray,
+    mask: np.ndarray | None = None,
+    affine: np.ndarray | None = None,
+    work_dir: str | os.PathLike | None = None,
+    b0_threshold: float = 50.0,
+    verbose: int | None = 0,
+) -> np.ndarray:
+    """AMICO NODDI fit of in-memory signals: ``dwi`` (N, X, Y, Z) → maps (3, X, Y, Z) = NDI, ODI, FWF (0 outside ``mask``).
+
+    The arrays are written as NIfTI + FSL files (in ``work_dir``, or a temporary folder) and fitted by
+    :func:`fit_noddi`, the same path as the command line. A voxel list fits as a (N, V, 1, 1) series.
+    """
+    from common.data.dwi import write_bvals_bvecs
+
+    dwi = np.asarray(dwi, dtype=np.float32)
+    if dwi.ndim != 4:
+        raise InvalidInputError(f"dwi array has shape {dwi.shape}; expected (N, X, Y, Z)")
+    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    with tempfile.TemporaryDirectory(prefix="amico_in_") as tmp:
+        folder = Path(work_dir) if work_dir is not None else Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(np.moveaxis(dwi, 0, -1), affine), folder / "dwi.nii.gz")
+        write_bvals_bvecs(folder / "dwi.bval", folder / "dwi.bvec", bvals, bvecs)
+        mask_path = None
+        if mask is not None:
+            mask_path = folder / "mask.nii.gz"
+            nib.save(nib.Nifti1Image(np.asarray(mask, dtype=np.uint8), affine), mask_path)
+        paths = fit_noddi(folder / "dwi.nii.gz", folder / "dwi.bval", folder / "dwi.bvec", mask_path, folder / "fit",
+                          b0_threshold=b0_threshold, verbose=verbose)
+        maps = np.stack([np.nan_to_num(np.asarray(nib.load(str(p)).dataobj, dtype=np.float64)) for p in paths])
+    if mask is not None:
+        maps = maps * (np.asarray(mask) > 0)[None]
+    return maps
 
 
 def upsample_maps(paths: list[Path | str], out_file: str | os.PathLike, scale: int = 2) -> Path:
