@@ -11,10 +11,15 @@ the same noise and the same previous prediction, at T network passes per window.
 ``stitching="per_patch"`` each window runs its own chain and the final logits are averaged.
 
 A volume smaller than the window along some axis (a thin slab, a tight field of view) is padded
-to the window with zeros (air / background after the intensity rules) **before** the noise is
-drawn, and the logits are cropped back: the padded voxels then carry noise in their mask
-channels, as every voxel of a training patch does, instead of the zero mask channels that
-``sliding_window_inference``'s own padding would give them.
+to the window **before** the noise is drawn, and the logits are cropped back: the padded voxels
+then carry noise in their mask channels, as every voxel of a training patch does, instead of the
+zero mask channels that ``sliding_window_inference``'s own padding would give them. The image is
+padded with ``padding_mode``: ``"constant"`` (zeros: air / background after the intensity rules)
+or ``"replicate"`` (the edge slices repeated). The bundles' inference configs use
+``"replicate"`` after cropping the volume to the body (``CropForegroundd``): a slab then looks
+to the network like anatomy that continues past the cut, not like a body that ends there (a
+model trained on scans whose body always ends in the pelvis otherwise predicts pelvic organs at
+the cut of an abdominal slab; measured in the diffseg model card).
 """
 
 from __future__ import annotations
@@ -39,7 +44,9 @@ class DiffSegInferer(Inferer):
         num_classes: C, background included.
         scheduler: :class:`DiffSegScheduler` (default: paper A's 5-step schedule).
         roi_size: sliding-window size (the training patch); ``None`` runs on the whole volume.
-        sw_batch_size, overlap, mode, padding_mode: as in ``sliding_window_inference`` (``mode="constant"``).
+        sw_batch_size, overlap, mode: as in ``sliding_window_inference`` (``mode="constant"``).
+        padding_mode: how the image is padded up to one window, ``"constant"`` (zeros) or ``"replicate"``
+            (the same for the diffusion chain and the baseline's windows; the logits are cropped back).
         sampler: ``"ddpm"`` (paper A) or ``"ddim"``.
         eta: DDIM stochasticity (0: deterministic given ``x_{T-1}``).
         seed: seed of the generator of ``x_{T-1}`` and of the step noise; every call restarts it,
@@ -72,6 +79,8 @@ class DiffSegInferer(Inferer):
         super().__init__()
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        if padding_mode not in ("constant", "replicate"):
+            raise ValueError(f"padding_mode must be 'constant' or 'replicate', got {padding_mode!r}")
         if stitching not in ("per_step", "per_patch"):
             raise ValueError(f"stitching must be 'per_step' or 'per_patch', got {stitching!r}")
         self.num_classes = int(num_classes)
@@ -117,7 +126,9 @@ class DiffSegInferer(Inferer):
         pads = self._pad_to_roi(inputs.shape[2:]) if self.stitching == "per_step" else []
         if not pads:
             return self._sample(inputs, network)
-        logits = self._sample(F.pad(inputs, pads, mode="constant", value=0.0), network)
+        pad_mode = self.sw_kwargs["padding_mode"]
+        padded = F.pad(inputs, pads, mode="constant", value=0.0) if pad_mode == "constant" else F.pad(inputs, pads, mode=pad_mode)
+        logits = self._sample(padded, network)
         spatial = inputs.shape[2:]
         crop = [slice(None), slice(None)]
         for axis in range(len(spatial)):

@@ -117,6 +117,53 @@ def test_inference_writes_uint8_labels_with_the_input_geometry(trained, ct_demo,
     assert isinstance(err.value.__cause__, FileExistsError) and "already holds" in str(err.value.__cause__)
 
 
+def test_inference_does_not_depend_on_the_air_around_the_body(trained, ct_demo, tmp_path):
+    """The default framing crops the resampled volume to the body before the sliding windows: the same CT in a
+    wider field of view of air reaches the network as the same voxels at the same world positions, and the labels
+    written in the wide geometry are background outside the body's box (tiny model, 16^3 windows)."""
+    from monai.bundle import ConfigParser
+
+    out, _ = trained
+    entry = json.loads(ct_demo.read_text())["test"][0]
+    ct = nib.load(str(ct_demo.parent / entry["image"]))
+    hu, affine = np.asarray(ct.dataobj, dtype=np.float32), ct.affine
+    assert np.allclose(np.abs(np.diag(affine)[:3]), 3.0)  # 3 mm: 8 voxels = 24 mm = 3 voxels of the tiny 8 mm grid
+    files = {}
+    for name, (m, mz) in {"narrow": (8, 8), "wide": (40, 16)}.items():
+        aff = affine.copy()
+        aff[:3, 3] = (affine @ np.array([-m, -m, -mz, 1.0]))[:3]
+        files[name] = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(np.pad(hu, ((m, m), (m, m), (mz, mz)), constant_values=-1024.0), aff), str(files[name]))
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "inference.json"), str(CONFIGS / "tiny.json")])
+    parser.update({"bundle_root": str(BUNDLE), "infer_roi_size": [16, 16, 16]})
+    if str(BUNDLE) not in sys.path:
+        sys.path.insert(0, str(BUNDLE))
+    pre = parser.get_parsed_content("preprocessing")
+    narrow, wide = (pre({"image": str(files[n])})["image"] for n in ("narrow", "wide"))
+    assert narrow.shape == wide.shape and narrow.shape[1] < 60  # cropped: the wide volume is 79 voxels across
+    torch.testing.assert_close(narrow.affine, wide.affine, atol=1e-4, rtol=0)
+    torch.testing.assert_close(narrow.as_tensor(), wide.as_tensor(), atol=1e-4, rtol=0)
+
+    wf = _workflow(
+        ["inference.json", "tiny.json"], "infer", dataset_dir=str(tmp_path), data=[{"image": str(files["wide"])}],
+        ckpt_dir=str(out / "models"), output_dir=str(tmp_path / "pred"), infer_roi_size=[16, 16, 16],
+    )
+    wf.run()
+    wf.finalize()
+    pred = nib.load(str(next((tmp_path / "pred").rglob("wide_seg.nii.gz"))))
+    labels = np.asarray(pred.dataobj)
+    assert pred.shape == nib.load(str(files["wide"])).shape
+    lo, hi = parser.get_parsed_content("hu_window")
+    body = np.pad(hu > lo + parser.get_parsed_content("body_threshold") * (hi - lo), ((40, 40), (40, 40), (16, 16)))
+    # the body's box on the 3 mm grid, widened by the crop margin (2 voxels of 8 mm) and one 8 mm voxel of resampling
+    box = tuple(slice(int(np.flatnonzero(body.any(axis=tuple(j for j in range(3) if j != i))).min()) - 8,
+                      int(np.flatnonzero(body.any(axis=tuple(j for j in range(3) if j != i))).max()) + 9) for i in range(3))
+    outside = np.ones(labels.shape, dtype=bool)
+    outside[box] = False
+    assert labels[box].max() > 0 and int(labels[outside].max()) == 0
+
+
 def test_evaluate_writes_metric_tables_and_predictions(trained, ct_demo, tmp_path):
     out, _ = trained
     wf = _workflow(

@@ -148,3 +148,21 @@ def test_framing_cases_keep_every_voxel_at_its_physical_position(tmp_path_factor
     for c in (1, 2, 3):
         a, b = sm_label == c, labels[:, :, 82:112] == c
         assert 0.9 < 2 * (a & b).sum() / (a.sum() + b.sum()) < 1.0
+
+
+def test_inferer_replicate_padding_repeats_the_edge_slices(real_ct):
+    """``padding_mode="replicate"`` (the bundle's default): the slab's edge slices continue into the padding, so
+    the network sees anatomy past the cut instead of a body that ends there; the logits are cropped back."""
+    net = _Recorder(DiffSegUNet(1 + 7, 7, (4, 8, 8, 16), time_conditioning=True).eval())
+    slab = real_ct["image"][None, :, 16:48, 16:48, 40:52]
+    inferer = DiffSegInferer(7, roi_size=(32, 32, 32), overlap=0.25, seed=0, padding_mode="replicate")
+    with torch.no_grad():
+        logits = inferer(slab, net)
+    assert logits.shape == (1, 7, 32, 32, 12)
+    first = net.inputs[0][:, :1]
+    pad_before = (32 - 12) // 2
+    assert torch.equal(first[..., pad_before : pad_before + 12], slab)
+    assert torch.equal(first[..., :pad_before], slab[..., :1].expand(-1, -1, -1, -1, pad_before))
+    assert torch.equal(first[..., pad_before + 12 :], slab[..., -1:].expand(-1, -1, -1, -1, 32 - 12 - pad_before))
+    with pytest.raises(ValueError, match="padding_mode"):
+        DiffSegInferer(7, roi_size=(32, 32, 32), padding_mode="reflect")
