@@ -119,7 +119,7 @@ def format_user_error(err: BaseException) -> str:
 def _hook(previous):
     def excepthook(etype: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
         err = find_user_error(value)
-        if err is None or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        if err is None or _tracebacks_wanted():
             previous(etype, value, tb)
             return
         sys.stderr.write(f"\n{format_user_error(err)}\n(set {TRACEBACK_ENV}=1 to see the full traceback)\n")
@@ -129,32 +129,60 @@ def _hook(previous):
     return excepthook
 
 
-class _NoUserErrorTraceback(logging.Filter):
-    """Drop the traceback from log records about a user error (Ignite and MONAI's ``StatsHandler`` log
-    the failing run with ``logger.exception``); the record's one-line message stays."""
+def _tracebacks_wanted() -> bool:
+    return os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+
+
+class _UserErrorRecords(logging.Filter):
+    """On a terminal stream (a ``StreamHandler`` that is not a file), drop the log records about a user error:
+    Ignite's "Engine run is terminating due to exception", MONAI ``StatsHandler``'s "Exception: ..." with its
+    traceback, and the like. The excepthook prints the one message; a log file keeps a one-line record."""
+
+    def __init__(self, handler: logging.Handler) -> None:
+        super().__init__()
+        self.terminal = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[1] is not None and os.environ.get(TRACEBACK_ENV, "") in ("", "0"):
-            if find_user_error(record.exc_info[1]) is not None:
-                record.exc_info, record.exc_text = None, None
-        return True
+        return not (self.terminal and getattr(record, "medgen_user_error", False))
 
 
-_LOG_FILTER = _NoUserErrorTraceback()
+def _filter_all_handlers() -> None:
+    """Attach :class:`_UserErrorRecords` to every handler of every logger that exists now (handlers appear while a
+    workflow is built: the engines' loggers, MONAI's ``StatsHandler``)."""
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    for lg in loggers:
+        for handler in lg.handlers:
+            if not any(isinstance(f, _UserErrorRecords) for f in handler.filters):
+                handler.addFilter(_UserErrorRecords(handler))
+
+
+def _record_factory(previous):
+    """Log records about a user error lose their traceback and are marked ``medgen_user_error``, so terminal handlers
+    drop them. "About a user error": the record's ``exc_info``, or, for an ERROR record without one, the exception
+    being handled where it was logged (Ignite logs the failure inside its ``except`` block). Every handler is checked
+    for the filter at that moment, whenever it was created."""
+
+    def factory(*args, **kwargs):
+        record = previous(*args, **kwargs)
+        if record.levelno < logging.ERROR or _tracebacks_wanted():
+            return record
+        exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        if exc is not None and find_user_error(exc) is not None:
+            record.exc_info, record.exc_text, record.medgen_user_error = None, None, True
+            _filter_all_handlers()
+        return record
+
+    factory._medgen = True  # type: ignore[attr-defined]
+    return factory
 
 
 def install_excepthook() -> None:
-    """Make an uncaught user error end the process with one clear message (exit status 1).
-
-    Also removes the traceback from log records about a user error on every configured log handler,
-    so the run's log does not repeat it. Idempotent; other exceptions still go to the previous hook
-    (Python's full traceback) and keep their logged tracebacks."""
+    """Make an uncaught user error end the process with one clear message (exit status 1), and the only one on the
+    terminal: log records about it (engines, ``StatsHandler``) are dropped from terminal streams and keep one line,
+    without traceback, in log files. ``MEDGEN_TRACEBACK=1`` restores every traceback and record. Idempotent; other
+    exceptions go to the previous hook (Python's full traceback) and keep their logged tracebacks."""
     if not getattr(sys.excepthook, "_medgen", False):
         sys.excepthook = _hook(sys.excepthook)
-    loggers = [logging.getLogger()] + [
-        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
-    ]
-    for lg in loggers:
-        for handler in lg.handlers:
-            if _LOG_FILTER not in handler.filters:
-                handler.addFilter(_LOG_FILTER)
+    if not getattr(logging.getLogRecordFactory(), "_medgen", False):
+        logging.setLogRecordFactory(_record_factory(logging.getLogRecordFactory()))
+    _filter_all_handlers()

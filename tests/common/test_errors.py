@@ -74,8 +74,9 @@ def test_command_line_ends_with_one_message(tmp_path):
         from common.transforms.validation import CheckedLoadImaged, ValidateImaged
         import logging
         from common.utils.errors import install_excepthook
-        logging.basicConfig(stream=sys.stderr)
         install_excepthook(); install_excepthook()
+        logging.basicConfig(stream=sys.stderr)  # handlers created after the hook, as the engines create theirs
+        logging.getLogger().addHandler(logging.FileHandler(sys.argv[2]))
 
         def load():
             Dataset([{{"image": {str(path)!r}}}], Compose([CheckedLoadImaged("image", ensure_channel_first=True), ValidateImaged("image")]))[0]
@@ -85,24 +86,30 @@ def test_command_line_ends_with_one_message(tmp_path):
                 raise KeyError("bug")
             load()
         except Exception as e:
-            logging.getLogger("engine").exception(f"Exception: {{e}}")
+            logging.getLogger("engine").error(f"Engine run is terminating due to exception: {{e}}")  # Ignite: no exc_info
+            logging.getLogger("engine").exception(f"Exception: {{e}}")  # StatsHandler: with the traceback
             raise
     """)
     env_root = str(__import__("pathlib").Path(__file__).resolve().parents[2])
-    run = lambda arg, env=None: subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, cwd=env_root, env=env)
+    log = tmp_path / "run.log"
+    run = lambda arg, env=None: subprocess.run([sys.executable, "-c", code, arg, str(log)], capture_output=True, text=True, cwd=env_root, env=env)
     user = run("user")
     assert user.returncode == 1
     last = user.stderr.strip().splitlines()
     assert last[-2].startswith("ERROR: InvalidInputError: ") and "holds a 2D image" in last[-2] and "slice.nii.gz" in last[-2], user.stderr
-    assert "Traceback" not in user.stderr, user.stderr  # neither the log nor the exit repeats it
-    assert "ERROR:engine:Exception: applying transform" in user.stderr  # the log line itself stays
+    # the one message: neither log record reaches the terminal; the log file keeps both, one line each
+    assert user.stderr.count("ERROR") == 1 and "Traceback" not in user.stderr and "engine" not in user.stderr, user.stderr
+    lines = log.read_text().splitlines()
+    assert len(lines) == 2 and "Traceback" not in log.read_text(), lines
+    assert lines[0].startswith("Engine run is terminating due to exception: applying transform"), lines
+    assert lines[1].startswith("Exception: applying transform"), lines
     bug = run("bug")
     assert bug.returncode == 1 and "KeyError: 'bug'" in bug.stderr
-    assert bug.stderr.count("Traceback") == 2  # a bug keeps its logged and its final traceback
+    assert bug.stderr.count("Traceback") == 2 and "Engine run is terminating" in bug.stderr  # a bug keeps everything
     import os
 
     full = run("user", env=dict(os.environ, MEDGEN_TRACEBACK="1"))
-    assert full.returncode == 1 and full.stderr.count("Traceback") >= 2 and "applying transform" in full.stderr  # logged and final
+    assert full.returncode == 1 and full.stderr.count("Traceback") >= 2 and "Engine run is terminating" in full.stderr
 
 
 class _Net(torch.nn.Module):

@@ -1,11 +1,17 @@
 """Shared pieces of the robustness suite: the fault makers (``faults.py``) importable by the bundle
 tests, and two ways to run a bundle config: in-process (fast, the exception is inspected) and through
-``python -m monai.bundle run`` (exit status and the one message on stderr)."""
+``python -m monai.bundle run`` (exit status and the one message on stderr, nothing about it on stdout).
+
+Every test of the suite also checks both output streams of its own process (``capfd``: file-descriptor level,
+so it sees the logging handlers' streams too): a refused run logs no traceback and no ERROR record on the
+terminal, whatever the kind (the command line's one message comes from the excepthook, which an in-process run
+does not reach)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +63,28 @@ def run_bundle_cli(bundle: str | Path, configs, timeout: int = 600, **overrides)
 def bundle_runner():
     """``(run_bundle, run_bundle_cli)``."""
     return run_bundle, run_bundle_cli
+
+
+_ERROR_RECORD = re.compile(r" - ERROR - |^ERROR:", re.MULTILINE)
+
+
+def assert_quiet_streams(stdout: str, stderr: str, allowed_error: str | None = None) -> None:
+    """No traceback on either stream and no ERROR record; ``allowed_error``: the one message of the command line
+    (``ERROR: <class>:``), allowed once and only as the last lines of stderr."""
+    for name, text in (("stdout", stdout), ("stderr", stderr)):
+        assert "Traceback" not in text, f"traceback on {name}:\n{text[-3000:]}"
+    assert not _ERROR_RECORD.search(stdout), f"error record on stdout:\n{stdout[-3000:]}"
+    errors = _ERROR_RECORD.findall(stderr)
+    if allowed_error is None:
+        assert not errors, f"error record on stderr:\n{stderr[-3000:]}"
+    else:
+        tail = "\n".join(stderr.strip().splitlines()[-3:])
+        assert len(errors) == 1 and f"ERROR: {allowed_error}" in tail, stderr[-3000:]
+
+
+@pytest.fixture(autouse=True)
+def one_message_on_the_terminal(capfd):
+    """After every test of the suite: nothing about a refused run reached this process's stdout or stderr."""
+    yield
+    out, err = capfd.readouterr()
+    assert_quiet_streams(out, err)

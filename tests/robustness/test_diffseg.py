@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import run_bundle, run_bundle_cli
+from conftest import assert_quiet_streams, run_bundle, run_bundle_cli
 from faults import (
     make_bad_labels,
     ALL_KINDS,
@@ -333,7 +333,7 @@ def test_cli_prints_one_error_and_exits_non_zero(data, tmp_path):
     tail = "\n".join(proc.stderr.strip().splitlines()[-3:])
     assert "ERROR: InvalidInputError:" in tail, proc.stderr[-3000:]
     assert "ct_cut.nii.gz" in tail and "truncated gzip" in tail, tail
-    assert "Traceback" not in proc.stderr
+    assert_quiet_streams(proc.stdout, proc.stderr, "InvalidInputError:")  # nothing else on either stream
     assert_nothing_written(before, tmp_path, data["ckpt_dir"])
 
 
