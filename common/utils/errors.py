@@ -133,17 +133,29 @@ def _tracebacks_wanted() -> bool:
     return os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
 
 
+#: whether log records about a user error are dropped from terminal streams (``install_excepthook``)
+_DROP_ON_TERMINAL = {"on": False}
+
+
+def _is_bundle_command_line() -> bool:
+    """True in ``python -m monai.bundle ...``, where the excepthook prints the one message at exit."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return str(getattr(spec, "name", "") or "").startswith("monai.bundle")
+
+
 class _UserErrorRecords(logging.Filter):
-    """On a terminal stream (a ``StreamHandler`` that is not a file), drop the log records about a user error:
-    Ignite's "Engine run is terminating due to exception", MONAI ``StatsHandler``'s "Exception: ..." with its
-    traceback, and the like. The excepthook prints the one message; a log file keeps a one-line record."""
+    """On the bundle command line and a terminal stream (a ``StreamHandler`` that is not a file), drop the log
+    records about a user error: Ignite's "Engine run is terminating due to exception", MONAI ``StatsHandler``'s
+    "Exception: ..." and the like. The excepthook prints the one message; a log file keeps a one-line record. In
+    other processes (a server such as MONAI Label, a notebook, a test) nothing prints that message at exit, so
+    the records stay, one line each, without traceback."""
 
     def __init__(self, handler: logging.Handler) -> None:
         super().__init__()
         self.terminal = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (self.terminal and getattr(record, "medgen_user_error", False))
+        return not (self.terminal and _DROP_ON_TERMINAL["on"] and getattr(record, "medgen_user_error", False))
 
 
 def _filter_all_handlers() -> None:
@@ -176,11 +188,13 @@ def _record_factory(previous):
     return factory
 
 
-def install_excepthook() -> None:
+def install_excepthook(command_line: bool | None = None) -> None:
     """Make an uncaught user error end the process with one clear message (exit status 1), and the only one on the
-    terminal: log records about it (engines, ``StatsHandler``) are dropped from terminal streams and keep one line,
-    without traceback, in log files. ``MEDGEN_TRACEBACK=1`` restores every traceback and record. Idempotent; other
+    terminal: log records about it (engines, ``StatsHandler``) lose their traceback everywhere and, on the command
+    line, are dropped from terminal streams (log files keep them, one line each). ``command_line``: None detects
+    ``python -m monai.bundle``. ``MEDGEN_TRACEBACK=1`` restores every traceback and record. Idempotent; other
     exceptions go to the previous hook (Python's full traceback) and keep their logged tracebacks."""
+    _DROP_ON_TERMINAL["on"] = _is_bundle_command_line() if command_line is None else bool(command_line)
     if not getattr(sys.excepthook, "_medgen", False):
         sys.excepthook = _hook(sys.excepthook)
     if not getattr(logging.getLogRecordFactory(), "_medgen", False):

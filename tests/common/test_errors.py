@@ -74,7 +74,7 @@ def test_command_line_ends_with_one_message(tmp_path):
         from common.transforms.validation import CheckedLoadImaged, ValidateImaged
         import logging
         from common.utils.errors import install_excepthook
-        install_excepthook(); install_excepthook()
+        install_excepthook(command_line=sys.argv[3] == "cli"); install_excepthook(command_line=sys.argv[3] == "cli")
         logging.basicConfig(stream=sys.stderr)  # handlers created after the hook, as the engines create theirs
         logging.getLogger().addHandler(logging.FileHandler(sys.argv[2]))
 
@@ -92,7 +92,7 @@ def test_command_line_ends_with_one_message(tmp_path):
     """)
     env_root = str(__import__("pathlib").Path(__file__).resolve().parents[2])
     log = tmp_path / "run.log"
-    run = lambda arg, env=None: subprocess.run([sys.executable, "-c", code, arg, str(log)], capture_output=True, text=True, cwd=env_root, env=env)
+    run = lambda arg, env=None, mode="cli": subprocess.run([sys.executable, "-c", code, arg, str(log), mode], capture_output=True, text=True, cwd=env_root, env=env)
     user = run("user")
     assert user.returncode == 1
     last = user.stderr.strip().splitlines()
@@ -103,6 +103,9 @@ def test_command_line_ends_with_one_message(tmp_path):
     assert len(lines) == 2 and "Traceback" not in log.read_text(), lines
     assert lines[0].startswith("Engine run is terminating due to exception: applying transform"), lines
     assert lines[1].startswith("Exception: applying transform"), lines
+    # outside the bundle command line (a server, a notebook) nothing prints the message at exit: the records stay, one line each
+    served = run("user", mode="server")
+    assert served.stderr.count("Traceback") == 0 and served.stderr.count("ERROR:engine:") == 2, served.stderr
     bug = run("bug")
     assert bug.returncode == 1 and "KeyError: 'bug'" in bug.stderr
     assert bug.stderr.count("Traceback") == 2 and "Engine run is terminating" in bug.stderr  # a bug keeps everything

@@ -3,13 +3,14 @@ tests, and two ways to run a bundle config: in-process (fast, the exception is i
 ``python -m monai.bundle run`` (exit status and the one message on stderr, nothing about it on stdout).
 
 Every test of the suite also checks both output streams of its own process (``capfd``: file-descriptor level,
-so it sees the logging handlers' streams too): a refused run logs no traceback and no ERROR record on the
-terminal, whatever the kind (the command line's one message comes from the excepthook, which an in-process run
-does not reach)."""
+so it sees the logging handlers' streams too): a refused in-process run logs no traceback, whatever the kind (its
+log records stay, one line each: outside the command line nothing else would tell the caller's console). The
+command-line tests check that the one ``ERROR:`` message is all the terminal shows (``assert_quiet_streams``)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -82,9 +83,15 @@ def assert_quiet_streams(stdout: str, stderr: str, allowed_error: str | None = N
         assert len(errors) == 1 and f"ERROR: {allowed_error}" in tail, stderr[-3000:]
 
 
+# A handler that an earlier test's run bound to that test's capture stream (closed since) cannot emit; logging would
+# print "--- Logging error ---" with a traceback of its own, an artefact of the test session, not bundle output.
+logging.raiseExceptions = False
+
+
 @pytest.fixture(autouse=True)
-def one_message_on_the_terminal(capfd):
-    """After every test of the suite: nothing about a refused run reached this process's stdout or stderr."""
+def no_traceback_on_the_terminal(capfd):
+    """After every test of the suite: no traceback of a refused run reached this process's stdout or stderr."""
     yield
     out, err = capfd.readouterr()
-    assert_quiet_streams(out, err)
+    for name, text in (("stdout", out), ("stderr", err)):
+        assert "Traceback" not in text, f"traceback on {name}:\n{text[-3000:]}"
