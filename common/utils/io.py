@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -69,8 +70,29 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         os.fsync(fh.fileno())
 
 
+#: folders this process created for outputs (``check_writable_dir``); those still empty at exit are removed
+_CREATED_DIRS: set[Path] = set()
+
+
+def _remove_empty_created_dirs() -> None:
+    """At exit: remove the output folders this process created and left empty (a refused run), deepest first;
+    a folder that holds anything, or that existed before, is never touched."""
+    for folder in sorted(_CREATED_DIRS, key=lambda p: len(p.parts), reverse=True):
+        try:
+            folder.rmdir()  # fails unless empty
+        except OSError:
+            pass
+    _CREATED_DIRS.clear()
+
+
+atexit.register(_remove_empty_created_dirs)
+
+
 def check_writable_dir(path: str | os.PathLike, what: str = "output folder", create: bool = True) -> Path:
     """Create ``path`` if needed and check that files can be written there; raise a clear error if not.
+
+    Folders created here that are still empty when the process exits (a run refused before its first output)
+    are removed then, so a refused command-line run leaves no folder behind.
 
     With ``create=False`` nothing is created: an existing ``path`` must be a writable folder, a missing
     one must have a writable folder as its nearest existing ancestor (so that it can be created when
@@ -85,8 +107,13 @@ def check_writable_dir(path: str | os.PathLike, what: str = "output folder", cre
         if not os.access(probe, os.W_OK | os.X_OK):
             raise OutputNotWritableError(f"{what} '{path}' cannot be written: '{probe}' is not writable")
         return path
+    missing, probe_dir = [], path.absolute()
+    while not probe_dir.exists() and probe_dir.parent != probe_dir:
+        missing.append(probe_dir)
+        probe_dir = probe_dir.parent
     try:
         path.mkdir(parents=True, exist_ok=True)
+        _CREATED_DIRS.update(missing)  # removed at exit if the run leaves them empty (refused before any output)
         fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=path)
         os.close(fd)
         os.remove(probe)

@@ -143,3 +143,22 @@ def test_check_state_fits_looks_through_dataparallel():
     check_state_fits(torch.nn.DataParallel(net), net.state_dict(), "checkpoint 'model.pt'")
     with pytest.raises(CheckpointError, match=r"model.pt' does not fit Conv3d: 2 shape mismatches"):
         check_state_fits(torch.nn.DataParallel(net), torch.nn.Conv3d(1, 8, 3).state_dict(), "checkpoint 'model.pt'")
+
+
+def test_output_folders_a_refused_run_created_are_removed_at_exit(tmp_path):
+    """``check_writable_dir`` remembers the folders it creates; at exit those still empty go (deepest first), while
+    a folder that received an output, or that existed before, stays."""
+    from common.utils import io
+
+    others = set(io._CREATED_DIRS)  # folders of other tests of this session: not this test's to remove
+    io._CREATED_DIRS.clear()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    refused = io.check_writable_dir(existing / "run" / "outputs")  # creates run/ and run/outputs/
+    kept = io.check_writable_dir(tmp_path / "done")
+    (kept / "image_seg.nii.gz").write_bytes(b"x")
+    assert refused.is_dir() and {existing / "run", refused} <= io._CREATED_DIRS
+    io._remove_empty_created_dirs()  # what atexit runs
+    assert not (existing / "run").exists() and existing.is_dir()
+    assert (kept / "image_seg.nii.gz").is_file() and not io._CREATED_DIRS
+    io._CREATED_DIRS.update(others)

@@ -344,6 +344,7 @@ def test_cli_reports_one_error_and_exits_non_zero(case, ckpts, tmp_path):
     assert "ERROR: InvalidInputError:" in tail and bad.name in tail and "NaN" in tail, proc.stderr[-3000:]
     assert_quiet_streams(proc.stdout, proc.stderr, "InvalidInputError:")  # nothing else on either stream
     assert_nothing_written(before, tmp_path, ckpts["dir"])
+    assert not out.exists()  # the output folder this refused run created is gone
 
 
 # ------------------------------------------------------------------------------ evaluation

@@ -335,6 +335,7 @@ def test_cli_prints_one_error_and_exits_non_zero(data, tmp_path):
     assert "ct_cut.nii.gz" in tail and "truncated gzip" in tail, tail
     assert_quiet_streams(proc.stdout, proc.stderr, "InvalidInputError:")  # nothing else on either stream
     assert_nothing_written(before, tmp_path, data["ckpt_dir"])
+    assert not out.exists()  # the output folder this refused run created is gone
 
 
 # ------------------------------------------------------------------------------ evaluation

@@ -492,3 +492,4 @@ def test_cli_missing_source_one_error_line(data, tmp_path):
     assert "ERROR: InputNotFoundError:" in tail and bad.name in tail and "does not exist" in tail, res.stderr[-2000:]
     assert_quiet_streams(res.stdout, res.stderr, "InputNotFoundError:")  # nothing else on either stream
     assert_nothing_written(before, *roots)
+    assert not (tmp_path / "out").exists()  # the output folder this refused run created is gone

@@ -481,3 +481,4 @@ def test_command_line_one_error_line(data, tmp_path):
                for line in tail), proc.stderr[-2000:]
     assert_quiet_streams(proc.stdout, proc.stderr, "InvalidInputError:")  # nothing else on either stream
     assert_nothing_written(before, tmp_path, data["root"])
+    assert not (tmp_path / "out").exists()  # the output folder this refused run created is gone

@@ -419,6 +419,7 @@ def test_cli_prints_one_error_and_exits_nonzero(real, weights, tmp_path):
     assert "ERROR: InvalidInputError:" in tail and "sub01_dwi.nii.gz" in tail and "expected a 4D diffusion-weighted series" in tail, tail
     assert_quiet_streams(proc.stdout, proc.stderr, "InvalidInputError:")  # nothing else on either stream
     assert_nothing_written(before, out, weights.dir, data_dir)
+    assert not out.exists()  # the output folder this refused run created is gone
 
 
 # ------------------------------------------------------------------------------------------ evaluation
