@@ -44,6 +44,7 @@ __all__ = [
     "CheckedLoadImaged",
     "ValidateImaged",
     "ValidateLabeld",
+    "check_case_files",
     "check_gzip_integrity",
     "check_image_file",
     "describe_source",
@@ -167,6 +168,65 @@ def check_image_file(path: str | os.PathLike, key: Hashable | None = None) -> Pa
         if problem:
             raise InvalidInputError(f"input file {where} {problem}")
     return path
+
+
+def _nifti_dims(path: Path) -> list[int] | None:
+    """``dim[1:dim[0]+1]`` of a plausible NIfTI header (after :func:`check_image_file`), else None."""
+    head = _read_head(path, 540)
+    for order in ("<", ">"):
+        size = struct.unpack(order + "i", head[:4])[0]
+        if size == 348:
+            dims = struct.unpack(order + "8h", head[40:56])
+            return [int(d) for d in dims[1 : dims[0] + 1]]
+        if size == 540 and len(head) >= 540:
+            dims = struct.unpack(order + "8q", head[16:80])
+            return [int(d) for d in dims[1 : dims[0] + 1]]
+    return None
+
+
+def check_case_files(cases: Sequence[Mapping[str, Any]], channels: Mapping[str, int], source: str = "the case list") -> None:
+    """Every case of a multi-case run, before its first output is written: each key of ``channels`` is present,
+    its file(s) exist and have a plausible header (:func:`check_image_file`), and NIfTI headers describe a 3D
+    image with ``channels[key]`` channels in all (one file ``X x Y x Z [x C]``, or a list of files, one per
+    channel). Reads the first bytes of each file only (a DICOM folder or another format is left to its reader);
+    the checks that need the voxels (NaN, constant images, label values) still run as each case loads, and the
+    same messages as :class:`ValidateImaged` are used so a refusal reads the same wherever it is found.
+
+    Raises:
+        InputNotFoundError, InvalidInputError: naming the file, the key and the case.
+    """
+    for index, case in enumerate(cases):
+        name = case.get("id", index) if isinstance(case, Mapping) else index
+        for key, n in channels.items():
+            if not isinstance(case, Mapping) or key not in case:
+                raise InvalidInputError(f"case {name!r} of {source} has no '{key}' entry; expected a file path there")
+            files = list(case[key]) if isinstance(case[key], (list, tuple)) else [case[key]]
+            total, shapes = 0, []
+            for f in files:
+                path = check_image_file(f, key)
+                dims = None if path.is_dir() or not _is_nifti_name(path) else _nifti_dims(path)
+                if dims is None:  # not a NIfTI header: counted by its reader later
+                    total = None
+                    break
+                where = f"input file '{path}' (key '{key}', case {name!r} of {source})"
+                if len(dims) < 3:
+                    raise InvalidInputError(f"{where} holds a {len(dims)}D image (header dimensions {dims}); expected a 3D image")
+                extra = [d for d in dims[3:] if d != 1]
+                if len(extra) > 1:
+                    raise InvalidInputError(f"{where} has header dimensions {dims}; expected a 3D image")
+                c = extra[0] if extra else 1
+                if len(files) == 1 and c != int(n) and c > 1:
+                    raise InvalidInputError(
+                        f"{where} is a {len(dims)}D image with {c} volumes/channels (header dimensions {dims}); "
+                        f"expected a 3D image ({int(n)} channel{'s' if int(n) != 1 else ''})"
+                    )
+                total += c
+                shapes.append(dims)
+            if total is not None and total != int(n):
+                raise InvalidInputError(
+                    f"key '{key}' of case {name!r} of {source} ({', '.join(repr(str(f)) for f in files)}) has {total} "
+                    f"channels (header dimensions {shapes}); expected {int(n)}: one image per channel"
+                )
 
 
 def _diagnose(path: Path, error: BaseException, key: Hashable | None = None) -> Exception:

@@ -186,6 +186,26 @@ def test_inference_refuses_bad_image(kind, data, tmp_path):
     assert_nothing_written(before, tmp_path, data["ckpt_dir"])
 
 
+@pytest.mark.parametrize("configs", [INFER, EVAL], ids=["inference", "evaluate"])
+def test_multi_case_run_refuses_a_bad_last_case_before_the_first_output(configs, data, tmp_path):
+    """Three cases, the last one a 4D series: every case's header is checked before the first prediction, so the
+    run stops naming that file and no prediction of the good cases is written."""
+    bad = make_bad_nifti("four_d", data["ct"], tmp_path / "in" / "ct_four_d.nii.gz")
+    cases = [{"id": f"good{i}", "image": str(data["ct"]), "label": str(data["label"])} for i in range(2)]
+    cases.append({"id": "bad", "image": str(bad), "label": str(data["label"])})
+    if configs == EVAL:
+        datalist = _write_datalist(tmp_path / "datalist.json", {"test": cases})
+        run = lambda: run_bundle(BUNDLE, list(EVAL), datalist_file=str(datalist), dataset_dir=str(tmp_path),  # noqa: E731
+                                 ckpt_dir=str(data["ckpt_dir"]), output_dir=str(tmp_path / "out"))
+    else:
+        run = lambda: run_bundle(BUNDLE, list(INFER), dataset_dir=str(tmp_path), data=[{"image": c["image"]} for c in cases],  # noqa: E731
+                                 ckpt_dir=str(data["ckpt_dir"]), output_dir=str(tmp_path / "out"))
+    before = snapshot(tmp_path, data["ckpt_dir"])
+    expect_user_error(run, re.escape(bad.name), r"key 'image'", r"4D image with 3 volumes/channels .*expected a 3D image \(1 channel\)",
+                      exc_type=InvalidInputError)
+    assert_nothing_written(before, tmp_path, data["ckpt_dir"])  # in particular no prediction of the good cases
+
+
 def test_inference_refuses_a_dataset_dir_without_images(data, tmp_path):
     (tmp_path / "data" / "imagesTs").mkdir(parents=True)
     before = snapshot(tmp_path, data["ckpt_dir"])
