@@ -211,6 +211,20 @@ def test_inference_refuses_a_two_channel_source(case, tmp_path, ckpts):
     assert_nothing_written(before, tmp_path, ckpts["dir"])
 
 
+def test_multi_case_inference_refuses_a_bad_last_case_before_the_first_output(case, tmp_path, ckpts):
+    """Two good cases and a 4D series last: every case's header is checked before the first translation is written."""
+    bad = make_bad_nifti("four_d", case["t1"], tmp_path / "last_t1.nii.gz")
+    cases = [{"id": f"good{i}", "t1": case["t1"]} for i in range(2)] + [{"id": "last", "t1": str(bad)}]
+    dl = tmp_path / "inference_datalist.json"
+    dl.write_text(json.dumps({"testing": cases}))
+    before = snapshot(tmp_path, ckpts["dir"])
+    expect_user_error(
+        lambda: _infer(ckpts, tmp_path / "out", datalist=str(dl), source="t1", targets=["t2"]),
+        bad.name, r"3 volumes/channels", r"expected a 3D image \(1 channel\)", exc_type=InvalidInputError,
+    )
+    assert_nothing_written(before, tmp_path, ckpts["dir"])  # in particular no translation of the good cases
+
+
 def test_inference_refuses_a_datalist_entry_without_the_source_contrast(case, tmp_path, ckpts):
     """wrong_channels (missing modality): the case lists T2 and PD but T1 is the requested source."""
     dl = tmp_path / "inference_datalist.json"
