@@ -116,6 +116,13 @@ def format_user_error(err: BaseException) -> str:
     return f"ERROR: {type(err).__name__}: {err}"
 
 
+def _remove_refused_run_folders() -> None:
+    """The output folders this refused run created and left empty (``common.utils.io.check_writable_dir``)."""
+    io = sys.modules.get("common.utils.io")
+    if io is not None:
+        io._remove_empty_created_dirs()
+
+
 def _hook(previous):
     def excepthook(etype: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
         err = find_user_error(value)
@@ -124,6 +131,7 @@ def _hook(previous):
             return
         sys.stderr.write(f"\n{format_user_error(err)}\n(set {TRACEBACK_ENV}=1 to see the full traceback)\n")
         sys.stderr.flush()
+        _remove_refused_run_folders()
 
     excepthook._medgen = True  # type: ignore[attr-defined]
     return excepthook

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import atexit
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -70,13 +69,15 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         os.fsync(fh.fileno())
 
 
-#: folders this process created for outputs (``check_writable_dir``); those still empty at exit are removed
+#: folders this process created for outputs (``check_writable_dir``); a refused run removes those still empty
 _CREATED_DIRS: set[Path] = set()
 
 
 def _remove_empty_created_dirs() -> None:
-    """At exit: remove the output folders this process created and left empty (a refused run), deepest first;
-    a folder that holds anything, or that existed before, is never touched."""
+    """When a user error ends the process (the excepthook of :mod:`common.utils.errors`): remove the output folders
+    this process created and left empty, deepest first; a folder that holds anything, or that existed before, is
+    never touched. Not at every exit: under multi-GPU training one rank may finish while another still writes
+    checkpoints into a folder that is empty at that moment."""
     for folder in sorted(_CREATED_DIRS, key=lambda p: len(p.parts), reverse=True):
         try:
             folder.rmdir()  # fails unless empty
@@ -85,14 +86,12 @@ def _remove_empty_created_dirs() -> None:
     _CREATED_DIRS.clear()
 
 
-atexit.register(_remove_empty_created_dirs)
-
 
 def check_writable_dir(path: str | os.PathLike, what: str = "output folder", create: bool = True) -> Path:
     """Create ``path`` if needed and check that files can be written there; raise a clear error if not.
 
-    Folders created here that are still empty when the process exits (a run refused before its first output)
-    are removed then, so a refused command-line run leaves no folder behind.
+    Folders created here that are still empty when a user error ends the process (a run refused before its
+    first output) are removed then, so a refused command-line run leaves no folder behind.
 
     With ``create=False`` nothing is created: an existing ``path`` must be a writable folder, a missing
     one must have a writable folder as its nearest existing ancestor (so that it can be created when

@@ -146,8 +146,8 @@ def test_check_state_fits_looks_through_dataparallel():
 
 
 def test_output_folders_a_refused_run_created_are_removed_at_exit(tmp_path):
-    """``check_writable_dir`` remembers the folders it creates; at exit those still empty go (deepest first), while
-    a folder that received an output, or that existed before, stays."""
+    """``check_writable_dir`` remembers the folders it creates; when a user error ends the process (the excepthook)
+    those still empty go (deepest first), while a folder that received an output, or that existed before, stays."""
     from common.utils import io
 
     others = set(io._CREATED_DIRS)  # folders of other tests of this session: not this test's to remove
@@ -158,7 +158,7 @@ def test_output_folders_a_refused_run_created_are_removed_at_exit(tmp_path):
     kept = io.check_writable_dir(tmp_path / "done")
     (kept / "image_seg.nii.gz").write_bytes(b"x")
     assert refused.is_dir() and {existing / "run", refused} <= io._CREATED_DIRS
-    io._remove_empty_created_dirs()  # what atexit runs
+    io._remove_empty_created_dirs()  # what the excepthook runs after printing the one message
     assert not (existing / "run").exists() and existing.is_dir()
     assert (kept / "image_seg.nii.gz").is_file() and not io._CREATED_DIRS
     io._CREATED_DIRS.update(others)
