@@ -126,9 +126,7 @@ class DiffSegInferer(Inferer):
         pads = self._pad_to_roi(inputs.shape[2:]) if self.stitching == "per_step" else []
         if not pads:
             return self._sample(inputs, network)
-        pad_mode = self.sw_kwargs["padding_mode"]
-        padded = F.pad(inputs, pads, mode="constant", value=0.0) if pad_mode == "constant" else F.pad(inputs, pads, mode=pad_mode)
-        logits = self._sample(padded, network)
+        logits = self._sample(F.pad(inputs, pads, mode=self.sw_kwargs["padding_mode"]), network)  # constant: zeros
         spatial = inputs.shape[2:]
         crop = [slice(None), slice(None)]
         for axis in range(len(spatial)):

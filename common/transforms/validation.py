@@ -100,31 +100,41 @@ def _gzip_problem(path: Path) -> str | None:
     return None
 
 
+def _header_size(head: bytes) -> tuple[str, int] | None:
+    """Byte order and ``sizeof_hdr`` (348 or 540) of a NIfTI header's first bytes, else None."""
+    for order in ("<", ">"):
+        size = struct.unpack(order + "i", head[:4])[0]
+        if size in _NIFTI_HEADER_SIZES:
+            return order, size
+    return None
+
+
+def _dim_field(head: bytes, order: str, size: int) -> tuple[int, ...]:
+    """The 8 ``dim`` entries of a NIfTI-1 (348) or NIfTI-2 (540) header."""
+    return struct.unpack(order + "8h", head[40:56]) if size == 348 else struct.unpack(order + "8q", head[16:80])
+
+
 def _header_problem(path: Path) -> str | None:
     """Sanity of a NIfTI header: size field, magic string and dimensions. ``None`` if plausible."""
     head = _read_head(path, 540)
     if len(head) < 348:
         return f"is too short for a NIfTI header ({len(head)} bytes, a header has 348)"
-    for order in ("<", ">"):
-        size = struct.unpack(order + "i", head[:4])[0]
-        if size in _NIFTI_HEADER_SIZES:
-            break
-    else:
+    found = _header_size(head)
+    if found is None:
         size = struct.unpack("<i", head[:4])[0]
         return (
             f"has a corrupt NIfTI header: the header size field (sizeof_hdr) is {size}, expected 348 "
             "(NIfTI-1) or 540 (NIfTI-2); the first bytes of the file are damaged or it is not a NIfTI file"
         )
+    order, size = found
     if size == 348:
         magic = head[344:348]
         is_pair = path.name.lower().endswith((".hdr", ".hdr.gz"))
         if not is_pair and magic != b"n+1\x00":
             return f"has a corrupt NIfTI-1 header: magic string is {magic!r}, expected b'n+1\\x00'"
-        dims = struct.unpack(order + "8h", head[40:56])
-    else:
-        if len(head) < 540:
-            return f"is too short for a NIfTI-2 header ({len(head)} bytes, a header has 540)"
-        dims = struct.unpack(order + "8q", head[16:80])
+    elif len(head) < 540:
+        return f"is too short for a NIfTI-2 header ({len(head)} bytes, a header has 540)"
+    dims = _dim_field(head, order, size)
     ndim = dims[0]
     if not 1 <= ndim <= 7 or any(d < 1 for d in dims[1 : ndim + 1]):
         return f"has a corrupt NIfTI header: dim = {list(dims)} (dim[0] must be 1..7 and each size >= 1)"
@@ -173,15 +183,11 @@ def check_image_file(path: str | os.PathLike, key: Hashable | None = None) -> Pa
 def _nifti_dims(path: Path) -> list[int] | None:
     """``dim[1:dim[0]+1]`` of a plausible NIfTI header (after :func:`check_image_file`), else None."""
     head = _read_head(path, 540)
-    for order in ("<", ">"):
-        size = struct.unpack(order + "i", head[:4])[0]
-        if size == 348:
-            dims = struct.unpack(order + "8h", head[40:56])
-            return [int(d) for d in dims[1 : dims[0] + 1]]
-        if size == 540 and len(head) >= 540:
-            dims = struct.unpack(order + "8q", head[16:80])
-            return [int(d) for d in dims[1 : dims[0] + 1]]
-    return None
+    found = _header_size(head)
+    if found is None or (found[1] == 540 and len(head) < 540):
+        return None
+    dims = _dim_field(head, *found)
+    return [int(d) for d in dims[1 : dims[0] + 1]]
 
 
 def check_case_files(cases: Sequence[Mapping[str, Any]], channels: Mapping[str, int], source: str = "the case list") -> None:
