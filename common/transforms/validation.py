@@ -306,6 +306,36 @@ def load_nifti_checked(path: str | os.PathLike, key: Hashable | None = None, ver
     return img.__class__(data, img.affine, img.header)
 
 
+def _series_warning(folder: Path) -> str | None:
+    try:
+        from common.utils.dicom import series_geometry_warning
+
+        return series_geometry_warning(folder)
+    except Exception:  # no ITK, or not a DICOM folder: the reader reports what it cannot read
+        return None
+
+
+class _itk_warnings_off:
+    """Silence ITK's global warning display while ``active`` (restored afterwards)."""
+
+    def __init__(self, active: bool) -> None:
+        self.active, self.previous = active, None
+
+    def __enter__(self):
+        if self.active:
+            import itk
+
+            self.previous = bool(itk.Object.GetGlobalWarningDisplay())
+            itk.Object.SetGlobalWarningDisplay(False)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            import itk
+
+            itk.Object.SetGlobalWarningDisplay(self.previous)
+
+
 class CheckedLoadImaged(LoadImaged):
     """``monai.transforms.LoadImaged`` whose failures are one clear error naming the file and key.
 
@@ -328,13 +358,20 @@ class CheckedLoadImaged(LoadImaged):
         self.verify_gzip = bool(verify_gzip)
 
     def __call__(self, data: Mapping, reader=None) -> dict:
+        explained = False
         for key in self.key_iterator(dict(data)):
             for p in self._paths(data[key]):
                 check_image_file(p, key)
                 if self.verify_gzip and p.is_file():
                     check_gzip_integrity(p, key)
+                if p.is_dir():  # a DICOM series: say what ITK's even grid does to uneven or tilted slices
+                    message = _series_warning(p)
+                    if message:
+                        warnings.warn(f"{message} (key '{key}')", UserWarning, stacklevel=2)
+                        explained = True
         try:
-            d = super().__call__(data, reader)
+            with _itk_warnings_off(explained):  # ITK's own "non uniform sampling" line would only repeat it
+                d = super().__call__(data, reader)
         except Exception as e:
             key, path = self._failing(data, e)
             if path is None:
