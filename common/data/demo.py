@@ -2,10 +2,10 @@
 
 Three cohorts, each in its own folder under ``out_dir`` with paths relative to its JSON:
 
-- ``brain_mri/datalist.json``: simulated multi-contrast subjects (T1w, T2w, PDw, FLAIR) for
-  training/validation, made by deforming SPM's tissue priors (:mod:`common.data.deform`) and
+- ``brain_mri/datalist.json``: simulated multi-contrast subjects (T1w, T2w, PDw, FLAIR, and a
+  CT-like image in HU under key ``ct`` for MR/CT fusion) for training/validation, made by deforming SPM's tissue priors (:mod:`common.data.deform`) and
   running the physics simulator (:mod:`common.data.mri_sim`); the ``test`` list holds the real
-  SPM avg152 T1/T2/PD triple, which the simulated subjects never see (the simulator only uses the
+  SPM avg152 T1/T2/PD triple (with the CT-like image of the undeformed priors), which the simulated subjects never see (the simulator only uses the
   priors, so there is no train/test leak).
 - ``ct/datalist.json``: deformed copies, with intensity variation, of the TotalSegmentator
   example abdominal CT and its organ labels merged to :data:`CT_LABELS`; ``test`` holds the
@@ -52,6 +52,7 @@ from common.data.mri_sim import (
     CONTRASTS,
     TISSUE_LABELS,
     brain_mask,
+    ct_like,
     load_tissue_maps,
     normalise_percentile,
     quantise,
@@ -296,6 +297,8 @@ def build_brain_mri_demo(out_dir: str | os.PathLike, n_train: int = 8, n_val: in
             for c in CONTRASTS:
                 save_nifti(work / sid / f"{c}.nii.gz", images[c], affine, np.float32)
                 entry[c] = f"{sid}/{c}.nii.gz"
+            save_nifti(work / sid / "ct.nii.gz", ct_like(subject_maps), affine, np.float32)
+            entry["ct"] = f"{sid}/ct.nii.gz"
             save_nifti(work / sid / "mask.nii.gz", brain_mask(subject_maps), affine, np.uint8)
             entry["mask"] = f"{sid}/mask.nii.gz"
             save_nifti(work / sid / "tissue.nii.gz", tissue_labels(subject_maps), affine, np.uint8)
@@ -307,6 +310,8 @@ def build_brain_mri_demo(out_dir: str | os.PathLike, n_train: int = 8, n_val: in
             real = np.asarray(nib.load(str(_src(f"spm/{key}"))).dataobj, dtype=np.float32)
             save_nifti(work / "avg152" / f"{c}.nii.gz", quantise(normalise_percentile(real)), affine, np.float32)
             test[c] = f"avg152/{c}.nii.gz"
+        save_nifti(work / "avg152" / "ct.nii.gz", ct_like(maps), affine, np.float32)
+        test["ct"] = "avg152/ct.nii.gz"
         save_nifti(work / "avg152" / "mask.nii.gz", brain_mask(maps), affine, np.uint8)
         test["mask"] = "avg152/mask.nii.gz"
         save_nifti(work / "avg152" / "tissue.nii.gz", tissue_labels(maps), affine, np.uint8)
@@ -325,6 +330,8 @@ def build_brain_mri_demo(out_dir: str | os.PathLike, n_train: int = 8, n_val: in
             "spacing_mm": [2.0, 2.0, 2.0],
             "seed": seed,
             "modalities": list(CONTRASTS),
+            # A CT-like image (HU, mri_sim.ct_like) of the same tissue maps, for MR/CT fusion.
+            "ct": "<id>/ct.nii.gz, HU",
             # Not an entry key: every subject folder also holds the hard tissue map it was made from.
             "tissue_map": "<id>/tissue.nii.gz",
             "tissue_labels": {str(k): v for k, v in TISSUE_LABELS.items()},

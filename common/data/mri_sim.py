@@ -84,6 +84,8 @@ __all__ = [
     "quantise",
     "simulate_subject",
     "reference_correlations",
+    "TISSUE_HU",
+    "ct_like",
 ]
 
 #: Order of the channels of the tissue-map array (channels last).
@@ -110,6 +112,27 @@ TISSUES: dict[str, Tissue] = {
     "bone": Tissue(pd=0.05, t1=500.0, t2=20.0),
     "soft": Tissue(pd=0.90, t1=400.0, t2=70.0),
 }
+
+
+#: Typical CT numbers (HU) of the same tissues, for the CT-like image of :func:`ct_like` (brain
+#: tissues about 20-40 HU, CSF near water, cortical bone about 1000 HU, air -1000 HU).
+TISSUE_HU: dict[str, float] = {"gm": 37.0, "wm": 30.0, "csf": 15.0, "bone": 1000.0, "soft": 40.0, "air": -1000.0}
+
+
+def ct_like(maps: np.ndarray) -> np.ndarray:
+    """CT-like image in HU: the tissue fractions ``(X, Y, Z, 6)`` weighted by :data:`TISSUE_HU`.
+
+    Noise-free and deterministic (no random draws), so adding it to a cohort leaves every MR image
+    of that cohort unchanged. It gives the skull and the brain/air boundaries a CT shows, which is
+    what an MR/CT fusion needs; it is no CT simulation (no beam hardening, noise or partial-volume
+    blur beyond the maps' own).
+    """
+    maps = np.asarray(maps, dtype=np.float32)
+    if maps.shape[-1] != len(TISSUE_NAMES):
+        raise ValueError(f"tissue maps need {len(TISSUE_NAMES)} channels (last axis), got shape {maps.shape}")
+    hu = np.asarray([TISSUE_HU[t] for t in TISSUE_NAMES], dtype=np.float32)
+    weight = np.maximum(maps.sum(axis=-1), 1e-6)
+    return (maps @ hu / weight).astype(np.float32)
 
 
 @dataclass(frozen=True)

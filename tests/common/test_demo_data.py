@@ -20,7 +20,7 @@ from scipy import ndimage
 from common.data import demo
 from common.data.deform import DeformationParams, random_deformation
 from common.data.fetch import demo_file
-from common.data.mri_sim import TISSUE_NAMES, brain_mask, load_tissue_maps, reference_correlations, simulate_subject
+from common.data.mri_sim import TISSUE_NAMES, brain_mask, ct_like, load_tissue_maps, reference_correlations, simulate_subject
 
 SPM_SHAPE = (91, 109, 91)
 
@@ -58,14 +58,15 @@ def test_brain_datalist_structure(brain_demo: Path, demo_sizes: dict) -> None:
     n = demo_sizes["n_train"] + demo_sizes["n_val"]
     assert [e["id"] for e in dl["training"] + dl["validation"]] == [f"sim_{i:03d}" for i in range(n)]
     for e in dl["training"] + dl["validation"]:
-        assert set(e) == {"id", "t1", "t2", "pd", "flair", "mask"}
-        assert all(e[k] == f"{e['id']}/{k}.nii.gz" for k in ("t1", "t2", "pd", "flair", "mask"))
+        assert set(e) == {"id", "t1", "t2", "pd", "flair", "ct", "mask"}
+        assert all(e[k] == f"{e['id']}/{k}.nii.gz" for k in ("t1", "t2", "pd", "flair", "ct", "mask"))
     (test,) = dl["test"]
     assert test == {
         "id": "avg152",
         "t1": "avg152/t1.nii.gz",
         "t2": "avg152/t2.nii.gz",
         "pd": "avg152/pd.nii.gz",
+        "ct": "avg152/ct.nii.gz",
         "mask": "avg152/mask.nii.gz",
     }
 
@@ -87,10 +88,34 @@ def test_brain_volumes_geometry_dtype_range(brain_demo: Path, spm_affine: np.nda
             if key == "mask":
                 assert data.dtype == np.uint8 and set(np.unique(data)) == {0, 1}, rel
                 assert 150_000 < data.sum() < 350_000, rel  # a brain at 2 mm is ~1.2-1.8 l
+            elif key == "ct":  # HU: air outside, a bony skull, brain tissue near water
+                assert data.dtype == np.float32 and np.isfinite(data).all(), rel
+                assert data.min() >= -1000.0 and data.max() <= 1000.0 and data[0, 0, 0] < -990.0, rel
             else:
                 assert data.dtype == np.float32, rel
                 assert data.min() >= 0.0 and data.max() <= 1.0 and data.max() == 1.0, rel
                 assert np.isfinite(data).all(), rel
+
+
+def test_ct_like_image_shows_skull_brain_and_air(brain_demo: Path) -> None:
+    """The CT-like image of a subject is its own tissue maps in HU: bone where the skull is, brain
+    tissue (20-40 HU) inside the brain mask, air outside the head; MR and CT share the subject's anatomy."""
+    root = brain_demo.parent
+    dl = json.loads(brain_demo.read_text())
+    maps, _ = load_tissue_maps()
+    np.testing.assert_allclose(np.asarray(_load(root / "avg152" / "ct.nii.gz").dataobj), ct_like(maps), atol=1e-3)
+    for e in dl["training"][:2] + dl["test"]:
+        ct = np.asarray(_load(root / e["ct"]).dataobj)
+        brain = np.asarray(_load(root / e["mask"]).dataobj) > 0
+        assert 10.0 < np.median(ct[brain]) < 40.0, e["id"]
+        assert (ct > 300).sum() > 20_000, e["id"]  # a skull: tens of thousands of bony 2 mm voxels
+        inner = ndimage.binary_erosion(brain, iterations=2)  # the mask's edge voxels are partly skull
+        assert not (ct[inner] > 300).any(), e["id"]
+        assert (ct < -900).mean() > 0.3, e["id"]  # air around the head
+    sim = [np.asarray(_load(root / e["ct"]).dataobj) for e in dl["training"][:2]]
+    assert np.abs(sim[0] - sim[1]).max() > 500  # deformed with the subject, not one fixed template
+    with pytest.raises(ValueError, match="6 channels"):
+        ct_like(maps[..., :3])
 
 
 def test_brain_real_test_case_is_the_avg152_triple(brain_demo: Path) -> None:

@@ -381,9 +381,6 @@ def latest_checkpoint(ckpt_dir: str, default: str = "model.pt") -> str:
 
 
 # Approximate CT numbers (HU) per SPM tissue class, for a CT-like image of the ICBM-152 head.
-_TPM_HU = {0: 37.0, 1: 30.0, 2: 15.0, 3: 1000.0, 4: 40.0, 5: -1000.0}  # GM, WM, CSF, bone, soft tissue, air
-
-
 def build_fusion_demo(out_dir: str | os.PathLike, t2_path: str | os.PathLike, tpm_path: str | os.PathLike) -> Path:
     """Semi-synthetic T2 + CT fusion pair for tests and the benchmark (not for distribution).
 
@@ -396,14 +393,15 @@ def build_fusion_demo(out_dir: str | os.PathLike, t2_path: str | os.PathLike, tp
     import nibabel as nib
     from scipy.ndimage import map_coordinates
 
+    from common.data.mri_sim import ct_like
+
     root = Path(out_dir) / "fusion"
     root.mkdir(parents=True, exist_ok=True)
     t2 = nib.load(str(t2_path))
     tpm = nib.load(str(tpm_path))
     t2_arr = np.asarray(t2.dataobj, dtype=np.float32)
     probs = np.asarray(tpm.dataobj, dtype=np.float32)
-    hu = sum(_TPM_HU[c] * probs[..., c] for c in range(probs.shape[-1]))
-    hu = hu / np.maximum(probs.sum(-1), 1e-6)
+    hu = ct_like(probs)  # TPM's classes are in the simulator's tissue order (GM, WM, CSF, bone, soft, air)
     # voxel coordinates of the T2 grid in the TPM grid
     ijk = np.stack(np.meshgrid(*[np.arange(s) for s in t2_arr.shape], indexing="ij"), 0).reshape(3, -1)
     vox = np.linalg.inv(tpm.affine) @ t2.affine @ np.vstack([ijk, np.ones((1, ijk.shape[1]))])
