@@ -38,7 +38,8 @@ BUNDLE = REPO / "bundles" / "ivan_fusion"
 
 
 def _load_volumes(items: list[dict], keys: list[str], ct_keys=("ct",)) -> list[dict]:
-    """The bundle's preprocessing: load, channel first, RAS, percentile (MR) / HU window (CT) scaling."""
+    """The bundle's preprocessing: load, channel first, RAS, percentile of the non-zero voxels (MR) / HU window
+    (CT) scaling."""
     from monai.transforms import (
         Compose,
         EnsureChannelFirstd,
@@ -46,8 +47,9 @@ def _load_volumes(items: list[dict], keys: list[str], ct_keys=("ct",)) -> list[d
         LoadImaged,
         Orientationd,
         ScaleIntensityRanged,
-        ScaleIntensityRangePercentilesd,
     )
+
+    from common.transforms.intensity import ScaleNonzeroPercentiled
 
     mr = [k for k in keys if k not in ct_keys and k != "mask"]
     ct = [k for k in keys if k in ct_keys]
@@ -56,7 +58,7 @@ def _load_volumes(items: list[dict], keys: list[str], ct_keys=("ct",)) -> list[d
         EnsureChannelFirstd(keys),
         Orientationd(keys, axcodes="RAS"),
         EnsureTyped(keys, dtype=torch.float32),
-        ScaleIntensityRangePercentilesd(mr, lower=0, upper=99.5, b_min=0.0, b_max=1.0, clip=True),
+        ScaleNonzeroPercentiled(mr, lower=0, upper=99.5),
     ]
     if ct:
         t.append(ScaleIntensityRanged(ct, a_min=-1000, a_max=2000, b_min=0.0, b_max=1.0, clip=True))

@@ -47,6 +47,7 @@ __all__ = [
     "FusionTargetd",
     "ValidateSlicesd",
     "AsSliceVolumed",
+    "ScaleCTWindowd",
     "overlap_fraction",
     "CheckSourceGeometryd",
 ]
@@ -385,6 +386,31 @@ class AsSliceVolumed(MapTransform):
                     out = MetaTensor(img.as_tensor()[..., None], meta=dict(img.meta))  # meta holds the affine
                     out.meta["spatial_shape"] = np.asarray([*img.shape[1:], 1])
                 d[key] = out
+        return d
+
+
+class ScaleCTWindowd(MapTransform):
+    """Map the HU window ``window = (low, high)`` linearly to [0, 1] (clipped) for those of ``keys`` that are CT keys.
+
+    ``keys`` are the keys the workflow loaded, ``ct_keys`` the names that hold CT (HU). Only keys in both are
+    scaled: a datalist entry may list other images (a ``ct`` file next to the MR of a T1 -> T2 task) whose
+    paths were never loaded and must stay untouched. ``MONAI``'s ``ScaleIntensityRanged`` with
+    ``allow_missing_keys`` would scale such a path string and fail.
+    """
+
+    def __init__(self, keys: KeysCollection, ct_keys: Sequence[str], window: Sequence[float], clip: bool = True) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        if len(window) != 2 or not float(window[0]) < float(window[1]):
+            raise ValueError(f"the CT window must be [low, high] in HU with low < high, got {list(window)}")
+        self.ct_keys = set(ensure_tuple(ct_keys))
+        self.low, self.high, self.clip = float(window[0]), float(window[1]), bool(clip)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if key in self.ct_keys:
+                out = (d[key] - self.low) / (self.high - self.low)
+                d[key] = out.clamp(0.0, 1.0) if self.clip else out
         return d
 
 

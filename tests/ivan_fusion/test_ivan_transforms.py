@@ -15,6 +15,7 @@ from common.engines.ivan_step import IVANStep, ivan_losses
 from common.networks.ivan import IVAN
 from common.transforms.ivan import (
     FusionTargetd,
+    ScaleCTWindowd,
     VariableAugmentd,
     VariableDeaugmentd,
     augment_sources,
@@ -184,3 +185,19 @@ def test_fusion_target_transform_is_slice_wise(avg152):
     torch.testing.assert_close(avg["fused"], (d["t2"] + d["ct"]) / 2)
     with pytest.raises(KeyError):
         FusionTargetd(["t2", "ct"], method="datalist")(d)
+
+
+def test_ct_window_scales_only_the_loaded_ct_keys(avg152):
+    """A datalist entry may list images the task does not load (the demo cohort's ``ct`` next to the MR of a
+    T1 -> T2 task): their paths pass untouched, the loaded CT is windowed, MR keys are left to their own scaling."""
+    hu = avg152["t1"][None, :, :, 40:43] * 3000.0 - 1000.0  # a real image on [-1000, 2000]
+    data = {"t1": avg152["t1"][None, :, :, 40:43], "ct": hu, "pd": "/data/sim_000/pd.nii.gz"}
+    out = ScaleCTWindowd(["t1", "ct"], ct_keys=["ct"], window=[-1000, 2000])(data)
+    torch.testing.assert_close(out["ct"], avg152["t1"][None, :, :, 40:43], atol=1e-5, rtol=0)
+    assert out["t1"] is data["t1"] and out["pd"] == data["pd"]
+    narrow = ScaleCTWindowd(["ct"], ct_keys=["ct"], window=[0, 1000])(data)["ct"]
+    assert narrow.min() == 0.0 and narrow.max() == 1.0 and 0 < (narrow == 1.0).float().mean() < 1  # clipped
+    unloaded = {"t1": data["t1"], "ct": "/data/sim_000/ct.nii.gz"}
+    assert ScaleCTWindowd(["t1"], ct_keys=["ct"], window=[-1000, 2000])(unloaded)["ct"] == "/data/sim_000/ct.nii.gz"
+    with pytest.raises(ValueError, match="low < high"):
+        ScaleCTWindowd(["ct"], ct_keys=["ct"], window=[2000, -1000])
