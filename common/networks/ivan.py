@@ -250,6 +250,11 @@ class IVANPredictor(nn.Module):
 
     ``P``/``Q`` follow the augmentation scheme: channel-group mean for ``"replicate"``, first channels for
     ``"dummy_copy"`` and ``"zeros"``.
+
+    Pixels where every input channel is exactly 0 (zero padding, outside the acquired field of view) are 0 in
+    every output: the network's biases would otherwise paint a value into a region that holds no signal, so
+    the same image padded into a larger field of view gives the same output inside and background outside.
+    Images with a noise floor have no exact zeros and are not affected.
     """
 
     def __init__(self, network: IVAN, n_in: int, n_out: int, direction: str = "forward", augmentation: str = "replicate"):
@@ -267,11 +272,13 @@ class IVANPredictor(nn.Module):
         return group_mean(x, n) if self.augmentation == "replicate" else x[:, :n]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outside = (x == 0).all(dim=1, keepdim=True)  # no signal in any channel: outside the field of view
         if self.direction == "reverse":
-            return self._extract(torch.clamp(self.network(x, rev=True), 0.0, 1.0), self.n_in)
+            out = self._extract(torch.clamp(self.network(x, rev=True), 0.0, 1.0), self.n_in)
+            return out.masked_fill(outside, 0.0)
         y = torch.clamp(self.network(x), 0.0, 1.0)
         pred = self._extract(y, self.n_out)
         if self.direction == "forward":
-            return pred
+            return pred.masked_fill(outside, 0.0)
         rec = self._extract(torch.clamp(self.network(y, rev=True), 0.0, 1.0), self.n_in)
-        return torch.cat([pred, rec], dim=1)
+        return torch.cat([pred, rec], dim=1).masked_fill(outside, 0.0)

@@ -143,3 +143,19 @@ def test_predictor_directions_and_shapes():
     assert 0 <= both.min() and both.max() <= 1
     with pytest.raises(ValueError):
         IVANPredictor(net, 1, 1, direction="sideways")
+
+
+def test_predictor_keeps_zero_padding_as_background():
+    """Pixels where every input channel is exactly 0 (a slice padded into a larger field of view) are 0 in every
+    direction's output; everywhere else the output is the network's, unchanged."""
+    net = IVAN(channels=2, num_blocks=2, growth=8, seed=0).eval()
+    x = torch.nn.functional.pad(torch.rand(1, 2, 16, 20) + 0.05, (6, 6, 4, 4))  # (1, 2, 24, 32), a zero border
+    outside = (x == 0).all(dim=1)
+    with torch.no_grad():
+        y = torch.clamp(net(x), 0, 1)
+        assert (y.mean(dim=1)[outside] != 0).float().mean() > 0.5  # the biases alone would paint the border
+        for direction, n in (("forward", 1), ("reverse", 1), ("both", 2)):
+            out = IVANPredictor(net, n_in=1, n_out=1, direction=direction)(x)
+            assert out.shape[1] == n and (out[:, :, outside[0]] == 0).all(), direction
+        fwd = IVANPredictor(net, n_in=1, n_out=1, direction="forward")(x)
+        torch.testing.assert_close(fwd[0, 0][~outside[0]], y.mean(dim=1)[0][~outside[0]])
