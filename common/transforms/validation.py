@@ -190,6 +190,18 @@ def _nifti_dims(path: Path) -> list[int] | None:
     return [int(d) for d in dims[1 : dims[0] + 1]]
 
 
+def nifti_header_dims(path: str | os.PathLike) -> list[int] | None:
+    """The image dimensions ``dim[1:dim[0]+1]`` of a NIfTI file's header (first bytes only), or ``None`` for
+    another format, a folder or an implausible header (:func:`check_image_file` reports those)."""
+    path = Path(path)
+    if not path.is_file() or not _is_nifti_name(path):
+        return None
+    try:
+        return _nifti_dims(path)
+    except (EOFError, OSError, zlib.error, struct.error):
+        return None
+
+
 def check_case_files(cases: Sequence[Mapping[str, Any]], channels: Mapping[str, int], source: str = "the case list") -> None:
     """Every case of a multi-case run, before its first output is written: each key of ``channels`` is present,
     its file(s) exist and have a plausible header (:func:`check_image_file`), and NIfTI headers describe a 3D

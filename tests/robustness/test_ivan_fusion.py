@@ -177,6 +177,17 @@ def test_inference_refuses_bad_source(data, tmp_path, kind):
     _check_refused(data, tmp_path, partial(_infer, data, dl, out, task), exc, re.escape(bad.name), pattern, f"'{key}'")
 
 
+@pytest.mark.parametrize("run", [_infer, _evaluate], ids=["inference", "evaluate"])
+def test_multi_case_run_refuses_a_4d_last_case_before_the_first_output(data, tmp_path, run):
+    """Three cases, the last one's T1 a 4D series: every case's header is checked before the first output, so the
+    run stops naming that file and nothing of the good cases is written."""
+    good = [dict(data["test"], id=f"good{i}") for i in range(2)]
+    bad_case, bad = _bad_input(data, tmp_path, "four_d", "t1")
+    dl = _datalist(tmp_path, test=good + [dict(bad_case, id="bad")])
+    _check_refused(data, tmp_path, partial(run, data, dl, tmp_path / "out"), InvalidInputError, re.escape(bad.name),
+                   r"key 't1', case 'bad'", r"4D image with 3 volumes/channels .*expected a 3D image \(1 channel\)")
+
+
 @pytest.mark.parametrize("kind", ["missing_file", "corrupt_header", "nan"])
 def test_training_refuses_bad_training_case(data, tmp_path, kind):
     """A broken training volume stops training before any checkpoint or log file is written."""

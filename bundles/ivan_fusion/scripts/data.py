@@ -211,7 +211,7 @@ def check_cases(
     header; :class:`InputNotFoundError` for a missing file. Checking the headers of every case up front keeps
     a bad file in a later case from stopping a run after earlier outputs were written.
     """
-    from common.transforms.validation import check_image_file
+    from common.transforms.validation import check_image_file, nifti_header_dims
 
     name = task.get("name", "?") if isinstance(task, Mapping) else "?"
     inputs = list(task.get("inputs", [])) if isinstance(task, Mapping) else []
@@ -251,6 +251,14 @@ def check_cases(
                         f"{_case_name(it, i, id_key)} in datalist '{datalist}': '{k}' is {p!r}; expected a file path"
                     )
                 check_image_file(p, k)
+                dims = nifti_header_dims(p)  # a 4D series in a later case must stop the run before any output
+                volumes = int(np.prod([d for d in dims[3:] if d > 1])) if dims else 1
+                if volumes > 1:
+                    raise InvalidInputError(
+                        f"input file '{p}' (key '{k}', {_case_name(it, i, id_key)} of the '{split}' list of datalist "
+                        f"'{datalist}') is a {len(dims)}D image with {volumes} volumes/channels (header dimensions "
+                        f"{dims}); expected a 3D image (1 channel) or a 2D slice"
+                    )
     return items
 
 
