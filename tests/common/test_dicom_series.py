@@ -6,6 +6,7 @@ the headers), read through :class:`common.transforms.validation.CheckedLoadImage
 
 from __future__ import annotations
 
+import locale
 import warnings
 from pathlib import Path
 
@@ -18,7 +19,18 @@ from common.utils.dicom import series_geometry_warning
 
 
 def write_series(folder: Path, positions, row=(1.0, 0.0, 0.0), col=(0.0, 1.0, 0.0), spacing=0.8, size=24) -> Path:
-    """One CT slice file per position (LPS, mm), all of one series, the given slice orientation."""
+    """One CT slice file per position (LPS, mm), all of one series, the given slice orientation.
+
+    GDCM's writer sets the process locale to "C" and leaves it so: later subprocess output would then be decoded
+    as ASCII in this pytest process. The locale is restored after writing."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_series(folder, positions, row, col, spacing, size)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_series(folder: Path, positions, row, col, spacing: float, size: int) -> Path:
     folder.mkdir(parents=True)
     row, col = np.asarray(row, float), np.asarray(col, float)
     normal = np.cross(row, col)
@@ -47,6 +59,12 @@ def _load(folder: Path):
         warnings.simplefilter("always")
         img = CheckedLoadImaged("image", image_only=True)({"image": str(folder)})["image"]
     return img, [str(w.message) for w in caught if "DICOM series" in str(w.message)]
+
+
+def test_writing_a_series_leaves_the_process_locale_alone(tmp_path):
+    before = locale.setlocale(locale.LC_ALL)
+    write_series(tmp_path / "s", [(0.0, 0.0, 2.0 * k) for k in range(2)])
+    assert locale.setlocale(locale.LC_ALL) == before
 
 
 def test_uniform_axial_series_reads_without_warning(tmp_path):
