@@ -86,7 +86,6 @@ def build_framings(datalist: Path, out: Path) -> Path:
             entry[key] = str(path.relative_to(root))
         entries.append(entry)
     path = root / "datalist.json"
-    path.write_text(json.dumps({"training": dl["training"], "validation": dl["validation"], "test": entries}, indent=1))
     for e in dl["training"] + dl["validation"]:  # the training entries stay valid relative to the new JSON
         for k, v in e.items():
             if isinstance(v, str) and v.endswith(".nii.gz"):
@@ -139,7 +138,7 @@ def inverse_error(task: str, datalist: Path) -> float:
     case = json.loads(datalist.read_text())["test"][0]
     vol = _load_volumes([{k: str(datalist.parent / case[k]) for k in TASKS[task]}], TASKS[task])[0]
     x = torch.cat([torch.as_tensor(vol[k]) for k in TASKS[task]]).float()
-    xa = augment_sources(x, net.channels if hasattr(net, "channels") else parser.get_parsed_content("channels"))
+    xa = augment_sources(x, net.channels)
     xa = xa.permute(3, 0, 1, 2)  # (slices, C, H, W)
     with torch.no_grad():
         return float(max((net.inverse(net(xa[i : i + 8])) - xa[i : i + 8]).abs().max() for i in range(0, len(xa), 8)))
@@ -221,7 +220,7 @@ def histogram_baseline(datalist: Path) -> dict:
     return out
 
 
-def learning_curves(train_dirs: list[str], unets: dict, png: Path, epoch_length: int = 50) -> dict:
+def learning_curves(train_dirs: list[str], unets: dict, png: Path) -> dict:
     """Loss terms (mean of each 25 iterations) and validation PSNR of the iVAN runs, and the UNets' loss, against
     minutes of training (the budget both share; the UNet makes about 150x more iterations in it)."""
     import matplotlib
