@@ -159,3 +159,40 @@ def test_predictor_keeps_zero_padding_as_background():
             assert out.shape[1] == n and (out[:, :, outside[0]] == 0).all(), direction
         fwd = IVANPredictor(net, n_in=1, n_out=1, direction="forward")(x)
         torch.testing.assert_close(fwd[0, 0][~outside[0]], y.mean(dim=1)[0][~outside[0]])
+
+
+class _Scale(torch.nn.Module):
+    """``y = w x`` and its inverse ``x = y / w``: the smallest invertible map whose output can saturate."""
+
+    def __init__(self, w: float):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(float(w)))
+
+    def forward(self, x, rev=False):
+        return x / self.w if rev else x * self.w
+
+
+@pytest.mark.parametrize("clamp_gradient", ["zero", "straight_through"])
+def test_saturated_outputs_get_a_gradient_only_through_the_straight_through_clamp(clamp_gradient):
+    # Outputs 2-4 lie above the clamp: torch.clamp gives the forward term no gradient there (the collapse of a
+    # trained T1->T2 model whose channels sat at opposite bounds); the straight-through clamp pulls them back.
+    x = torch.linspace(0.5, 1.0, 32).reshape(1, 2, 4, 4)
+    y = torch.full((1, 2, 4, 4), 0.3)
+    net = _Scale(4.0)
+    ivan_losses(net, x, y, n_out=1, clamp_gradient=clamp_gradient)["loss_fwd"].backward()
+    if clamp_gradient == "zero":
+        assert float(net.w.grad) == 0.0
+        return
+    assert float(net.w.grad) > 0.0  # towards smaller outputs
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    for _ in range(20):
+        opt.zero_grad()
+        terms = ivan_losses(net, x, y, n_out=1, clamp_gradient=clamp_gradient)
+        terms["loss"].backward()
+        opt.step()
+    assert float(terms["loss_fwd"]) < 0.05 < 0.49  # 0.49: the loss of the saturated start
+
+
+def test_unknown_clamp_gradient_is_refused():
+    with pytest.raises(ValueError, match="clamp_gradient"):
+        ivan_losses(_Scale(1.0), torch.ones(1, 2, 2, 2), torch.ones(1, 2, 2, 2), n_out=1, clamp_gradient="soft")
