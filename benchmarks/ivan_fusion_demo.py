@@ -282,15 +282,15 @@ def markdown(results: dict) -> str:
             continue
         r = results["tasks"][task]
         lines += [f"#### {task} ({' + '.join(TASKS[task])} -> t2)", "",
-                  "| test image | method | PSNR 3D | SSIM 3D | NMSE 3D | PSNR 3D brain |",
-                  "|---|---|---|---|---|---|"]
+                  "| test image | method | PSNR 3D | SSIM 3D | NMSE 3D | PSNR 3D brain | r brain |",
+                  "|---|---|---|---|---|---|---|"]
         for case, title in FRAMINGS.items():
             for name, m in (("iVAN (demo model)", r["ivan"]["cases"].get(case, {})), ("2D UNet", r["unet"].get(case, {})),
                             ("T1 histogram-matched", results["histogram"].get(case, {}))):
                 if not m:
                     continue
                 lines.append(f"| {title} | {name} | {m['t2_psnr3d']:.2f} | {m['t2_ssim3d']:.4f} | {m['t2_nmse3d']:.4f} | "
-                             f"{m.get('t2_psnr3d_mask', float('nan')):.2f} |")
+                             f"{m.get('t2_psnr3d_mask', float('nan')):.2f} | {m.get('t2_r_mask', float('nan')):.3f} |")
         orig = r["ivan"]["cases"].get("avg152", {})
         revs = [k for k in orig if k.startswith("rev_") and k.endswith("_psnr3d")]
         rev = ", ".join(f"{k[4:-7]} {orig[k]:.1f} dB" for k in revs)

@@ -1,7 +1,7 @@
 """Evaluation metrics of the bundles.
 
 * :mod:`common.metrics.image`: PSNR, 3D SSIM (MONAI defaults), per-slice PSNR/SSIM (scikit-image
-  defaults), NMSE, MAE and the flattened SSIM of the CLDM code, optionally within masks.
+  defaults), NMSE, MAE, Pearson r and the flattened SSIM of the CLDM code, optionally within masks.
 * :mod:`common.metrics.segmentation`: per-class Dice, IoU, HD95, NSD, mean surface distance and
   centroid distance with explicit empty-mask conventions, plus per-case rows and their summary.
 * :mod:`common.metrics.fusion`: AG, SF, EN, QMI, Q^AB/F (Xydeas-Petrovic) and Piella's Q.
@@ -17,7 +17,7 @@ from .fusion import (
     qmi,
     spatial_frequency,
 )
-from .image import PerSliceResult, flat_ssim, mae, nmse, psnr, psnr_per_slice, ssim3d, ssim_per_slice
+from .image import PerSliceResult, flat_ssim, mae, nmse, pearson_r, psnr, psnr_per_slice, ssim3d, ssim_per_slice
 from .segmentation import (
     METRIC_NAMES,
     centroid_distance,
@@ -39,6 +39,7 @@ __all__ = [
     "psnr_per_slice",
     "nmse",
     "mae",
+    "pearson_r",
     "flat_ssim",
     "METRIC_NAMES",
     "dice",

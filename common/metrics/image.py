@@ -1,4 +1,4 @@
-"""Image-similarity metrics for synthesis and translation bundles (PSNR, SSIM, NMSE, MAE).
+"""Image-similarity metrics for synthesis and translation bundles (PSNR, SSIM, NMSE, MAE, Pearson r).
 
 Every function accepts NumPy arrays or PyTorch tensors (any device; tensors are detached and moved
 to the CPU) and computes in float64. ``pred`` and ``target`` must have the same shape; an optional
@@ -36,6 +36,7 @@ __all__ = [
     "psnr_per_slice",
     "nmse",
     "mae",
+    "pearson_r",
     "flat_ssim",
 ]
 
@@ -157,6 +158,21 @@ def mae(pred: ArrayLike, target: ArrayLike, mask: ArrayLike | None = None) -> fl
     if p.size == 0:
         return float("nan")
     return float(np.mean(np.abs(p - t)))
+
+
+def pearson_r(pred: ArrayLike, target: ArrayLike, mask: ArrayLike | None = None) -> float:
+    """Pearson correlation of ``pred`` and ``target`` over all voxels or the voxels of ``mask``.
+
+    A contrast check beside PSNR/SSIM: a synthesis that outputs the mean intensity inside the brain can beat
+    a model with the right contrast in PSNR, but its correlation with the target there is about 0.
+    NaN for fewer than two voxels or a constant image.
+    """
+    p, t = _select(*_pair(pred, target), mask)
+    if p.size < 2 or np.ptp(p) == 0.0 or np.ptp(t) == 0.0:
+        return float("nan")
+    p, t = p - p.mean(), t - t.mean()
+    den = float(np.sqrt(np.sum(p**2) * np.sum(t**2)))
+    return float(np.sum(p * t) / den) if den > 0.0 else float("nan")
 
 
 def _kernel_1d(kernel: str, kernel_size: int, sigma: float) -> np.ndarray:

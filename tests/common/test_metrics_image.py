@@ -15,7 +15,7 @@ from scipy import ndimage
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from common.data.fetch import demo_file
-from common.metrics import flat_ssim, mae, nmse, psnr, psnr_per_slice, ssim3d, ssim_per_slice
+from common.metrics import flat_ssim, mae, nmse, pearson_r, psnr, psnr_per_slice, ssim3d, ssim_per_slice
 
 
 def _load01(key: str) -> np.ndarray:
@@ -165,3 +165,24 @@ def test_flat_ssim_global_statistics():
     )
     assert flat_ssim(x, y, data_range=1.0, win_size=None) == pytest.approx(ref, rel=1e-12)
     assert flat_ssim(x, y, data_range=1.0, win_size=None) != pytest.approx(flat_ssim(x, y, data_range=1.0))
+
+
+def test_pearson_r_sees_contrast_that_psnr_misses():
+    rng = np.random.default_rng(0)
+    target = rng.uniform(0.3, 0.7, (16, 16, 8))
+    mask = np.zeros_like(target, dtype=bool)
+    mask[4:12, 4:12] = True
+    flat = np.full_like(target, float(target[mask].mean()))  # the mean intensity: contrast lost
+    inverted = 1.0 - target  # contrast reversed
+    assert pearson_r(target, target, mask) == pytest.approx(1.0)
+    assert pearson_r(inverted, target, mask) == pytest.approx(-1.0)
+    assert np.isnan(pearson_r(flat, target, mask))  # constant prediction: undefined, never a pass
+    noisy_flat = flat + rng.normal(0, 0.01, flat.shape)
+    assert abs(pearson_r(noisy_flat, target, mask)) < 0.2
+    assert psnr(noisy_flat, target, mask=mask) > psnr(0.5 * target + 0.6, target, mask=mask)  # PSNR prefers it
+    assert pearson_r(0.5 * target + 0.6, target, mask) == pytest.approx(1.0)
+    # the mask selects voxels: outside it the prediction may be anything
+    anti = target.copy()
+    anti[~mask] = 1.0 - target[~mask]
+    assert pearson_r(anti, target, mask) == pytest.approx(1.0)
+    assert pearson_r(anti, target) < 0.5

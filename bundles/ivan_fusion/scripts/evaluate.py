@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from common.metrics.fusion import fusion_metrics
-from common.metrics.image import nmse, psnr, psnr_per_slice, ssim3d, ssim_per_slice
+from common.metrics.image import nmse, pearson_r, psnr, psnr_per_slice, ssim3d, ssim_per_slice
 from common.transforms.ivan import average_fusion, laplacian_maxabs_fusion
 from monai.transforms import MapTransform
 
@@ -85,6 +85,8 @@ def synthesis_rows(pred: np.ndarray, target: np.ndarray, name: str, mask: np.nda
     }
     if mask is not None:
         case[f"{name}_psnr3d_mask"] = psnr(pred, target, data_range=1.0, mask=mask > 0)
+        # contrast check: a prediction of the mean intensity scores well in PSNR but near 0 here
+        case[f"{name}_r_mask"] = pearson_r(pred, target, mask=mask > 0)
     return rows, case
 
 
@@ -129,7 +131,7 @@ class IVANMetricsHandler:
 
     Synthesis: per-slice PSNR (= the code's ``peak_signal_noise_ratio(255 y, 255 y_hat, 255)``), SSIM
     (scikit-image defaults), MSE, NMSE for each target and each reconstructed source (``rev_<m>``), and 3D
-    PSNR / SSIM (Gaussian 11^3) / NMSE per case (plus PSNR in ``mask_key`` if present). Fusion (target ``fused``):
+    PSNR / SSIM (Gaussian 11^3) / NMSE per case (plus PSNR and the Pearson r in ``mask_key`` if present). Fusion (target ``fused``):
     AG, SF, EN, QMI, Q^AB/F and Piella's Q of the network output (``ivan``), of the reference rule
     (``reference``, Laplacian max-abs) and of the average of the sources (``average``), plus PSNR/SSIM of the
     network output against the reference.
