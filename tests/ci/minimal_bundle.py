@@ -19,7 +19,6 @@ METADATA = {
     "pytorch_version": "2.13.0",
     "numpy_version": "2.4.6",
     "required_packages_version": {"nibabel": "5.4.2"},
-    "optional_packages_version": {},
     "task": "CT segmentation (test bundle)",
     "description": "minimal bundle used to test the CI tools",
     "authors": "project",

@@ -179,3 +179,23 @@ def test_diffseg_round_trip_runs_its_inference_without_repo(tmp_path, ct_demo):
     assert pred.shape == ref.shape
     np.testing.assert_allclose(pred.affine, ref.affine, atol=1e-5)
     assert np.asarray(pred.dataobj).max() < 7
+
+
+def test_files_over_the_zoo_limit_stop_packaging_unless_listed_in_large_files(tmp_path, capsys):
+    from package_bundle import main as package_main
+
+    b = write_minimal_bundle(tmp_path / "src")
+    big = b / "models" / "model.pt"
+    with open(big, "wb") as fh:  # sparse: 26 MB on paper, nothing on disk
+        fh.truncate(26 * 1024 * 1024)
+    with pytest.raises(ValueError, match=r"models/model.pt \(26.0 MB\).*large_files.yml"):
+        package_bundle(b, tmp_path / "dist")
+    assert not (tmp_path / "dist").exists()  # nothing half-written
+    assert package_main([str(b), "--out", str(tmp_path / "dist")]) == 1
+    assert "models/model.pt (26.0 MB)" in capsys.readouterr().err
+    (b / "large_files.yml").write_text(
+        "large_files:\n  - path: models/model.pt\n    url: https://example.org/model.pt\n"
+        "    hash_val: 0\n    hash_type: sha256\n"
+    )
+    names = zipfile.ZipFile(package_bundle(b, tmp_path / "dist")).namelist()
+    assert "mini_seg/large_files.yml" in names and "mini_seg/models/model.pt" not in names

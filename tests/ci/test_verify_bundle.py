@@ -69,3 +69,24 @@ def test_every_bundle_passes_verify_bundle(name):
     overlays = [o for o in ["configs/tiny.json"] if (bundle / o).is_file()]
     failed = _failed(verify_bundle(bundle, overlays))
     assert not failed, "\n".join(failed)
+
+
+@pytest.mark.parametrize("name", _real_bundles())
+def test_package_pins_are_one_list_monai_keeps_and_match_the_installed_versions(name):
+    # MONAI 1.6.1 renames the deprecated optional_packages_version to required_packages_version, replacing the
+    # required list with it; the pins must be what setup installs, or `monai.bundle` warns about every run.
+    import importlib.metadata as md
+
+    from monai.bundle.config_parser import ConfigParser
+
+    meta_file = REPO / "bundles" / name / "configs" / "metadata.json"
+    meta = json.loads(meta_file.read_text())
+    assert "optional_packages_version" not in meta
+    parsed = ConfigParser(meta).get_parsed_content("required_packages_version")  # as MONAI reads it
+    assert parsed == meta["required_packages_version"]
+    wrong = {}
+    for pkg, pin in meta["required_packages_version"].items():
+        installed = md.version(pkg)
+        if installed != pin:
+            wrong[pkg] = (pin, installed)
+    assert not wrong, f"{meta_file}: pins differ from the installed versions (pin, installed): {wrong}"
