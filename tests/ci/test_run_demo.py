@@ -69,24 +69,3 @@ def test_train_flag_selects_the_demo_training_steps():
     tiny_only = next(r for n, r in recipes.items() if "train_steps" not in r)
     assert recipe_steps(tiny_only, train=True) == recipe_steps(tiny_only, train=False) == tiny_only["steps"]
 
-
-def test_ivan_recipe_runs_the_shipped_model_by_default_and_retrains_it_with_train():
-    import json
-
-    from run_demo import RECIPES, recipe_steps
-
-    ivan = json.loads(RECIPES.read_text())["ivan_fusion"]
-    shipped = recipe_steps(ivan, train=False)
-    tasks = ("1to1",)  # the shipped one (T1 + PD -> T2 and fusion are below their bars and not shipped)
-    assert [s["name"] for s in shipped] == [f"{k}_{t}" for t in tasks for k in ("inference", "evaluate")]
-    for s in shipped:  # the demo overlay picks the shipped weights of the task: no checkpoint on the command line
-        assert "configs/demo.json" in s["config"] and "ckpt_path" not in s["args"]
-        assert not any("train" in c or "tiny" in c for c in s["config"])
-        task = s["name"].split("_", 1)[1]
-        assert f"configs/task_{task}.json" in s["config"]
-        assert (REPO / "bundles" / "ivan_fusion" / "models" / "demo" / f"{task}.pt").is_file()
-    trained = recipe_steps(ivan, train=True)
-    assert [s["name"] for s in trained][:1] == [f"train_{t}" for t in tasks]
-    for s in trained[1:]:
-        task = s["name"].split("_", 1)[1]
-        assert s["args"]["ckpt_path"] == f"{{work}}/models_{task}/model.pt"
