@@ -9,13 +9,19 @@ Checks (numbers as in the project's bundle conventions):
  1. required files exist; no file over 25 MB unless listed in ``large_files.yml`` (each entry
     with ``path``, ``url``, ``hash_val`` and an explicit ``hash_type``);
  3. ``version`` is plain X.Y.Z and a key of ``changelog``;
- 4. ``verify_metadata`` against the schema kept in ``ci/schemas/`` (no download);
+ 4. ``verify_metadata`` against the schema the metadata's ``schema`` URL names, from the offline
+    copies in ``ci/schemas/`` (the zoo's ``ci/prepare_schema.py`` downloads that URL); a schema
+    not kept there fails the check;
  5. ``check_properties()`` is empty for the inference config and every training config;
  6. ``verify_net_in_out`` for ``network_def`` of ``inference.json`` (extra metadata inputs are
     passed as ``extra_forward_args``);
- 7. ``ckpt_export`` with tracing from a freshly initialised checkpoint; the TorchScript model
-    loads and matches eager outputs (networks with more inputs than the image, declared in the
-    metadata as vector inputs, are traced with all of them as keyword inputs);
+ 7. ``ckpt_export`` from a freshly initialised checkpoint by scripting, as the zoo's
+    ``verify_torchscript`` does (``ckpt_export`` defaults); the TorchScript model loads and matches
+    eager outputs. Tracing replaces scripting only for a bundle that ``ci/bundle_custom_data.py``
+    lists with the reason scripting cannot work (the zoo's ``exclude_verify_torchscript_list``),
+    and such a bundle fails if scripting works after all. The check name says which path ran
+    (networks with more inputs than the image, declared in the metadata as vector inputs, are
+    traced with all of them as keyword inputs);
 12. MONAI Label static checks for segmentation bundles.
 Item 2 (``download_large_files``) and item 11 (packaging round trip) need a server: the test
 suite runs them against a loopback HTTP server. ``--overlay`` merges config files (e.g. the
@@ -40,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SCHEMA = REPO_ROOT / "ci" / "schemas" / "meta_schema_20240725.json"
+SCHEMA_DIR = REPO_ROOT / "ci" / "schemas"
 MAX_FILE_BYTES = 25 * 1024 * 1024
 REQUIRED_FILES = [
     "LICENSE",
@@ -53,7 +59,7 @@ REQUIRED_FILES = [
 ]
 VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
 
-__all__ = ["Check", "verify_bundle", "train_configs"]
+__all__ = ["Check", "verify_bundle", "train_configs", "schema_file", "validate_metadata", "torchscript_exclusions"]
 
 
 @dataclass
@@ -103,6 +109,47 @@ def train_configs(bundle: Path) -> list[list[Path]]:
             base = bundle / "configs" / "train.json"
             stages.append([base, cfg] if base.is_file() else [cfg])
     return stages
+
+
+def schema_file(meta: dict) -> Path:
+    """The offline copy of the schema that ``meta["schema"]`` names (ValueError if none is kept).
+
+    The zoo validates each metadata against the schema its own URL names (``ci/prepare_schema.py``
+    downloads it, ``ci/verify_bundle.py`` ``verify_metadata_format`` validates), so the file is
+    chosen by the URL's last component, never a fixed one.
+    """
+    url = meta.get("schema")
+    if not isinstance(url, str) or not url:
+        raise ValueError("metadata has no 'schema' URL")
+    path = SCHEMA_DIR / url.rstrip("/").rsplit("/", 1)[-1]
+    if not path.is_file():
+        kept = sorted(p.name for p in SCHEMA_DIR.glob("*.json"))
+        raise ValueError(f"schema '{path.name}' of {url} is not kept in ci/schemas/ (kept: {kept})")
+    return path
+
+
+def validate_metadata(meta_file: str | Path) -> Path:
+    """MONAI's ``verify_metadata`` of ``meta_file`` against :func:`schema_file`, offline.
+
+    ``verify_metadata`` downloads nothing when the target file exists (no hash is given). Raises
+    ValueError naming the failing rule; returns the schema used.
+    """
+    from monai.bundle import verify_metadata
+
+    schema = schema_file(json.loads(Path(meta_file).read_text()))
+    with _quiet():
+        verify_metadata(meta_file=str(meta_file), filepath=str(schema))
+    return schema
+
+
+def torchscript_exclusions() -> dict[str, str]:
+    """Bundle name -> why ``torch.jit.script`` cannot export its network (``ci/bundle_custom_data.py``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_bundle_custom_data", REPO_ROOT / "ci" / "bundle_custom_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return dict(module.exclude_verify_torchscript)
 
 
 def _check_files(bundle: Path) -> list[Check]:
@@ -155,12 +202,9 @@ def _check_metadata(bundle: Path) -> list[Check]:
             errs.append(f"{key} '{meta.get(key)}' is not plain X.Y.Z")
     out.append(Check("3 version/changelog", not errs, "; ".join(errs) or version))
 
-    from monai.bundle import verify_metadata
-
     try:
-        with _quiet():
-            verify_metadata(meta_file=str(meta_file), filepath=str(SCHEMA))
-        out.append(Check("4 verify_metadata", True, f"schema {SCHEMA.name}"))
+        schema = validate_metadata(meta_file)
+        out.append(Check("4 verify_metadata", True, f"schema {schema.name}"))
     except Exception as e:
         msg = getattr(e, "message", None) or str(e).splitlines()[0]
         out.append(Check("4 verify_metadata", False, msg))
@@ -263,41 +307,69 @@ def _check_network(bundle: Path, overlays: list[Path], tmp_dir: Path) -> list[Ch
     except Exception as e:
         out.append(Check("6 verify_net_in_out", False, f"{type(e).__name__}: {e}"))
 
+    reason = torchscript_exclusions().get(bundle.name)
     with tempfile.TemporaryDirectory() as tmp:
+        ts_file, ckpt_file = Path(tmp) / "model.ts", Path(tmp) / "model.pt"
+        name = "7 ckpt_export (script)"
         try:
             parser = ConfigParser()
             parser.read_config(configs)
             parser.read_meta(str(meta_file))
             parser["bundle_root"] = str(bundle)
             net = parser.get_parsed_content("network_def").eval()
-            torch.save(net.state_dict(), Path(tmp) / "model.pt")
+            torch.save(net.state_dict(), ckpt_file)
             x = _fake_input(meta)
             extras = _extra_inputs(meta)
+            kwargs = None
             if extras:
-                # ckpt_export traces with the image alone; a multi-input network is traced with
-                # every input the metadata declares, in its forward order
                 import inspect
 
                 first = next(iter(inspect.signature(net.forward).parameters))
                 kwargs = {first: x, **extras}
-                torch.jit.trace(net, example_kwarg_inputs=kwargs).save(str(Path(tmp) / "model.ts"))
-            else:
-                kwargs = None
+            script_error = ""
+            try:
+                # the zoo's ci/verify_bundle.py verify_torchscript: ckpt_export with its defaults,
+                # i.e. torch.jit.script, no use_trace
                 with _quiet():
                     ckpt_export(
-                        net_id="network_def", filepath=str(Path(tmp) / "model.ts"), ckpt_file=str(Path(tmp) / "model.pt"),
-                        meta_file=str(meta_file), config_file=configs, use_trace=True, input_shape=list(x.shape),
-                        bundle_root=str(bundle),
+                        net_id="network_def", filepath=str(ts_file), ckpt_file=str(ckpt_file), meta_file=str(meta_file),
+                        config_file=configs, bundle_root=str(bundle),
                     )
-            ts = torch.jit.load(str(Path(tmp) / "model.ts"), map_location="cpu")
+            except Exception as e:
+                lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+                script_error = f"{type(e).__name__}: {' '.join(lines[:2])[:300]}"
+            if reason and not script_error:
+                out.append(Check(name, False, "torch.jit.script exports the network, but ci/bundle_custom_data.py declares "
+                                 f"that it cannot ({reason}): remove the entry"))
+                return out
+            if script_error and not reason:
+                out.append(Check(name, False, f"torch.jit.script failed ({script_error}); make the network scriptable, or "
+                                 "declare in ci/bundle_custom_data.py why it cannot be (the zoo's exclude_verify_torchscript_list)"))
+                return out
+            if script_error:
+                name = "7 ckpt_export (trace)"
+                if kwargs:
+                    # ckpt_export traces with the image alone; a multi-input network is traced with
+                    # every input the metadata declares, in its forward order
+                    torch.jit.trace(net, example_kwarg_inputs=kwargs).save(str(ts_file))
+                else:
+                    with _quiet():
+                        ckpt_export(
+                            net_id="network_def", filepath=str(ts_file), ckpt_file=str(ckpt_file), meta_file=str(meta_file),
+                            config_file=configs, use_trace=True, input_shape=list(x.shape), bundle_root=str(bundle),
+                        )
+            ts = torch.jit.load(str(ts_file), map_location="cpu")
             with torch.no_grad():
                 ref, got = (net(**kwargs), ts(**kwargs)) if kwargs else (net(x), ts(x))
             ref = ref if torch.is_tensor(ref) else ref[0]
             got = got if torch.is_tensor(got) else got[0]
             err = float((ref - got).abs().max())
-            out.append(Check("7 ckpt_export (trace)", err < 1e-4, f"TorchScript vs eager max |diff| {err:.2e}"))
+            detail = f"TorchScript vs eager max |diff| {err:.2e}"
+            if script_error:
+                detail += f"; traced, not scripted, as ci/bundle_custom_data.py declares: {reason}"
+            out.append(Check(name, err < 1e-4, detail))
         except Exception as e:
-            out.append(Check("7 ckpt_export (trace)", False, f"{type(e).__name__}: {e}"))
+            out.append(Check(name, False, f"{type(e).__name__}: {e}"))
     return out
 
 
