@@ -17,8 +17,8 @@ C logits. The step index is embedded with the sinusoid of DDPM (dimension ``4 * 
 [cos, sin], max period 10 000) and every block has its own linear projection of GELU(embedding).
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: torch.jit.script (the zoo's export) cannot resolve string annotations
+# of @torch.jit.unused methods
 from collections.abc import Sequence
 
 import torch
@@ -41,8 +41,10 @@ class _InstanceNorm3d(nn.InstanceNorm3d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x[0, 0].numel() == 1:
             bias = self.bias if self.bias is not None else torch.zeros(x.shape[1], device=x.device)
-            return torch.zeros_like(x) + bias.to(x.dtype).view(1, -1, *([1] * (x.ndim - 2)))
-        return super().forward(x)
+            # a list shape and no super() call: torch.jit.script (the zoo's export) supports neither
+            # *-unpacking nor super()
+            return torch.zeros_like(x) + bias.to(x.dtype).view([1, -1] + [1] * (x.dim() - 2))
+        return self._apply_instance_norm(x)
 
 
 class TimeResBlock(nn.Module):
@@ -60,13 +62,20 @@ class TimeResBlock(nn.Module):
         self.norm2 = _InstanceNorm3d(channels, affine=True)
         self.time_proj = nn.Linear(time_dim, channels) if time_dim else None
 
-    def forward(self, x: torch.Tensor, t_emb: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor | None = None, checkpointed: bool = False) -> torch.Tensor:
+        if checkpointed:
+            return self._checkpointed(x, t_emb)
         h = F.gelu(self.norm1(self.conv1(x)))
         h = self.conv2(h)
         if self.time_proj is not None and t_emb is not None:
             h = h + self.time_proj(F.gelu(t_emb))[:, :, None, None, None].to(h.dtype)
         h = self.norm2(h)
         return F.gelu(h + x)
+
+    @torch.jit.unused
+    def _checkpointed(self, x: torch.Tensor, t_emb: torch.Tensor | None) -> torch.Tensor:
+        # training only; torch.jit.script cannot compile checkpoint(), so the scripted module leaves it out
+        return checkpoint(self, x, t_emb, use_reentrant=False)
 
 
 class _Down(nn.Module):
@@ -83,7 +92,10 @@ class _Down(nn.Module):
 
 def _crop_to(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """Crop the trailing spatial dims of ``x`` to those of ``ref`` (no-op for sizes divisible by 16)."""
-    return x[(..., *[slice(0, s) for s in ref.shape[2:]])]
+    # narrow per axis rather than a starred slice tuple, which torch.jit.script cannot compile
+    for d in range(2, ref.dim()):
+        x = x.narrow(d, 0, min(x.shape[d], ref.shape[d]))
+    return x
 
 
 class DiffSegUNet(nn.Module):
@@ -100,6 +112,8 @@ class DiffSegUNet(nn.Module):
     ``forward(x, t=None)``: ``t`` is an int or a ``(B,)`` tensor of step indices; ``None`` means
     step 0, so ``monai.bundle verify_net_in_out`` can call the network with the image tensor only.
     """
+
+    time_dim: int | None  # None for the baseline; declared so torch.jit.script does not type it NoneType
 
     def __init__(
         self,
@@ -144,31 +158,33 @@ class DiffSegUNet(nn.Module):
 
     def embed_time(self, t: torch.Tensor | int | None, batch: int, device: torch.device) -> torch.Tensor | None:
         """Sinusoidal embedding ``(B, 4 * channels[0])`` of the integer step index, or None for the baseline."""
-        if not self.time_conditioning:
+        time_dim = self.time_dim  # a local, so torch.jit.script refines int | None to int below
+        if not self.time_conditioning or time_dim is None:
             return None
+        # isinstance refinement rather than torch.is_tensor: torch.jit.script refines Union types only this way
         if t is None:
-            t = 0
-        if not torch.is_tensor(t) or t.ndim == 0:
-            t = torch.full((batch,), int(t), device=device, dtype=torch.long)
-        return get_timestep_embedding(t.to(device), self.time_dim, self.max_period)
-
-    def _block(self, block: TimeResBlock, x: torch.Tensor, t_emb: torch.Tensor | None) -> torch.Tensor:
-        if self.use_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, x, t_emb, use_reentrant=False)
-        return block(x, t_emb)
+            steps = torch.zeros((batch,), device=device, dtype=torch.long)
+        elif isinstance(t, int):
+            steps = torch.full((batch,), t, device=device, dtype=torch.long)
+        elif t.ndim == 0:
+            steps = torch.full((batch,), int(t), device=device, dtype=torch.long)
+        else:
+            steps = t
+        return get_timestep_embedding(steps.to(device), time_dim, self.max_period)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | int | None = None) -> torch.Tensor:
         if x.shape[1] != self.in_channels:
             raise ValueError(f"expected {self.in_channels} input channels, got {x.shape[1]}")
         t_emb = self.embed_time(t, x.shape[0], x.device)
-        h = self._block(self.stem_block, self.stem(x), t_emb)
+        ckpt = self.use_checkpointing and self.training and torch.is_grad_enabled()
+        h = self.stem_block(self.stem(x), t_emb, ckpt)
         skips = [h]
         for down, block in zip(self.downs, self.enc_blocks):
-            h = self._block(block, down(h), t_emb)
+            h = block(down(h), t_emb, ckpt)
             skips.append(h)
         skips.pop()  # the bottom level is not a skip
         for up, block in zip(self.ups, self.dec_blocks):
             skip = skips.pop()
             h = _crop_to(up(h), skip) + skip
-            h = self._block(block, h, t_emb)
+            h = block(h, t_emb, ckpt)
         return self.out(h)

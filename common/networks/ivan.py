@@ -16,10 +16,8 @@ Differences from the official code (see the bundle's model card):
   in half precision the eight couplings lose exact invertibility (``f^-1(f(x))`` off by ~1e-2).
 """
 
-from __future__ import annotations
-
-from contextlib import nullcontext
-
+# no `from __future__ import annotations`: torch.jit.script (the zoo's export) cannot resolve string annotations
+# of @torch.jit.unused methods
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -46,10 +44,16 @@ class DenseBlock(nn.Module):
         self.act = nn.LeakyReLU(negative_slope=0.2, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # one loop over the whole ModuleList: torch.jit.script (the zoo's export) cannot call a sliced ModuleList
         feats = [x]
-        for conv in self.convs[:-1]:
-            feats.append(self.act(conv(torch.cat(feats, dim=1))))
-        return self.convs[-1](torch.cat(feats, dim=1))
+        out = x
+        last = len(self.convs) - 1
+        for k, conv in enumerate(self.convs):
+            out = conv(torch.cat(feats, dim=1))
+            if k < last:
+                out = self.act(out)
+                feats.append(out)
+        return out
 
 
 class InvertibleConv1x1LU(nn.Module):
@@ -92,6 +96,7 @@ class InvertibleConv1x1LU(nn.Module):
         w = self.weight().to(x.dtype)
         return F.conv2d(x, w.view(self.channels, self.channels, 1, 1))
 
+    @torch.jit.export  # called from IVAN.inverse, which torch.jit.script compiles through forward(rev=True)
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         # float64 inverse: a float32 inverse of a product of three matrices loses ~1e-6 per block
         w_inv = torch.linalg.inv(self.weight().double()).to(y.dtype)
@@ -132,6 +137,7 @@ class AffineCouplingBlock(nn.Module):
         y2 = x2 * torch.exp(self.scale(y1)) + self.g(y1)
         return torch.cat([y1, y2], dim=1)
 
+    @torch.jit.export  # called from IVAN.inverse, which torch.jit.script compiles through forward(rev=True)
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         y1, y2 = y[:, : self.half], y[:, self.half :]
         x2 = (y2 - self.g(y1)) * torch.exp(-self.scale(y1))
@@ -201,25 +207,38 @@ class IVAN(nn.Module):
         """``f(x)``, or ``f^-1(x)`` when ``rev`` is true (so a ``DistributedDataParallel`` wrapper runs both)."""
         if rev:
             return self.inverse(x)
-        with self._precision():
-            x = self._cast(x)
-            for block in self.blocks:
-                x = block(x)
-        return x
+        if self._autocast_off():
+            return self._without_autocast(x, False)
+        return self._forward(x)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        with self._precision():
-            y = self._cast(y)
-            for block in reversed(self.blocks):
-                y = block.inverse(y)
+        if self._autocast_off():
+            return self._without_autocast(y, True)
+        return self._inverse(y)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._cast(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        y = self._cast(y)
+        for block in self.blocks[::-1]:  # reversed() of a ModuleList does not compile in torch.jit.script
+            y = block.inverse(y)
         return y
 
-    def _precision(self):
-        """Autocast switched off for the invertible layers (unless ``reduced_precision``)."""
-        if self.reduced_precision or torch.jit.is_tracing() or torch.jit.is_scripting():
-            return nullcontext()
+    def _autocast_off(self) -> bool:
+        """Whether to switch autocast off for the invertible layers (eager runs without ``reduced_precision``)."""
+        return not (self.reduced_precision or torch.jit.is_tracing() or torch.jit.is_scripting())
+
+    @torch.jit.unused
+    def _without_autocast(self, x: torch.Tensor, rev: bool) -> torch.Tensor:
+        # kept out of the scripted module: torch.jit.script (the zoo's export) compiles no context manager but
+        # autocast, and a scripted or traced module runs in the caller's precision as before
         device = self.blocks[0].conv1x1.log_s.device.type if len(self.blocks) else "cpu"
-        return torch.autocast(device_type=device, enabled=False)
+        with torch.autocast(device_type=device, enabled=False):
+            return self._inverse(x) if rev else self._forward(x)
 
     def _cast(self, x: torch.Tensor) -> torch.Tensor:
         if self.reduced_precision or not len(self.blocks):
