@@ -369,9 +369,13 @@ class ValidateSlicesd(MapTransform):
         return d
 
 
+#: meta key set by :class:`AsSliceVolumed` on a 2D input made a one-slice volume (kept through ``Invertd``)
+FROM_2D_KEY = "ivan_from_2d"
+
+
 class AsSliceVolumed(MapTransform):
-    """A 2D image ``(C, H, W)`` becomes a one-slice volume ``(C, H, W, 1)`` (its 4x4 affine and file name kept);
-    3D images pass unchanged. Place it right after :class:`ValidateSlicesd`, before ``Orientationd``, so that a 2D
+    """A 2D image ``(C, H, W)`` becomes a one-slice volume ``(C, H, W, 1)`` (its 4x4 affine and file name kept,
+    ``meta[FROM_2D_KEY]`` set); 3D images, one-slice volumes included, pass unchanged. Place it right after :class:`ValidateSlicesd`, before ``Orientationd``, so that a 2D
     NIfTI or PNG runs through the same 3D pipeline and is written as a one-slice NIfTI."""
 
     def __call__(self, data: Mapping) -> dict:
@@ -385,6 +389,7 @@ class AsSliceVolumed(MapTransform):
                 if isinstance(img, MetaTensor):
                     out = MetaTensor(img.as_tensor()[..., None], meta=dict(img.meta))  # meta holds the affine
                     out.meta["spatial_shape"] = np.asarray([*img.shape[1:], 1])
+                    out.meta[FROM_2D_KEY] = True  # the writer gives a 2D input a 2D output
                 d[key] = out
         return d
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,21 @@ DEFAULT_POST_FIX = PostFix.meta()
 logger = get_logger(module_name=__name__)
 
 
+def _reshape_written(path: str, shape: tuple[int, ...]) -> None:
+    """Give the NIfTI at ``path`` the spatial ``shape`` it lost to the writer's squeeze (same voxel count)."""
+    import nibabel as nib
+
+    img = nib.load(path)
+    if tuple(img.shape) == shape:
+        return
+    if int(np.prod(img.shape)) != int(np.prod(shape)):
+        raise ValueError(f"cannot write {tuple(img.shape)} voxels as shape {shape}")
+    data = np.asarray(img.dataobj).reshape(shape)
+    out = type(img)(data, img.affine, header=img.header)
+    out.set_data_dtype(img.get_data_dtype())
+    nib.save(out, path)
+
+
 class SafeSaveImage(SaveImage):
     """``monai.transforms.SaveImage`` with a writability check, overwrite refusal and atomic writes.
 
@@ -55,7 +70,13 @@ class SafeSaveImage(SaveImage):
         if out_dir is not None:
             check_writable_dir(out_dir, "output folder", create=False)  # parsing a config creates nothing
 
-    def __call__(self, img: torch.Tensor | np.ndarray, meta_data: dict | None = None, filename=None):
+    def __call__(self, img: torch.Tensor | np.ndarray, meta_data: dict | None = None, filename=None,
+                 spatial_shape: Sequence[int] | None = None):
+        """Write ``img`` (as ``SaveImage``) atomically to its final name.
+
+        ``spatial_shape``: the shape the written file must have where MONAI's writer would squeeze singleton axes
+        (a one-slice volume ``H x W x 1`` is written ``H x W`` otherwise); the same voxels, the header kept.
+        """
         meta = img.meta if isinstance(img, MetaTensor) else meta_data
         if filename is not None:
             final = f"{filename}{self.output_ext}"
@@ -79,6 +100,8 @@ class SafeSaveImage(SaveImage):
                 # suitable writer" with tracebacks; name the output and the actual reason instead
                 lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
                 raise RuntimeError(f"writing '{final}' failed: {lines[-1] if lines else e}") from e
+            if spatial_shape is not None:
+                _reshape_written(tmp, tuple(int(n) for n in spatial_shape))
             os.chmod(tmp, 0o644)
             if self.overwrite:
                 os.replace(tmp, final)

@@ -206,7 +206,7 @@ def check_case_files(cases: Sequence[Mapping[str, Any]], channels: Mapping[str, 
     """Every case of a multi-case run, before its first output is written: each key of ``channels`` is present,
     its file(s) exist and have a plausible header (:func:`check_image_file`), and NIfTI headers describe a 3D
     image with ``channels[key]`` channels in all (one file ``X x Y x Z [x C]``, or a list of files, one per
-    channel). Reads the first bytes of each file only (a DICOM folder or another format is left to its reader);
+    channel), none of X, Y, Z equal to 1 (a single slice is not a 3D volume). Reads the first bytes of each file only (a DICOM folder or another format is left to its reader);
     the checks that need the voxels (NaN, constant images, label values) still run as each case loads, and the
     same messages as :class:`ValidateImaged` are used so a refusal reads the same wherever it is found.
 
@@ -229,6 +229,11 @@ def check_case_files(cases: Sequence[Mapping[str, Any]], channels: Mapping[str, 
                 where = f"input file '{path}' (key '{key}', case {name!r} of {source})"
                 if len(dims) < 3:
                     raise InvalidInputError(f"{where} holds a {len(dims)}D image (header dimensions {dims}); expected a 3D image")
+                if 1 in dims[:3]:  # the same refusal as ValidateImaged's for a 3D volume, found before any output
+                    raise InvalidInputError(
+                        f"{where} has spatial shape {tuple(dims[:3])}: a single slice (a 2D image) along axis "
+                        f"{list(dims[:3]).index(1)}; expected a 3D volume"
+                    )
                 extra = [d for d in dims[3:] if d != 1]
                 if len(extra) > 1:
                     raise InvalidInputError(f"{where} has header dimensions {dims}; expected a 3D image")

@@ -136,3 +136,27 @@ def test_output_stays_inside_output_dir_for_inputs_outside_data_root(tmp_path):
                    data_root_dir=str(tmp_path / "dataset"))(data)
     written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*_seg.nii.gz"))
     assert written == ["out/case7/image_seg.nii.gz"]
+
+
+def test_spatial_shape_keeps_a_one_slice_axis(tmp_path):
+    """MONAI's writer squeezes a one-slice volume to 2D; ``spatial_shape`` writes it with its slice axis, the same
+    voxels and affine, and refuses a shape with another voxel count (nothing left behind)."""
+    from monai.data import MetaTensor
+
+    from common.transforms.saving import SafeSaveImage
+
+    sl = nib.load(demo_file("totalsegmentator/example_ct.nii.gz")).slicer[:, :, 50:51]
+    img = MetaTensor(np.asarray(sl.dataobj, dtype=np.float32)[None], affine=sl.affine,
+                     meta={"original_channel_dim": "no_channel", "spatial_shape": np.asarray(sl.shape)})
+    saver = SafeSaveImage(output_dir=str(tmp_path), output_ext=".nii.gz", resample=False, separate_folder=False,
+                          print_log=False)
+    saver(img, filename=str(tmp_path / "squeezed"))
+    assert nib.load(str(tmp_path / "squeezed.nii.gz")).shape == sl.shape[:2]  # what the plain writer does
+    saver(img, filename=str(tmp_path / "kept"), spatial_shape=sl.shape)
+    kept = nib.load(str(tmp_path / "kept.nii.gz"))
+    assert kept.shape == sl.shape
+    np.testing.assert_allclose(kept.affine, sl.affine, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(kept.dataobj), np.asarray(sl.dataobj, dtype=np.float32))
+    with pytest.raises(ValueError, match="cannot write"):
+        saver(img, filename=str(tmp_path / "wrong"), spatial_shape=(7, 7, 7))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.nii.gz", "squeezed.nii.gz"]

@@ -141,14 +141,15 @@ def test_2d_inputs_run_inference_and_evaluation(slices2d, kind):
     _run(["inference.json", "task_1to1.json", "tiny.json"], datalist=str(dl), ckpt_dir=str(slices2d["ckpt"]),
          output_dir=str(out), direction="both")
     pred = nib.load(str(out / f"{kind}_1to1.nii.gz"))
-    assert pred.shape == (64, 72)  # written as a 2D NIfTI: the one-slice axis is dropped by the writer
+    shape = (64, 72, 1) if kind == "slice3d" else (64, 72)  # the input's own shape: a one-slice NIfTI stays one
+    assert pred.shape == shape
     p = pred.get_fdata()
     assert np.isfinite(p).all() and p.std() > 0 and 0 <= p.min() and p.max() <= 1
     if kind != "png":  # a NIfTI keeps its geometry; a PNG has none (unit spacing)
         np.testing.assert_allclose(pred.affine, slices2d["affine"], atol=1e-5)
     else:
         np.testing.assert_allclose(pred.affine, np.eye(4), atol=1e-6)
-    assert nib.load(str(out / f"{kind}_rev_t1.nii.gz")).shape == (64, 72)
+    assert nib.load(str(out / f"{kind}_rev_t1.nii.gz")).shape == shape
     ev = root / f"eval_{kind}"
     _run(["inference.json", "evaluate.json", "task_1to1.json", "tiny.json"], datalist=str(dl),
          ckpt_dir=str(slices2d["ckpt"]), output_dir=str(ev))
@@ -163,6 +164,7 @@ def test_2d_outputs_agree_across_formats(slices2d):
     the same once put back in the NIfTI's voxel order."""
     root, affine = slices2d["root"], slices2d["affine"]
     outs = {k: nib.load(str(root / f"out_{k}" / f"{k}_1to1.nii.gz")).get_fdata() for k in ("nifti2d", "slice3d", "png")}
+    outs["slice3d"] = outs["slice3d"][..., 0]
     outs["png"] = outs["png"][:: int(np.sign(affine[0, 0])), :: int(np.sign(affine[1, 1]))]
     np.testing.assert_allclose(outs["slice3d"], outs["nifti2d"], atol=1e-6)
     assert np.abs(outs["png"] - outs["nifti2d"]).mean() < 0.02

@@ -43,7 +43,16 @@ ALL_KINDS = {
     "hash_mismatch": "a checkpoint or downloaded file whose hash does not match",
     "unwritable_output": "an output folder that cannot be written",
     "existing_output": "an existing output (refused unless overwrite is set)",
+    # held-out style: formats and framings users have that the demo data never used (must work, or one clear refusal)
+    "nrrd": "the image as NRRD (must work, output in the input's geometry)",
+    "dicom_series": "the image as a DICOM series folder, one file per slice (must work, output in the input's geometry)",
+    "single_slice": "a single-slice volume (works where the network allows, otherwise one clear refusal)",
+    "clinical_7mm": "a clinical-like series with 7 mm slices (must work, output in the input's geometry)",
+    "multi_case_bad_last": "a multi-case run whose last case is bad (refused before the first output)",
 }
+
+#: the held-out-style kinds of ``ALL_KINDS``, made by :func:`make_held_out_input`
+HELD_OUT_KINDS = ("nrrd", "dicom_series", "single_slice", "clinical_7mm")
 
 
 # ------------------------------------------------------------------------------ bad files
@@ -130,6 +139,97 @@ def make_bad_nifti(kind: str, good: str | os.PathLike, dest: str | os.PathLike, 
     return _save(data, affine, dest, like=img)
 
 
+def make_held_out_input(kind: str, good: str | os.PathLike, dest: str | os.PathLike, slice_mm: float = 7.0) -> Path:
+    """``good`` (a NIfTI, 3D or 4D) in a form users have and the demo data never used; returns the path to feed.
+
+    * ``nrrd``: the same voxels and geometry written by ITK as ``<dest>.nrrd``.
+    * ``dicom_series``: a folder ``<dest>/`` of CT DICOM files, one per slice along the third axis, with
+      ``ImagePositionPatient`` / ``ImageOrientationPatient`` of the NIfTI's geometry (3D only; int16 pixels: an
+      image whose range is below 1000 is scaled up first, an intensity scale the MR normalisations ignore).
+    * ``single_slice``: the middle slice along the third axis kept as a one-slice 3D (or 4D) NIfTI.
+    * ``clinical_7mm``: resampled along the third axis to slices every ``slice_mm`` from the first one (linear;
+      nearest for a label map, i.e. an integer file), the in-plane grid and the first slice kept.
+
+    GDCM's writer sets the process locale to "C" and leaves it so; it is restored here.
+    """
+    import locale
+
+    good, dest = Path(good), Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    stem = dest.name.split(".")[0]
+    img = nib.load(str(good))
+    data = np.asarray(img.dataobj).astype(np.float32)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if kind == "nrrd":
+        import itk
+
+        out = dest.with_name(stem + ".nrrd")
+        itk.imwrite(itk.imread(str(good)), str(out))
+        return out
+    if kind == "single_slice":
+        mid = data.shape[2] // 2
+        shifted = affine.copy()
+        shifted[:3, 3] = affine[:3, 3] + affine[:3, 2] * mid
+        return _save(data[:, :, mid : mid + 1], shifted, dest.with_name(stem + ".nii.gz"), like=img)
+    if kind == "clinical_7mm":
+        from scipy.ndimage import map_coordinates
+
+        step = float(np.linalg.norm(affine[:3, 2]))
+        # slices every slice_mm from the first one, as far as the volume reaches; a label map (integer file) nearest
+        coords_z = np.arange(0.0, data.shape[2] - 1 + 1e-6, slice_mm / step)
+        order = 0 if img.get_data_dtype().kind in "iu" else 1
+        grid = np.meshgrid(np.arange(data.shape[0]), np.arange(data.shape[1]), coords_z, indexing="ij")
+        vols = data[..., None] if data.ndim == 3 else data
+        out = np.stack([map_coordinates(vols[..., t], grid, order=order, mode="nearest") for t in range(vols.shape[3])], -1)
+        out = out[..., 0] if data.ndim == 3 else out
+        scaled = affine.copy()
+        scaled[:3, 2] = affine[:3, 2] * (slice_mm / step)
+        return _save(out.astype(img.get_data_dtype() if order == 0 else np.float32), scaled, dest.with_name(stem + ".nii.gz"), like=img)
+    if kind == "dicom_series":
+        saved = locale.setlocale(locale.LC_ALL)
+        try:
+            return _write_dicom_series(data, affine, dest.with_name(stem))
+        finally:
+            locale.setlocale(locale.LC_ALL, saved)
+    raise KeyError(f"unknown held-out kind {kind!r}")
+
+
+def _write_dicom_series(data: np.ndarray, affine: np.ndarray, folder: Path) -> Path:
+    import itk
+
+    if data.ndim != 3:
+        raise ValueError(f"a DICOM series is written from a 3D volume, got shape {data.shape}")
+    lps = np.diag([-1.0, -1.0, 1.0])
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    row, col, normal = (lps @ affine[:3, i] / spacing[i] for i in range(3))
+    # slices stacked along +-(row x col); a left-handed grid (e.g. LAS) is read back by ITK with its slices in the
+    # other order: the same voxels in space on another index grid
+    if abs(abs(float(np.dot(np.cross(row, col), normal))) - 1.0) > 1e-4:
+        raise ValueError("the DICOM writer here needs slices stacked along their normal (an orthogonal affine)")
+    if float(np.abs(data).max()) < 1000.0:
+        data = data * (1000.0 / max(float(np.abs(data).max()), 1e-6))
+    pixels = np.clip(np.round(data), -32768, 32767).astype(np.int16)
+    folder.mkdir(parents=True)
+    for k in range(pixels.shape[2]):
+        sl = itk.image_from_array(np.ascontiguousarray(pixels[:, :, k].T)[None])  # ITK index (x, y) = NIfTI (i, j)
+        pos = lps @ (affine @ np.array([0.0, 0.0, k, 1.0]))[:3]
+        sl.SetOrigin([float(v) for v in pos])
+        sl.SetSpacing([float(spacing[0]), float(spacing[1]), float(spacing[2])])
+        sl.SetDirection(itk.matrix_from_array(np.stack([row, col, normal], axis=1).copy()))
+        md = sl.GetMetaDataDictionary()
+        for tag, value in {
+            "0008|0060": "CT", "0020|000d": "1.2.826.0.1.3680043.10.11", "0020|000e": "1.2.826.0.1.3680043.10.12",
+            "0008|0018": f"1.2.826.0.1.3680043.10.13.{k + 1}", "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(f"{v:.4f}" for v in pos), "0020|0037": "\\".join(f"{v:.6f}" for v in (*row, *col)),
+            "0018|0050": f"{spacing[2]:.4f}", "0028|0030": f"{spacing[1]:.4f}\\{spacing[0]:.4f}",
+        }.items():
+            md[tag] = value
+        io = itk.GDCMImageIO.New()
+        io.KeepOriginalUIDOn()
+        itk.ImageFileWriter[type(sl)].New(Input=sl, FileName=str(folder / f"slice_{k:04d}.dcm"), ImageIO=io).Update()
+    return folder
+
+
 def make_bad_labels(good: str | os.PathLike, dest: str | os.PathLike, value: int = 99, n: int = 5) -> Path:
     """A copy of the label map ``good`` with ``n`` voxels set to the out-of-set ``value``."""
     img = nib.load(str(good))
@@ -183,6 +283,25 @@ def forget_bundle(bundle: str | os.PathLike) -> None:
 
 
 # ------------------------------------------------------------------------------ checks
+
+
+def input_geometry(path: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarray]:
+    """Spatial shape and RAS affine of an input as every bundle reads it (``CheckedLoadImaged``: NIfTI, NRRD,
+    a DICOM series folder)."""
+    from common.transforms.validation import CheckedLoadImaged
+
+    img = CheckedLoadImaged("image", image_only=True)({"image": str(path)})["image"]
+    return tuple(int(n) for n in img.shape[:3]), np.asarray(img.affine, dtype=np.float64)
+
+
+def assert_in_input_geometry(output: str | os.PathLike, source: str | os.PathLike, atol: float = 1e-4) -> np.ndarray:
+    """The 3D NIfTI ``output`` lies on the grid of the input ``source`` (the same shape, one-slice axes included,
+    and the same affine, whatever the source's format); returns the output's voxels."""
+    shape, affine = input_geometry(source)
+    out = nib.load(str(output))
+    assert tuple(out.shape) == shape, f"{Path(output).name}: shape {out.shape}, the input {shape}"
+    np.testing.assert_allclose(out.affine, affine, atol=atol, err_msg=f"{Path(output).name}: not the input's affine")
+    return np.asarray(out.dataobj)
 
 
 def snapshot(*roots: str | os.PathLike) -> dict[str, tuple[int, float]]:

@@ -25,6 +25,9 @@ import pytest
 import torch
 from faults import (
     ALL_KINDS,
+    HELD_OUT_KINDS,
+    assert_in_input_geometry,
+    make_held_out_input,
     assert_nothing_written,
     expect_user_error,
     forget_bundle,
@@ -70,6 +73,11 @@ KINDS = (
     "hash_mismatch",
     "unwritable_output",
     "existing_output",
+    "nrrd",
+    "dicom_series",
+    "single_slice",
+    "clinical_7mm",
+    "multi_case_bad_last",
 )
 assert set(KINDS) <= set(ALL_KINDS)
 
@@ -211,18 +219,53 @@ def test_inference_refuses_a_two_channel_source(case, tmp_path, ckpts):
     assert_nothing_written(before, tmp_path, ckpts["dir"])
 
 
-def test_multi_case_inference_refuses_a_bad_last_case_before_the_first_output(case, tmp_path, ckpts):
-    """Two good cases and a 4D series last: every case's header is checked before the first translation is written."""
-    bad = make_bad_nifti("four_d", case["t1"], tmp_path / "last_t1.nii.gz")
-    cases = [{"id": f"good{i}", "t1": case["t1"]} for i in range(2)] + [{"id": "last", "t1": str(bad)}]
+LAST_CASE_FAULTS = {
+    "four_d": [r"3 volumes/channels", r"expected a 3D image \(1 channel\)"],
+    "single_slice": [r"single slice .*along axis 2", r"expected a 3D volume"],
+}
+
+
+@pytest.mark.parametrize("last", list(LAST_CASE_FAULTS))
+def test_multi_case_inference_refuses_a_bad_last_case_before_the_first_output(last, case, tmp_path, ckpts):
+    """Two good cases and a 4D series or a single slice last: every case's header is checked before the first
+    translation is written."""
+    if last == "four_d":
+        bad = make_bad_nifti("four_d", case["t1"], tmp_path / "last_t1.nii.gz")
+    else:
+        bad = make_held_out_input(last, case["t1"], tmp_path / "last_t1.nii.gz")
+    goods = [shutil.copy(case["t1"], tmp_path / f"good{i}_t1.nii.gz") for i in range(2)]
+    cases = [{"id": f"good{i}", "t1": str(g)} for i, g in enumerate(goods)] + [{"id": "last", "t1": str(bad)}]
     dl = tmp_path / "inference_datalist.json"
     dl.write_text(json.dumps({"testing": cases}))
     before = snapshot(tmp_path, ckpts["dir"])
     expect_user_error(
         lambda: _infer(ckpts, tmp_path / "out", datalist=str(dl), source="t1", targets=["t2"]),
-        bad.name, r"3 volumes/channels", r"expected a 3D image \(1 channel\)", exc_type=InvalidInputError,
+        bad.name, *LAST_CASE_FAULTS[last], exc_type=InvalidInputError,
     )
     assert_nothing_written(before, tmp_path, ckpts["dir"])  # in particular no translation of the good cases
+
+
+@pytest.mark.parametrize("kind", [k for k in HELD_OUT_KINDS if k != "single_slice"])
+def test_held_out_input_is_translated_in_the_input_geometry(kind, case, ckpts, tmp_path):
+    """NRRD, a DICOM series folder and 7 mm slices: every translation in the input's own grid, named after the
+    file or folder."""
+    src = make_held_out_input(kind, case["t1"], tmp_path / "in" / "case_t1.nii.gz")
+    out = tmp_path / "out"
+    _infer(ckpts, out, input_image=str(src))
+    files = _outputs(out, "case_t1")
+    assert sorted(out.iterdir()) == sorted(files), sorted(out.iterdir())
+    for f in files:
+        data = assert_in_input_geometry(f, src).astype(np.float32)
+        assert np.isfinite(data).all() and data.min() >= 0.0 and data.max() <= 1.0 and data.std() > 0
+
+
+def test_single_slice_is_refused_as_not_a_volume(case, ckpts, tmp_path):
+    """The 3D autoencoder has no context in one slice: refused before any output, naming the file and the axis."""
+    src = make_held_out_input("single_slice", case["t1"], tmp_path / "in" / "case_t1.nii.gz")
+    before = snapshot(tmp_path, ckpts["dir"])
+    expect_user_error(lambda: _infer(ckpts, tmp_path / "out", input_image=str(src)), src.name,
+                      r"single slice .*along axis 2", r"expected a 3D volume", exc_type=InvalidInputError)
+    assert_nothing_written(before, tmp_path, ckpts["dir"])
 
 
 def test_inference_refuses_a_datalist_entry_without_the_source_contrast(case, tmp_path, ckpts):

@@ -25,7 +25,10 @@ import pytest
 import torch
 from conftest import assert_quiet_streams, run_bundle, run_bundle_cli
 from faults import (
+    HELD_OUT_KINDS,
+    assert_in_input_geometry,
     make_bad_labels,
+    make_held_out_input,
     ALL_KINDS,
     assert_nothing_written,
     expect_user_error,
@@ -59,6 +62,11 @@ KINDS = (
     "hash_mismatch",
     "unwritable_output",
     "existing_output",
+    "nrrd",
+    "dicom_series",
+    "single_slice",
+    "clinical_7mm",
+    "multi_case_bad_last",
 )
 assert set(KINDS) <= set(ALL_KINDS)
 
@@ -186,12 +194,23 @@ def test_inference_refuses_bad_image(kind, data, tmp_path):
     assert_nothing_written(before, tmp_path, data["ckpt_dir"])
 
 
+LAST_CASE_FAULTS = {
+    "four_d": r"4D image with 3 volumes/channels .*expected a 3D image \(1 channel\)",
+    "single_slice": r"single slice .*along axis 2; expected a 3D volume",
+}
+
+
+@pytest.mark.parametrize("last", list(LAST_CASE_FAULTS))
 @pytest.mark.parametrize("configs", [INFER, EVAL], ids=["inference", "evaluate"])
-def test_multi_case_run_refuses_a_bad_last_case_before_the_first_output(configs, data, tmp_path):
-    """Three cases, the last one a 4D series: every case's header is checked before the first prediction, so the
-    run stops naming that file and no prediction of the good cases is written."""
-    bad = make_bad_nifti("four_d", data["ct"], tmp_path / "in" / "ct_four_d.nii.gz")
-    cases = [{"id": f"good{i}", "image": str(data["ct"]), "label": str(data["label"])} for i in range(2)]
+def test_multi_case_run_refuses_a_bad_last_case_before_the_first_output(configs, last, data, tmp_path):
+    """Three cases, the last one a 4D series or a single slice: every case's header is checked before the first
+    prediction, so the run stops naming that file and no prediction of the good cases is written."""
+    if last == "four_d":
+        bad = make_bad_nifti("four_d", data["ct"], tmp_path / "in" / "ct_last.nii.gz")
+    else:
+        bad = make_held_out_input(last, data["ct"], tmp_path / "in" / "ct_last.nii.gz")
+    goods = [shutil.copy(data["ct"], tmp_path / "in" / f"ct_good{i}.nii.gz") for i in range(2)]  # two output names
+    cases = [{"id": f"good{i}", "image": str(g), "label": str(data["label"])} for i, g in enumerate(goods)]
     cases.append({"id": "bad", "image": str(bad), "label": str(data["label"])})
     if configs == EVAL:
         datalist = _write_datalist(tmp_path / "datalist.json", {"test": cases})
@@ -201,9 +220,30 @@ def test_multi_case_run_refuses_a_bad_last_case_before_the_first_output(configs,
         run = lambda: run_bundle(BUNDLE, list(INFER), dataset_dir=str(tmp_path), data=[{"image": c["image"]} for c in cases],  # noqa: E731
                                  ckpt_dir=str(data["ckpt_dir"]), output_dir=str(tmp_path / "out"))
     before = snapshot(tmp_path, data["ckpt_dir"])
-    expect_user_error(run, re.escape(bad.name), r"key 'image'", r"4D image with 3 volumes/channels .*expected a 3D image \(1 channel\)",
-                      exc_type=InvalidInputError)
+    expect_user_error(run, re.escape(bad.name), r"key 'image'", LAST_CASE_FAULTS[last], exc_type=InvalidInputError)
     assert_nothing_written(before, tmp_path, data["ckpt_dir"])  # in particular no prediction of the good cases
+
+
+@pytest.mark.parametrize("kind", [k for k in HELD_OUT_KINDS if k != "single_slice"])
+def test_held_out_input_works_in_the_input_geometry(kind, data, tmp_path):
+    """NRRD, a DICOM series folder and 7 mm slices: a label map in the input's own grid, named after the file or
+    folder."""
+    src = make_held_out_input(kind, data["ct"], tmp_path / "in" / "ct_case.nii.gz")
+    _infer(data, src, tmp_path / "out")
+    pred = _single_output(tmp_path / "out")
+    assert pred.name == "ct_case_seg.nii.gz"
+    labels = assert_in_input_geometry(pred, src)
+    assert labels.dtype == np.uint8 and labels.max() < NUM_CLASSES
+
+
+def test_single_slice_is_refused_as_not_a_volume(data, tmp_path):
+    """A 3D network has no context in one slice (edge padding would repeat it into a column): refused, naming the
+    file and the axis, nothing written."""
+    src = make_held_out_input("single_slice", data["ct"], tmp_path / "in" / "ct_case.nii.gz")
+    before = snapshot(tmp_path, data["ckpt_dir"])
+    expect_user_error(lambda: _infer(data, src, tmp_path / "out"), re.escape(src.name), r"key 'image'",
+                      r"single slice .*along axis 2; expected a 3D volume", exc_type=InvalidInputError)
+    assert_nothing_written(before, tmp_path, data["ckpt_dir"])
 
 
 def test_inference_refuses_a_dataset_dir_without_images(data, tmp_path):

@@ -28,6 +28,9 @@ from conftest import assert_quiet_streams, run_bundle, run_bundle_cli
 from faults import (
     ALL_KINDS,
     GUARD_ERRORS,
+    HELD_OUT_KINDS,
+    assert_in_input_geometry,
+    make_held_out_input,
     assert_nothing_written,
     expect_user_error,
     forget_bundle,
@@ -62,6 +65,11 @@ KINDS = (
     "hash_mismatch",
     "unwritable_output",
     "existing_output",
+    "nrrd",
+    "dicom_series",
+    "single_slice",
+    "clinical_7mm",
+    "multi_case_bad_last",
 )
 assert set(KINDS) <= set(ALL_KINDS)
 
@@ -336,6 +344,30 @@ def test_two_d_source_works_as_a_single_slice(data, tmp_path, task):
     assert pred.shape == nib.load(str(bad)).shape  # a 2D NIfTI in, a 2D NIfTI out
     np.testing.assert_allclose(pred.affine, nib.load(str(bad)).affine, atol=1e-5)
     p = pred.get_fdata()
+    assert np.isfinite(p).all() and p.std() > 0
+
+
+@pytest.mark.parametrize("kind", HELD_OUT_KINDS)
+def test_held_out_source_works_in_input_geometry(data, tmp_path, kind):
+    """NRRD, a DICOM series folder, one slice (the network is 2D) and 7 mm slices as the T1 source of 1 -> 1, forward
+    and reverse: outputs in the source's own grid."""
+    item = dict(data["test"])
+    src = make_held_out_input(kind, item["t1"], tmp_path / "inputs" / "case_t1.nii.gz")
+    item["t1"] = str(src)
+    _infer(data, _datalist(tmp_path, test=item), tmp_path / "out", direction="both")
+    for name in ("1to1", "rev_t1"):
+        p = assert_in_input_geometry(_pred(tmp_path / "out", name).get_filename(), src).astype(np.float32)
+        assert np.isfinite(p).all() and p.std() > 0
+
+
+def test_two_sources_in_two_held_out_formats(data, tmp_path):
+    """2 -> 1 with the T1 as a DICOM series and the PD as NRRD: the PD is resampled onto the T1's grid, the output
+    lies on that grid."""
+    item = dict(data["test"])
+    item["t1"] = str(make_held_out_input("dicom_series", item["t1"], tmp_path / "inputs" / "case_t1"))
+    item["pd"] = str(make_held_out_input("nrrd", item["pd"], tmp_path / "inputs" / "case_pd.nii.gz"))
+    _infer(data, _datalist(tmp_path, test=item), tmp_path / "out", "2to1")
+    p = assert_in_input_geometry(_pred(tmp_path / "out", "2to1").get_filename(), item["t1"]).astype(np.float32)
     assert np.isfinite(p).all() and p.std() > 0
 
 

@@ -27,6 +27,7 @@ from conftest import assert_quiet_streams, run_bundle, run_bundle_cli
 from faults import (
     ALL_KINDS,
     GUARD_ERRORS,
+    make_held_out_input,
     assert_nothing_written,
     expect_user_error,
     make_bad_labels,
@@ -60,6 +61,11 @@ KINDS = (
     "hash_mismatch",
     "unwritable_output",
     "existing_output",
+    "nrrd",
+    "dicom_series",
+    "single_slice",
+    "clinical_7mm",
+    "multi_case_bad_last",
 )
 assert set(KINDS) <= set(ALL_KINDS)
 
@@ -339,6 +345,57 @@ def test_oblique_anisotropic_ct_evaluated(data, tmp_path):
     _evaluate(data, dl, tmp_path / "out")
     summary = json.loads((tmp_path / "out" / "reconstruction_summary.json").read_text())
     assert summary["n"] == 1 and np.isfinite(summary["psnr"])
+
+
+# ------------------------------------------------------------------------------------------ held-out formats
+
+
+def test_nrrd_mask_gives_the_same_sample_as_nifti(data, tmp_path):
+    """The same mask as NRRD: the same label and, with the same seed, the same image."""
+    src = make_held_out_input("nrrd", data["mask"], tmp_path / "inputs" / "mask.nii.gz")
+    _infer(data, tmp_path / "nifti")
+    _infer(data, tmp_path / "nrrd", label_path=str(src))
+    (img_a, lab_a), (img_b, lab_b) = _outputs(tmp_path / "nifti"), _outputs(tmp_path / "nrrd")
+    assert np.array_equal(np.asarray(lab_a.dataobj), np.asarray(lab_b.dataobj)) and np.asarray(lab_b.dataobj).any()
+    np.testing.assert_allclose(np.asarray(img_b.dataobj), np.asarray(img_a.dataobj), atol=1e-3)
+    np.testing.assert_allclose(img_b.affine, img_a.affine, atol=1e-5)
+
+
+def test_clinical_7mm_mask_is_resampled_to_the_output_grid(data, tmp_path):
+    """A mask with 7 mm slices is resampled (nearest) to the requested grid: its organs are kept, nothing new."""
+    src = make_held_out_input("clinical_7mm", data["mask"], tmp_path / "inputs" / "mask.nii.gz")
+    assert abs(abs(nib.load(str(src)).affine[2, 2]) - 7.0) < 1e-3
+    _infer(data, tmp_path / "out", label_path=str(src))
+    img, lab = _outputs(tmp_path / "out")
+    assert img.shape == lab.shape == (GRID,) * 3
+    label, given = np.asarray(lab.dataobj), np.asarray(nib.load(str(src)).dataobj)
+    assert label.any() and set(np.unique(label)) <= set(np.unique(given)) | {0}
+    assert np.isfinite(np.asarray(img.dataobj)).all()
+
+
+def test_single_slice_mask_is_refused(data, tmp_path):
+    """One slice is no body to generate a CT for: refused by name, nothing written."""
+    src = make_held_out_input("single_slice", data["mask"], tmp_path / "inputs" / "mask.nii.gz")
+    _check_refused(data, tmp_path, lambda: _infer(data, tmp_path / "out", label_path=str(src)), InvalidInputError,
+                   re.escape(src.name), r"single slice .*along axis 2", r"expected a 3D volume")
+
+
+@pytest.mark.parametrize("kind", ["nrrd", "dicom_series", "clinical_7mm"])
+def test_held_out_ct_is_evaluated(data, tmp_path, kind):
+    """The VAE's reconstruction metrics of a CT given as NRRD, a DICOM series folder or with 7 mm slices."""
+    src = make_held_out_input(kind, data["small_ct"], tmp_path / "inputs" / "ct.nii.gz")
+    dl = _datalist(tmp_path, test={"image": str(src)})
+    _evaluate(data, dl, tmp_path / "out")
+    summary = json.loads((tmp_path / "out" / "reconstruction_summary.json").read_text())
+    assert summary["n"] == 1 and np.isfinite(summary["psnr"])
+
+
+def test_multi_case_evaluation_refuses_a_bad_last_case_before_the_first_output(data, tmp_path):
+    """Two good CTs and a 4D series last: refused naming that file, no metric of the good cases written."""
+    bad = make_bad_nifti("four_d", data["small_ct"], tmp_path / "inputs" / "ct_last.nii.gz")
+    dl = _datalist(tmp_path, test=[{"image": data["small_ct"]}, {"image": data["small_ct"]}, {"image": str(bad)}])
+    _check_refused(data, tmp_path, lambda: _evaluate(data, dl, tmp_path / "out"), InvalidInputError,
+                   re.escape(bad.name), r"4D image with 3 volumes/channels .*expected a 3D image \(1 channel\)")
 
 
 # ------------------------------------------------------------------------------------------ checkpoints

@@ -30,6 +30,7 @@ import pytest
 import torch
 from conftest import assert_quiet_streams, run_bundle, run_bundle_cli
 from faults import (
+    make_held_out_input,
     ALL_KINDS,
     assert_nothing_written,
     expect_user_error,
@@ -67,6 +68,10 @@ KINDS = (
     "hash_mismatch",
     "unwritable_output",
     "existing_output",
+    "nrrd",
+    "single_slice",
+    "clinical_7mm",
+    "multi_case_bad_last",
 )
 assert set(KINDS) <= set(ALL_KINDS)
 
@@ -394,6 +399,47 @@ def test_existing_output_is_kept_unless_overwrite(real, weights, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["small_101D_ODI.nii.gz"]  # nothing else written either
     _infer(out, weights.dir, data, overwrite=True)
     assert nib.load(str(old)).shape[:3] == (12, 20, 20)
+
+
+def test_nrrd_series_is_refused_with_the_conversion_hint(real, weights, tmp_path):
+    """The series as NRRD: the bundle reads FSL-style NIfTI + bval/bvec only (an NRRD DWI keeps its gradients in its
+    own header); one error naming the file and saying what is expected, nothing written."""
+    dwi = make_held_out_input("nrrd", real.dwi, tmp_path / "in" / "dwi.nii.gz")
+    _refused(lambda: _infer(tmp_path / "out", weights.dir, [_case(dwi, real.bval, real.bvec)]), [tmp_path, weights.dir],
+             r"dwi\.nrrd", r"key 'dwi'", r"expected a 4D NIfTI series with FSL bval/bvec files", exc_type=InvalidInputError)
+
+
+def test_clinical_7mm_series_keeps_its_grid(real, weights, tmp_path):
+    """7 mm slices: maps on the x2 grid of the series' own geometry."""
+    dwi = make_held_out_input("clinical_7mm", real.dwi, tmp_path / "in" / "dwi.nii.gz")
+    lr = nib.load(str(dwi))
+    assert abs(np.linalg.norm(lr.affine[:3, 2]) - 7.0) < 1e-3 and lr.shape[3] == real.data.shape[3]
+    out = tmp_path / "out"
+    _infer(out, weights.dir, [_case(dwi, real.bval, real.bvec)])
+    img = nib.load(str(out / "dwi_noddi.nii.gz"))
+    assert img.shape == (*(2 * s for s in lr.shape[:3]), 3)
+    np.testing.assert_allclose(img.affine, hr_affine(lr.affine, 2), atol=1e-4)
+    maps = img.get_fdata()
+    assert np.all(np.isfinite(maps)) and maps.min() >= 0 and maps.max() <= 1
+
+
+def test_single_slice_series_is_refused(real, weights, tmp_path):
+    """One slice of a DWI series: refused by name, nothing written."""
+    dwi = make_held_out_input("single_slice", real.dwi, tmp_path / "in" / "dwi.nii.gz")
+    out = tmp_path / "out"
+    _refused(lambda: _infer(out, weights.dir, [_case(dwi, real.bval, real.bvec)]), [tmp_path, weights.dir],
+             r"dwi\.nii\.gz", r"single slice", exc_type=InvalidInputError)
+
+
+def test_multi_case_run_refuses_a_bad_last_case_before_the_first_output(real, weights, tmp_path):
+    """Two good series and a 3D volume last: every case is checked before the first map is written."""
+    (tmp_path / "in").mkdir()
+    goods = [shutil.copy(real.dwi, tmp_path / "in" / f"good{i}_dwi.nii.gz") for i in range(2)]
+    bad = make_bad_nifti("three_d_dwi", real.dwi, tmp_path / "in" / "last_dwi.nii.gz")
+    cases = [_case(g, real.bval, real.bvec) for g in goods] + [_case(bad, real.bval, real.bvec)]
+    _refused(lambda: _infer(tmp_path / "out", weights.dir, cases), [tmp_path, weights.dir],
+             r"last_dwi\.nii\.gz.*3D image.*expected a 4D diffusion-weighted series", r"case 'last_dwi' \(#2\)",
+             exc_type=InvalidInputError)
 
 
 def test_two_cases_writing_the_same_file_are_refused(real, weights, tmp_path):

@@ -46,6 +46,7 @@ class SaveIVANOutputsd(MapTransform):
         self.names, self.output_dir, self.id_key, self.overwrite = list(names), output_dir, id_key, bool(overwrite)
 
     def __call__(self, data: Mapping) -> dict:
+        from common.transforms.ivan import FROM_2D_KEY
         from common.transforms.saving import SafeSaveImage
         from common.utils.io import refuse_overwrite
 
@@ -58,13 +59,16 @@ class SaveIVANOutputsd(MapTransform):
             stems = [os.path.join(self.output_dir, f"{case}_{name}") for name in self.names]
             for stem in stems:  # all or none: refuse before the first file of the case is written
                 refuse_overwrite(stem + ".nii.gz", self.overwrite)
+            # a one-slice 3D input keeps its third axis (MONAI's writer would squeeze it); a 2D input is written 2D
+            meta = getattr(img, "meta", {})
+            keep_slice = img.shape[-1] == 1 and not meta.get(FROM_2D_KEY, False)
             saver = SafeSaveImage(
                 output_dir=self.output_dir, output_ext=".nii.gz", output_dtype=np.float32, resample=False,
                 separate_folder=False, print_log=False, overwrite=self.overwrite,
             )
             files = []
             for c, stem in enumerate(stems):
-                saver(img[c : c + 1].float(), filename=stem)
+                saver(img[c : c + 1].float(), filename=stem, spatial_shape=tuple(img.shape[1:]) if keep_slice else None)
                 files.append(stem + ".nii.gz")
             d[f"{key}_files"] = files
         return d

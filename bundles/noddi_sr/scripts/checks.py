@@ -131,10 +131,25 @@ def check_cases(
         try:
             shape = nib.load(os.fspath(dwi)).shape
         except Exception as e:  # the header passed check_image_file; anything else nibabel refuses
-            raise InvalidInputError(f"input file '{dwi}' (key 'dwi') cannot be read as a NIfTI image: {e}") from e
+            raise InvalidInputError(
+                f"input file '{dwi}' (key 'dwi') cannot be read as a NIfTI image: {e}; expected a 4D NIfTI series "
+                "with FSL bval/bvec files (convert NRRD or DICOM diffusion series with e.g. dcm2niix or DWIConvert)"
+            ) from e
+        where = f"input file '{dwi}' (key 'dwi', case {name} of {source})"
+        # the same refusals as ValidateImaged's when the series loads, found before the first case is written
+        if len(shape) == 3:
+            raise InvalidInputError(
+                f"{where} is a 3D image (one volume, header shape {tuple(shape)}); expected a 4D diffusion-weighted "
+                "series with one volume per gradient direction along the 4th axis"
+            )
+        if len(shape) == 4 and 1 in shape[:3]:
+            raise InvalidInputError(
+                f"{where} has spatial shape {tuple(shape[:3])}: a single slice (a 2D image) along axis "
+                f"{list(shape[:3]).index(1)}; expected a 3D volume per gradient direction"
+            )
         table = read_bvals_bvecs(bval, bvec, b0_threshold=b0_threshold)
         if len(shape) != 4:
-            continue  # a 3D (or 2D) DWI: refused with its shape when loaded (ValidateImaged)
+            continue  # a 2D or 5D+ DWI: refused with its shape when loaded (ValidateImaged)
         if len(table) != shape[3]:
             raise GradientTableError(
                 f"DWI series '{dwi}' has {shape[3]} volumes but bval file '{bval}' lists {len(table)} b-values "
