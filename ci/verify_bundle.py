@@ -15,8 +15,9 @@ Checks (numbers as in the project's bundle conventions):
  5. ``check_properties()`` is empty for the inference config and every training config;
  6. ``verify_net_in_out`` for ``network_def`` of ``inference.json`` (extra metadata inputs are
     passed as ``extra_forward_args``);
- 7. ``ckpt_export`` from a freshly initialised checkpoint by scripting, as the zoo's
-    ``verify_torchscript`` does (``ckpt_export`` defaults); the TorchScript model loads and matches
+ 7. ``ckpt_export`` of ``models/model.pt`` (required, or listed in ``large_files.yml``, unless the
+    bundle is on the TorchScript exclusion list; a freshly initialised checkpoint when an overlay
+    changes the network) by scripting, as the zoo's ``verify_torchscript`` does (``ckpt_export`` defaults); the TorchScript model loads and matches
     eager outputs. Tracing replaces scripting only for a bundle that ``ci/bundle_custom_data.py``
     lists with the reason scripting cannot work (the zoo's ``exclude_verify_torchscript_list``),
     and such a bundle fails if scripting works after all. The check name says which path ran
@@ -57,6 +58,7 @@ REQUIRED_FILES = [
     "configs/logging.conf",
     "docs/README.md",
 ]
+MODEL_FILE = "models/model.pt"
 VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
 
 __all__ = ["Check", "verify_bundle", "train_configs", "schema_file", "validate_metadata", "torchscript_exclusions"]
@@ -181,6 +183,18 @@ def _check_files(bundle: Path) -> list[Check]:
     if big:
         problems.append(f"files over 25 MB not in large_files.yml: {big}")
     out.append(Check("1 large files", not problems, "; ".join(problems) if problems else f"{len(listed)} listed in large_files.yml"))
+
+    # the zoo's verify_torchscript exports models/model.pt (ckpt_export's ckpt_file): it must be there, or come
+    # from large_files.yml, unless the bundle is on the exclusion list (the zoo then skips the export)
+    reason = torchscript_exclusions().get(bundle.name)
+    if (bundle / MODEL_FILE).is_file() or MODEL_FILE in listed:
+        out.append(Check("1 models/model.pt", True, "shipped" if (bundle / MODEL_FILE).is_file() else "in large_files.yml"))
+    elif reason:
+        out.append(Check("1 models/model.pt", True, "not exported by the zoo (ci/bundle_custom_data.py lists the bundle)"))
+    else:
+        out.append(Check("1 models/model.pt", False, "missing: the zoo's verify_torchscript exports models/model.pt; ship "
+                         "the weights (ci/package_bundle.py --variant demo builds a bundle with its demo model there) or "
+                         "list them in large_files.yml"))
     return out
 
 
@@ -317,7 +331,21 @@ def _check_network(bundle: Path, overlays: list[Path], tmp_dir: Path) -> list[Ch
             parser.read_meta(str(meta_file))
             parser["bundle_root"] = str(bundle)
             net = parser.get_parsed_content("network_def").eval()
-            torch.save(net.state_dict(), ckpt_file)
+            shipped = bundle / MODEL_FILE
+            if shipped.is_file() and not overlays:
+                # the zoo exports the shipped weights; ckpt_export loads them strictly into network_def
+                ckpt_file = shipped
+                state = torch.load(str(shipped), map_location="cpu", weights_only=True)
+                if not isinstance(state, dict) or set(state) != set(net.state_dict()):
+                    # ckpt_export's default key_in_ckpt "" copies the matching keys only: from a nested
+                    # {"model": ...} checkpoint it would export untrained weights without a word
+                    found = sorted(state)[:3] if isinstance(state, dict) else type(state).__name__
+                    out.append(Check(name, False, f"models/model.pt is not the bare state dict of network_def (keys "
+                                     f"{found}...): the zoo's ckpt_export would copy none of its weights"))
+                    return out
+                net.load_state_dict(state)
+            else:
+                torch.save(net.state_dict(), ckpt_file)
             x = _fake_input(meta)
             extras = _extra_inputs(meta)
             kwargs = None
@@ -364,7 +392,7 @@ def _check_network(bundle: Path, overlays: list[Path], tmp_dir: Path) -> list[Ch
             ref = ref if torch.is_tensor(ref) else ref[0]
             got = got if torch.is_tensor(got) else got[0]
             err = float((ref - got).abs().max())
-            detail = f"TorchScript vs eager max |diff| {err:.2e}"
+            detail = f"TorchScript vs eager max |diff| {err:.2e}" + (" (models/model.pt)" if ckpt_file == bundle / MODEL_FILE else "")
             if script_error:
                 detail += f"; traced, not scripted, as ci/bundle_custom_data.py declares: {reason}"
             out.append(Check(name, err < 1e-4, detail))

@@ -118,7 +118,9 @@ format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
 """
 
 
-def write_minimal_bundle(root: Path, name: str = "mini_seg") -> Path:
+def write_minimal_bundle(root: Path, name: str = "mini_seg", with_model: bool = True) -> Path:
+    """The bundle in ``root/name``; ``with_model``: ``models/model.pt`` holds the bare state dict of a seeded
+    ``network_def``, as the zoo ships weights."""
     b = Path(root) / name
     if b.exists():
         shutil.rmtree(b)
@@ -131,4 +133,11 @@ def write_minimal_bundle(root: Path, name: str = "mini_seg") -> Path:
                            ("evaluate.json", {"run": []}), ("multi_gpu_train.json", {})]:
         (b / "configs" / fname).write_text(json.dumps(content, indent=2))
     (b / "configs" / "logging.conf").write_text(LOGGING)
+    if with_model:
+        import torch
+        from monai.bundle import ConfigParser
+
+        torch.manual_seed(0)
+        torch.save(ConfigParser({"network_def": NETWORK}).get_parsed_content("network_def").state_dict(),
+                   b / "models" / "model.pt")
     return b
