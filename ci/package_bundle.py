@@ -3,7 +3,7 @@
 
 Usage::
 
-    python ci/package_bundle.py bundles/<name> [--out dist] [--no-weights]
+    python ci/package_bundle.py bundles/<name> [--out dist] [--no-weights] [--variant demo]
 
 The zip holds one top-level folder ``<name>/`` with the bundle's files and a copy of the shared
 ``common`` package at ``<name>/common/``, so the bundle runs without this repository: from the
@@ -14,13 +14,26 @@ out; ``models/`` files are included unless ``--no-weights``. A file over 25 MB (
 never packed: it must be listed in the bundle's ``large_files.yml`` (the zoo downloads it from there),
 otherwise packaging stops with an error naming the file, so a zip never silently lacks its weights. Entries are written in sorted order with a fixed
 timestamp, so packing the same tree twice gives the same bytes and the same sha256.
+
+``--variant demo`` packs the deployable bundle of the shipped demo model: ``configs/demo.json`` is merged
+into every config (``inference.json``, ``evaluate.json``, ``train.json`` and their overlays, each read
+as MONAI reads ``[config, "configs/demo.json"]``: the overlay's top-level keys replace the config's),
+its ``_meta_`` into ``metadata.json``; the weights of ``models/demo/`` move to ``models/`` (plain state
+dicts, byte for byte, so the overlay's sha256 keys still hold) and the overlay's paths follow them.
+The zoo's tools then find the shipped model where they look for it: ``models/model.pt`` loaded by
+``configs/inference.json`` alone, exported by ``ckpt_export``. Test-size overlays (``tiny.json``)
+stay out: they describe another network than the shipped weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
+import json
+import shutil
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -31,7 +44,12 @@ SKIP_DIRS = {"__pycache__", ".pytest_cache", "outputs", "eval", "runs", "mlruns"
 SKIP_SUFFIXES = {".pyc", ".pyo", ".part", ".lock"}
 FIXED_TIME = (2024, 1, 1, 0, 0, 0)
 
-__all__ = ["package_bundle", "bundle_files"]
+DEMO_OVERLAY = "configs/demo.json"
+DEMO_WEIGHTS = "models/demo"
+#: overlays that set another network size than the demo weights: not part of a deployable variant
+TEST_OVERLAYS = {"tiny.json"}
+
+__all__ = ["package_bundle", "bundle_files", "stage_demo_variant"]
 
 
 def _keep(rel: Path, include_weights: bool) -> bool:
@@ -46,7 +64,6 @@ def _keep(rel: Path, include_weights: bool) -> bool:
 
 def _large_file_paths(bundle: Path) -> set[str]:
     """``path`` entries of ``large_files.yml`` (or ``.yaml``/``.json``), normalised to ``models/x.pt``."""
-    import json
 
     import yaml
 
@@ -89,11 +106,89 @@ def bundle_files(bundle: Path, include_weights: bool = True) -> list[tuple[Path,
     return sorted(pairs, key=lambda p: p[1])
 
 
-def package_bundle(bundle: str | Path, out_dir: str | Path = "dist", include_weights: bool = True) -> Path:
-    """Write ``<out_dir>/<name>.zip`` and return its path."""
+def _merge_overlay(config: dict, overlay: dict) -> dict:
+    """``config`` with ``overlay`` applied as ``ConfigParser.load_config_files`` applies a later file."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser(copy.deepcopy(config))
+    for k, v in overlay.items():
+        parser[k] = copy.deepcopy(v)
+    return parser.config
+
+
+def _deep_update(base: dict, new: dict) -> dict:
+    for k, v in new.items():
+        base[k] = _deep_update(dict(base[k]), v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return base
+
+
+def _retarget(value, old: str, new: str):
+    """``value`` with every string's ``old`` path fragment replaced by ``new``."""
+    if isinstance(value, str):
+        return value.replace(old, new)
+    if isinstance(value, list):
+        return [_retarget(v, old, new) for v in value]
+    if isinstance(value, dict):
+        return {k: _retarget(v, old, new) for k, v in value.items()}
+    return value
+
+
+def stage_demo_variant(bundle: str | Path, stage_root: str | Path) -> Path:
+    """Write the deployable bundle of ``bundle``'s shipped demo model to ``stage_root/<name>`` and return it.
+
+    Raises:
+        FileNotFoundError: the bundle has no ``configs/demo.json`` or no weights in ``models/demo/``.
+        ValueError: a ``models/demo/`` file is not a plain state dict loadable with ``weights_only=True``, or
+            would overwrite a file of ``models/``.
+    """
+    import torch
+
+    bundle = Path(bundle).resolve()
+    overlay_file, weights_dir = bundle / DEMO_OVERLAY, bundle / DEMO_WEIGHTS
+    weights = sorted(f for f in weights_dir.glob("*") if f.is_file() and f.suffix in {".pt", ".pth"}) if weights_dir.is_dir() else []
+    if not overlay_file.is_file() or not weights:
+        raise FileNotFoundError(f"'{bundle}' has no demo model to deploy: it needs {DEMO_OVERLAY} and weights in {DEMO_WEIGHTS}/")
+    for f in weights:
+        state = torch.load(str(f), map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+            raise ValueError(f"'{f}' is not a plain state dict (name -> tensor): the zoo's ckpt_export would export none of it")
+        if (bundle / "models" / f.name).exists():
+            raise ValueError(f"'{f}' would overwrite '{bundle / 'models' / f.name}' in the demo variant: remove one of them")
+    overlay = json.loads(overlay_file.read_text())
+    meta_update = overlay.pop("_meta_", {})
+    overlay = _retarget(overlay, f"/{DEMO_WEIGHTS}/", "/models/")
+
+    target = Path(stage_root) / bundle.name
+    if target.exists():
+        shutil.rmtree(target)
+    for src, arc in bundle_files(bundle, include_weights=True):
+        rel = Path(arc).relative_to(bundle.name)
+        if rel.parts[0] == "common" or rel.as_posix() == DEMO_OVERLAY or (rel.parts[0] == "configs" and rel.name in TEST_OVERLAYS):
+            continue
+        dest = target / (Path("models") / rel.name if rel.parent.as_posix() == DEMO_WEIGHTS else rel)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if rel.parts[0] == "configs" and rel.suffix == ".json":
+            content = json.loads(src.read_text())
+            content = _deep_update(content, meta_update) if rel.name == "metadata.json" else _merge_overlay(content, overlay)
+            dest.write_text(json.dumps(content, indent=4) + "\n")
+        else:
+            shutil.copyfile(src, dest)
+    return target
+
+
+def package_bundle(
+    bundle: str | Path, out_dir: str | Path = "dist", include_weights: bool = True, variant: str | None = None
+) -> Path:
+    """Write ``<out_dir>/<name>.zip`` and return its path; ``variant="demo"``: the deployable bundle of the
+    shipped demo model (see the module docstring)."""
     bundle = Path(bundle).resolve()
     if not (bundle / "configs" / "metadata.json").is_file():
         raise FileNotFoundError(f"'{bundle}' is not a bundle folder: configs/metadata.json is missing")
+    if variant not in (None, "demo"):
+        raise ValueError(f"unknown variant {variant!r}: expected 'demo'")
+    if variant == "demo":
+        with tempfile.TemporaryDirectory() as stage:
+            return package_bundle(stage_demo_variant(bundle, stage), out_dir, include_weights=True)
     files = bundle_files(bundle, include_weights)  # raises before anything is written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -114,9 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("bundle")
     parser.add_argument("--out", default="dist")
     parser.add_argument("--no-weights", action="store_true", help="leave models/*.pt out")
+    parser.add_argument("--variant", choices=["demo"], default=None,
+                        help="demo: the deployable bundle of the shipped demo model (configs/demo.json merged, models/demo/ in models/)")
     args = parser.parse_args(argv)
+    if args.variant and args.no_weights:
+        parser.error("--variant demo packs the demo weights: leave out --no-weights")
     try:
-        path = package_bundle(args.bundle, args.out, include_weights=not args.no_weights)
+        path = package_bundle(args.bundle, args.out, include_weights=not args.no_weights, variant=args.variant)
     except (FileNotFoundError, ValueError) as err:
         print(f"ERROR: {err}", file=sys.stderr)
         return 1

@@ -199,3 +199,98 @@ def test_files_over_the_zoo_limit_stop_packaging_unless_listed_in_large_files(tm
     )
     names = zipfile.ZipFile(package_bundle(b, tmp_path / "dist")).namelist()
     assert "mini_seg/large_files.yml" in names and "mini_seg/models/model.pt" not in names
+
+
+def _minimal_with_demo(root: Path) -> Path:
+    """The minimal bundle with a demo overlay that widens the network, its weights in models/demo/ and a
+    test-size overlay, laid out as the project's bundles ship their demo models."""
+    from monai.bundle import ConfigParser
+
+    b = write_minimal_bundle(root, with_model=False)
+    inference = json.loads((b / "configs" / "inference.json").read_text())
+    inference["ckpt_path"] = "$@bundle_root + '/models/model.pt'"
+    inference["handlers"][0]["load_path"] = "@ckpt_path"
+    (b / "configs" / "inference.json").write_text(json.dumps(inference, indent=2))
+    demo_net = dict(NETWORK, channels=[6, 12])
+    (b / "configs" / "demo.json").write_text(json.dumps({
+        "network_def": demo_net,
+        "ckpt_path": "$@bundle_root + '/models/demo/model.pt'",
+        "_meta_": {"network_data_format": {"inputs": {"image": {"spatial_shape": ["32*n", "32*n", "32*n"]}}}},
+    }))
+    (b / "configs" / "tiny.json").write_text(json.dumps({"network_def": dict(NETWORK, channels=[2, 4])}))
+    (b / "models" / "demo").mkdir(parents=True)
+    torch.manual_seed(1)
+    torch.save(ConfigParser({"network_def": demo_net}).get_parsed_content("network_def").state_dict(),
+               b / "models" / "demo" / "model.pt")
+    return b
+
+
+def test_demo_variant_deploys_the_shipped_model_where_the_zoo_looks(tmp_path):
+    """--variant demo: configs/inference.json alone loads the demo weights from models/model.pt (byte for byte
+    the shipped file), the demo _meta_ is in metadata.json, tiny/demo overlays and models/demo/ are gone, and
+    the zoo's checks pass on the unpacked bundle, exporting those weights."""
+    from verify_bundle import verify_bundle
+
+    b = _minimal_with_demo(tmp_path / "src")
+    z = package_bundle(b, tmp_path / "dist", variant="demo")
+    assert hashlib.sha256(z.read_bytes()).digest() == hashlib.sha256(
+        package_bundle(b, tmp_path / "dist2", variant="demo").read_bytes()).digest()
+    names = zipfile.ZipFile(z).namelist()
+    assert "mini_seg/models/model.pt" in names
+    assert not [n for n in names if "/models/demo" in n or n.endswith(("configs/demo.json", "configs/tiny.json"))]
+    zipfile.ZipFile(z).extractall(tmp_path / "unpacked")
+    dep = tmp_path / "unpacked" / "mini_seg"
+    assert (dep / "models" / "model.pt").read_bytes() == (b / "models" / "demo" / "model.pt").read_bytes()
+    meta = json.loads((dep / "configs" / "metadata.json").read_text())
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == ["32*n", "32*n", "32*n"]
+    assert meta["network_data_format"]["inputs"]["image"]["modality"] == "CT"  # deep merge keeps the rest
+
+    from monai.bundle import ConfigParser
+
+    merged = ConfigParser()
+    merged.read_config(str(dep / "configs" / "inference.json"))
+    merged["bundle_root"] = str(dep)
+    assert merged.get_parsed_content("ckpt_path") == f"{dep}/models/model.pt"
+    assert merged["network_def"]["channels"] == [6, 12]
+    checks = {c.name: c for c in verify_bundle(dep)}
+    assert all(c.ok for c in checks.values()), [f"{c.name}: {c.detail}" for c in checks.values() if not c.ok]
+    assert "(models/model.pt)" in checks["7 ckpt_export (script)"].detail
+
+
+def test_demo_variant_refuses_what_it_cannot_deploy(tmp_path):
+    b = write_minimal_bundle(tmp_path / "src")
+    with pytest.raises(FileNotFoundError, match="configs/demo.json"):
+        package_bundle(b, tmp_path / "dist", variant="demo")
+    b = _minimal_with_demo(tmp_path / "src2")
+    nested = b / "models" / "demo" / "model.pt"
+    torch.save({"model": torch.load(nested, weights_only=True)}, nested)
+    with pytest.raises(ValueError, match="not a plain state dict"):
+        package_bundle(b, tmp_path / "dist", variant="demo")
+    assert not (tmp_path / "dist").exists()
+
+
+@pytest.mark.slow
+def test_demo_variant_download_runs_as_the_source_with_its_overlay(tmp_path):
+    """Downloaded from loopback and run with configs/inference.json alone, without this repository, the demo
+    variant writes the same label map as the source bundle run with [inference.json, demo.json]."""
+    b = _minimal_with_demo(tmp_path / "src")
+    zip_path = package_bundle(b, tmp_path / "dist", variant="demo")
+    ct = _small_ct(tmp_path)
+    dest = tmp_path / "downloaded"
+    with serve_folder(zip_path.parent) as url:
+        dl = subprocess.run([sys.executable, "-m", "monai.bundle", "download", "--name", "mini_seg", "--url",
+                             f"{url}/{zip_path.name}", "--bundle_dir", str(dest)], capture_output=True, text=True, timeout=300)
+    assert dl.returncode == 0, dl.stderr[-3000:]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-c", DRIVER, str(REPO), "run", "--config_file", "configs/inference.json",
+                          "--input_image", str(ct), "--output_dir", str(tmp_path / "out_variant")],
+                         cwd=dest / "mini_seg", capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    src = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
+                          "['configs/inference.json','configs/demo.json']", "--bundle_root", str(b),
+                          "--input_image", str(ct), "--output_dir", str(tmp_path / "out_source")],
+                         cwd=b, capture_output=True, text=True, timeout=300)
+    assert src.returncode == 0, src.stdout[-2000:] + src.stderr[-3000:]
+    got = np.asarray(nib.load(str(next((tmp_path / "out_variant").glob("*_seg.nii.gz")))).dataobj)
+    ref = np.asarray(nib.load(str(next((tmp_path / "out_source").glob("*_seg.nii.gz")))).dataobj)
+    np.testing.assert_array_equal(got, ref)
