@@ -15,9 +15,11 @@ demo datalist passed on the command line. A bundle that ships demo models (``mod
 ``train_steps`` instead (training from scratch, then the same evaluation of the new weights).
 Bundles without shipped models train briefly with the tiny configuration. The report
 (``<out>/report.md``) lists what ran with timings and exit status, the metrics the evaluate step
-wrote, and PNG previews (orthogonal slices) of inputs, outputs and references; ``<out>/summary.json``
-gives per bundle the wall time, each step's exit status and the headline metrics with their
-thresholds.
+wrote, and PNG previews (orthogonal slices) of inputs, outputs and references. It opens with one
+table, a row per bundle: task, test image, headline metric (with its bar), the baselines measured
+beside it, wall time. ``<out>/summary.json`` carries the same per bundle (``task``, ``test_image``,
+``wall_seconds``, ``headline``: every headline metric with its threshold, baselines marked
+``"baseline": true``) and each step's exit status.
 The demo data are built first (``common.data.demo``): simulated brain MRI for training with the
 real avg152 triple held out, deformed CT with the original held out, dipy's real DWI schemes.
 Exit status 0 when every step of every requested bundle succeeded.
@@ -183,7 +185,8 @@ def headline(spec: dict, ctx: dict) -> dict:
 
     ``spec``: ``name``, ``csv`` (path with placeholders), ``where`` (column -> value filters),
     ``column`` reduced over the matching rows (NaN left out) by ``reduce`` (``mean``, default, or
-    ``min``), optional ``threshold`` (the value must be at least that).
+    ``min``), optional ``threshold`` (the value must be at least that), ``baseline`` (true: a baseline's
+    number, shown beside the method's in the report's opening table).
     """
     path = Path(fill_placeholders(spec["csv"], ctx))
     value = None
@@ -194,10 +197,46 @@ def headline(spec: dict, ctx: dict) -> dict:
         if values:
             value = min(values) if spec.get("reduce") == "min" else sum(values) / len(values)
     out = {"name": spec["name"], "value": value}
+    if spec.get("baseline"):
+        out["baseline"] = True
     if "threshold" in spec:
         out["threshold"] = spec["threshold"]
         out["meets_threshold"] = value is not None and value >= spec["threshold"]
     return out
+
+
+def _fmt(value) -> str:
+    return "not measured" if value is None else f"{value:.3f}"
+
+
+def summary_table(summary: dict) -> list[str]:
+    """The report's opening table: one row per bundle of ``summary`` (as written to summary.json).
+
+    The headline cell is the bundle's first headline metric that is not a baseline, with its bar; the
+    baselines cell lists the baseline headlines that follow it (the same metric, same test image)."""
+    lines = ["| bundle | task | test image | headline metric | baselines | wall time (s) |", "|---|---|---|---|---|---|"]
+    for name, s in summary.items():
+        heads = s.get("headline", [])
+        first = next((i for i, h in enumerate(heads) if not h.get("baseline")), None)
+        if first is None:
+            head_cell, base_cell = "none: pipeline check only (no shipped model)", "-"
+        else:
+            h = heads[first]
+            head_cell = f"{h['name']}: **{_fmt(h['value'])}**"
+            if "threshold" in h:
+                head_cell += f" (bar >= {h['threshold']}: {'met' if h.get('meets_threshold') else 'NOT met'})"
+            bases = []
+            for b in heads[first + 1:]:
+                if not b.get("baseline"):
+                    break
+                bases.append(f"{b['name']}: {_fmt(b['value'])}")
+            base_cell = "; ".join(bases) or "-"
+        failed = [k for k, rc in s.get("steps", {}).items() if rc]
+        if failed:
+            head_cell += f" (steps failed: {', '.join(failed)})"
+        lines.append(f"| {name} | {s.get('task', '')} | {s.get('test_image', '')} | {head_cell} | {base_cell} | "
+                     f"{s.get('wall_seconds', 0):.0f} |")
+    return lines
 
 
 def run_demo(bundles: list[str] | None, out: Path, keep_going: bool = True, train: bool = False) -> int:
@@ -264,6 +303,8 @@ def run_demo(bundles: list[str] | None, out: Path, keep_going: bool = True, trai
             sec.append(f"\n(preview failed: {type(e).__name__}: {e})\n")
         sections += sec
         summary[name] = {
+            "task": recipe.get("task", ""),
+            "test_image": recipe.get("test_image", ""),
             "wall_seconds": round(time.perf_counter() - bundle_t0, 1),
             "trained_here": bool(train and "train_steps" in recipe),
             "steps": {r["name"]: r["rc"] for r in results},
@@ -272,6 +313,7 @@ def run_demo(bundles: list[str] | None, out: Path, keep_going: bool = True, trai
         if failures and not keep_going:
             break
     lines += ["", f"Total {time.perf_counter() - t0:.1f} s."] + sections
+    lines = lines[:2] + summary_table(summary) + [""] + lines[2:]  # the table opens the report
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

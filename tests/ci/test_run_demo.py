@@ -69,3 +69,27 @@ def test_train_flag_selects_the_demo_training_steps():
     tiny_only = next(r for n, r in recipes.items() if "train_steps" not in r)
     assert recipe_steps(tiny_only, train=True) == recipe_steps(tiny_only, train=False) == tiny_only["steps"]
 
+
+
+def test_report_opens_with_one_row_per_bundle():
+    """The opening table: the first non-baseline headline with its bar, the baselines right after it, a
+    bundle without headlines said to be a pipeline check, failed steps named."""
+    from run_demo import summary_table
+
+    summary = {
+        "diffseg": {"task": "CT segmentation", "test_image": "example CT", "wall_seconds": 181.4, "steps": {"evaluate": 0},
+                    "headline": [
+                        {"name": "diffusion: Dice", "value": 0.9123, "threshold": 0.9, "meets_threshold": True},
+                        {"name": "baseline: Dice", "value": 0.925, "baseline": True},
+                        {"name": "diffusion: Dice, slab", "value": 0.84, "threshold": 0.85, "meets_threshold": False},
+                        {"name": "baseline: Dice, slab", "value": 0.88, "baseline": True},
+                    ]},
+        "noddi_sr": {"task": "NODDI SR", "test_image": "phantom", "wall_seconds": 60.0, "steps": {"train": 0, "evaluate": 2},
+                     "headline": []},
+    }
+    table = summary_table(summary)
+    assert table[0].startswith("| bundle | task | test image | headline metric | baselines | wall time (s) |")
+    assert len(table) == 4
+    assert table[2] == ("| diffseg | CT segmentation | example CT | diffusion: Dice: **0.912** (bar >= 0.9: met) | "
+                        "baseline: Dice: 0.925 | 181 |")
+    assert "pipeline check only" in table[3] and "steps failed: evaluate" in table[3] and table[3].endswith("| 60 |")
