@@ -3,10 +3,13 @@
 Three cohorts, each in its own folder under ``out_dir`` with paths relative to its JSON:
 
 - ``brain_mri/datalist.json``: simulated multi-contrast subjects (T1w, T2w, PDw, FLAIR, and a
-  CT-like image in HU under key ``ct`` for MR/CT fusion) for training/validation, made by deforming SPM's tissue priors (:mod:`common.data.deform`) and
+  CT-like image in HU under key ``ct`` for MR/CT fusion) for training/validation, made by deforming
+  SPM's tissue priors and Neuromorphometrics structure labels (:mod:`common.data.deform`) and
   running the physics simulator (:mod:`common.data.mri_sim`); the ``test`` list holds the real
-  SPM avg152 T1/T2/PD triple (with the CT-like image of the undeformed priors), which the simulated subjects never see (the simulator only uses the
-  priors, so there is no train/test leak).
+  SPM avg152 T1/T2/PD triple (with the CT-like image of the undeformed priors). The simulated
+  subjects never contain its voxels; the simulator's structure-specific tissue values were
+  calibrated on its mean contrast per structure (4 numbers per structure,
+  :mod:`common.data.mri_sim_calibration`), which results on it must state.
 - ``ct/datalist.json``: deformed copies, with intensity variation, of the TotalSegmentator
   example abdominal CT and its organ labels merged to :data:`CT_LABELS`; ``test`` holds the
   original CT.
@@ -51,8 +54,10 @@ from common.data.fetch import demo_file, fetch_source
 from common.data.mri_sim import (
     CONTRASTS,
     TISSUE_LABELS,
+    apply_structures,
     brain_mask,
     ct_like,
+    load_structure_labels,
     load_tissue_maps,
     normalise_percentile,
     quantise,
@@ -283,6 +288,7 @@ def build_brain_mri_demo(out_dir: str | os.PathLike, n_train: int = 8, n_val: in
 
     def fill(work: Path) -> None:
         maps, affine = load_tissue_maps()
+        structures = load_structure_labels()
         entries = []
         for index, sid in enumerate(train_ids + val_ids):
             rng = np.random.default_rng([seed, _BRAIN_STREAM, index])
@@ -292,7 +298,9 @@ def build_brain_mri_demo(out_dir: str | os.PathLike, n_train: int = 8, n_val: in
             # also makes everything pulled from outside the field of view air.
             air = np.clip(1.0 - tissue.sum(axis=-1, keepdims=True), 0.0, 1.0)
             subject_maps = np.concatenate([tissue, air], axis=-1)
-            images, params = simulate_subject(subject_maps, rng)
+            # structure-specific tissue values travel with the anatomy (mri_sim.apply_structures)
+            subject_maps, scales = apply_structures(subject_maps, deformation.apply(structures, order=0, cval=0))
+            images, params = simulate_subject(subject_maps, rng, scales=scales)
             entry: dict[str, str] = {"id": sid}
             for c in CONTRASTS:
                 save_nifti(work / sid / f"{c}.nii.gz", images[c], affine, np.float32)
@@ -305,6 +313,7 @@ def build_brain_mri_demo(out_dir: str | os.PathLike, n_train: int = 8, n_val: in
             _write_json(work / sid / "params.json", _round_params(params))
             entries.append(entry)
 
+        maps = apply_structures(maps, structures)[0]  # the test case's tissue labels as the subjects' are made
         test = {"id": "avg152"}
         for c, key in (("t1", "avg152T1.nii"), ("t2", "avg152T2.nii"), ("pd", "avg152PD.nii")):
             real = np.asarray(nib.load(str(_src(f"spm/{key}"))).dataobj, dtype=np.float32)

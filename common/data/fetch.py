@@ -64,6 +64,12 @@ SOURCES: dict[str, Source] = {
             "white.nii": (_SPM + "toolbox/OldSeg/white.nii", "6b3208332f51c78c57137e7721c2596972feb7ce43affe4a4c3404cbd9c54481"),
             "csf.nii": (_SPM + "toolbox/OldSeg/csf.nii", "15d44379ae2369a7390a6f35f21bc0f410701360a70e3ae9a006cf52d58386f1"),
             "TPM.nii": (_SPM + "tpm/TPM.nii", "259527f0d92ca5eb0c21684f854e9d8cd7104f9f6a7ebf17ee98de420d9fc68f"),
+            # Neuromorphometrics maximum-probability structure labels on the TPM grid (CC BY-NC, OASIS scans
+            # labelled by Neuromorphometrics, Inc.): structure-specific tissue values of common.data.mri_sim
+            "labels_Neuromorphometrics.nii": (
+                _SPM + "tpm/labels_Neuromorphometrics.nii", "fe3322ae835dafcceb12aadd20a28d95d12365cb84de936da83e363a6481d2df"),
+            "labels_Neuromorphometrics.xml": (
+                _SPM + "tpm/labels_Neuromorphometrics.xml", "0787280328f08fb1f0b0c21010fa95eed81c829dfbe001155d470b928a11f8da"),
         },
     ),
     "totalsegmentator": Source(

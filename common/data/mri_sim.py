@@ -23,20 +23,30 @@ et al., MRM 54:507-512, 2005 for brain; scalp/bone values are coarse mixtures ch
 a plausible head outline): GM PD 0.80 T1 1100 T2 95; WM PD 0.70 T1 650 T2 75; CSF PD 1.00 T1 4000
 T2 2000; bone PD 0.05 T1 500 T2 20; soft tissue PD 0.90 T1 400 T2 70; air 0.
 
+Structure-specific tissue (:func:`apply_structures`): inside each structure of SPM12's
+Neuromorphometrics atlas (left/right merged) the GM/WM PD, T1 and T2 are scaled and part of the
+tissue is exchanged with CSF, by four numbers per structure fitted to the real avg152 images
+(:mod:`common.data.mri_sim_calibration`, table :data:`STRUCTURE_TABLE`): e.g. putamen T2 x0.78
+(iron), ventricle labels CSF-like, cortical parcels with less sulcal CSF than the population
+priors. The demo cohort deforms the atlas labels with the priors.
+
 Agreement with the real SPM avg152 images: Pearson r inside the brain mask (GM+WM+CSF > 0.5) on
-the undeformed priors, noise-free signal with the mean tissue values
-(:func:`reference_correlations` recomputes the first column):
+the undeformed priors, noise-free signal with the mean tissue values and the centre of each
+acquisition range (:func:`reference_correlations`; linear ceilings from
+:func:`common.data.mri_sim_calibration.ceilings`):
 
-=====  ======================  =============  ==========  ====================================
-       acquisition (ms)        r, PSF 0.5 vx  r, no PSF   data-notes acquisition, r (no PSF)
-=====  ======================  =============  ==========  ====================================
-T1w    SE TR 500 TE 15         0.942          0.941       TR 500 TE 15: 0.941
-T2w    SE TR 2500 TE 80        0.617          0.587       TR 4000 TE 100: 0.484
-PDw    SE TR 3000 TE 15        0.733          0.730       TR 4000 TE 15: 0.705
-=====  ======================  =============  ==========  ====================================
+=====  ======================  ==============  ===============  =================================
+       acquisition (ms)        r, structures   r, priors only   least-squares ceiling: priors /
+                               (PSF 0.5 vx)    (PSF 0.5 vx)     priors + one value per structure
+=====  ======================  ==============  ===============  =================================
+T1w    SE TR 500 TE 15         0.956           0.942            0.962 / 0.971
+T2w    SE TR 2500 TE 80        0.721           0.617            0.615 / 0.721
+PDw    SE TR 3000 TE 15        0.796           0.733            0.738 / 0.799
+=====  ======================  ==============  ===============  =================================
 
-With the random parameters, bias field and noise of the cohort (still undeformed priors) r is
-0.89-0.92 (T1w), 0.53-0.57 (T2w), 0.60-0.69 (PDw) over seeds 0-2.
+With the random parameters, bias field and noise of the cohort (still undeformed priors), seeds 0-2:
+r = 0.905-0.931 (T1w), 0.622-0.647 (T2w), 0.674-0.743 (PDw) with the structures; 0.888-0.924,
+0.529-0.567, 0.598-0.688 with the priors only.
 
 What the T2w tuning showed: the CSF T2 barely matters (2000, 1000 and 500 ms give r = 0.617,
 0.624 and 0.629 at TR 2500/TE 80), so the physical 2000 ms is kept; what raises r from 0.48 to
@@ -44,7 +54,8 @@ What the T2w tuning showed: the CSF T2 barely matters (2000, 1000 and 500 ms giv
 far less dominant than a long-TR T2w predicts, because thin sulcal CSF is averaged away) and the
 shorter TE. Without blur, any model linear in the three brain priors tops out at r = 0.61 for T2w and 0.74 for
 PDw (least-squares fit of the real image on GM/WM/CSF inside the mask), so the remaining gap is the
-mismatch between the priors and the average images, not the signal equations. Simulated FLAIR has
+mismatch between the priors and the average images, not the signal equations: the structure-specific
+values above address that mismatch (T2w 0.62 -> 0.72, PDw 0.73 -> 0.80). Simulated FLAIR has
 no real reference in the data: its parameters null CSF (see :data:`SEQUENCE_RANGES`) and keep
 GM > WM > CSF, as clinical FLAIR shows.
 """
@@ -84,6 +95,10 @@ __all__ = [
     "quantise",
     "simulate_subject",
     "reference_correlations",
+    "STRUCTURE_TABLE",
+    "load_structure_labels",
+    "structure_modifiers",
+    "apply_structures",
     "TISSUE_HU",
     "ct_like",
 ]
@@ -265,22 +280,89 @@ def reference_sequences(contrasts: tuple[str, ...] = CONTRASTS) -> dict[str, Seq
     return out
 
 
-def sequence_signal(maps: np.ndarray, tissues: dict[str, Tissue], seq: Sequence) -> np.ndarray:
-    """Noise-free magnitude signal of ``seq`` for the tissue mixture ``maps`` (channels last)."""
-    out = np.zeros(maps.shape[:3], dtype=np.float32)
+def sequence_signal(
+    maps: np.ndarray, tissues: dict[str, Tissue], seq: Sequence, scales: np.ndarray | None = None
+) -> np.ndarray:
+    """Noise-free magnitude signal of ``seq`` for the tissue mixture ``maps`` (channels last, any
+    leading shape). ``scales`` (leading shape of ``maps`` + 3): per-voxel factors on PD, T1 and T2 of
+    GM and WM (structure-specific values, :func:`apply_structures`)."""
+    out = np.zeros(maps.shape[:-1], dtype=np.float32)
     for k, name in enumerate(TISSUE_NAMES):
         if name not in tissues:  # air
             continue
         t = tissues[name]
+        pd, t1, t2 = (np.float32(t.pd), np.float32(t.t1), np.float32(t.t2))
+        if scales is not None and name in STRUCTURE_TISSUES:
+            pd, t1, t2 = pd * scales[..., 0], t1 * scales[..., 1], t2 * scales[..., 2]
         if seq.kind == "se":
-            longitudinal = 1.0 - np.exp(-seq.tr / t.t1)
+            longitudinal = 1.0 - np.exp(-seq.tr / t1)
         elif seq.kind == "ir":
-            longitudinal = abs(1.0 - 2.0 * np.exp(-seq.ti / t.t1) + np.exp(-seq.tr / t.t1))
+            longitudinal = np.abs(1.0 - 2.0 * np.exp(-seq.ti / t1) + np.exp(-seq.tr / t1))
         else:
             raise ValueError(f"unknown sequence kind '{seq.kind}'; expected 'se' or 'ir'")
-        weight = np.float32(t.pd * longitudinal * np.exp(-seq.te / t.t2))
+        weight = (pd * longitudinal * np.exp(-seq.te / t2)).astype(np.float32)
         out += weight * maps[..., k]
     return out
+
+
+#: Tissues whose values vary by structure (:func:`apply_structures`).
+STRUCTURE_TISSUES: tuple[str, ...] = ("gm", "wm")
+
+#: Structure-specific tissue values, fitted by :mod:`common.data.mri_sim_calibration` (its docstring says how).
+STRUCTURE_TABLE = Path(__file__).with_name("brain_structure_tissues.json")
+
+
+def load_structure_labels(root: str | os.PathLike | None = None) -> np.ndarray:
+    """SPM12's Neuromorphometrics maximum-probability labels (``tpm/labels_Neuromorphometrics.nii``,
+    CC BY-NC) on the 2 mm avg152 grid (nearest neighbour), int16 ``(91, 109, 91)``; 0 = unlabelled."""
+    _, affine = _load(_spm("grey.nii", root))
+    img = nib.load(str(_spm("labels_Neuromorphometrics.nii", root)))
+    labels = np.asarray(img.dataobj).astype(np.int16)
+    vox2vox = np.linalg.inv(img.affine) @ affine
+    grid = np.indices((91, 109, 91), dtype=np.float64).reshape(3, -1)
+    coords = vox2vox[:3, :3] @ grid + vox2vox[:3, 3:4]
+    return ndimage.map_coordinates(labels, coords, order=0, mode="constant", cval=0).reshape(91, 109, 91).astype(np.int16)
+
+
+@functools.lru_cache(maxsize=None)
+def structure_modifiers() -> dict[int, tuple[float, float, float, float]]:
+    """Label index -> ``(pd, t1, t2, d)`` of :data:`STRUCTURE_TABLE`: factors on PD/T1/T2 of GM and WM, and
+    the partial-volume shift ``d`` of :func:`apply_structures`. Unlisted labels: ``(1, 1, 1, 0)``."""
+    import json
+
+    table = json.loads(STRUCTURE_TABLE.read_text())
+    return {int(k): tuple(float(x) for x in v) for k, v in table["modifiers"].items()}  # type: ignore[misc]
+
+
+def apply_structures(
+    maps: np.ndarray, labels: np.ndarray, modifiers: dict[int, tuple[float, float, float, float]] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Structure-specific tissue: ``(maps', scales)`` for tissue fractions ``maps`` (channels last) and the
+    structure label of every voxel (``labels``, same leading shape).
+
+    In a structure with modifiers ``(pd, t1, t2, d)``: a fraction ``d`` of its GM+WM becomes CSF (``d < 0``:
+    a fraction ``-d`` of its CSF becomes GM and WM in their proportions; partial volume the population priors
+    blur away), and ``scales = (pd, t1, t2)`` multiply the GM and WM values of :func:`sequence_signal` (deep
+    grey nuclei, cerebellum, brainstem differ from cortex). The fractions still sum to one.
+    """
+    modifiers = structure_modifiers() if modifiers is None else modifiers
+    lut = np.tile(np.array([1.0, 1.0, 1.0, 0.0], dtype=np.float32), (int(max(labels.max(), max(modifiers, default=0))) + 1, 1))
+    for k, v in modifiers.items():
+        if k < len(lut):
+            lut[k] = v
+    per_voxel = lut[np.clip(labels, 0, None).astype(np.intp)]
+    d = per_voxel[..., 3]
+    maps = np.array(maps, dtype=np.float32, copy=True)
+    tissue = maps[..., 0] + maps[..., 1]
+    csf = maps[..., 2]
+    moved = np.where(d >= 0, d * tissue, d * csf)  # into CSF (negative: out of CSF)
+    keep = np.where(tissue > 1e-9, 1.0 - moved / np.maximum(tissue, 1e-9), 1.0)
+    maps[..., 0] *= keep
+    maps[..., 1] *= keep
+    maps[..., 2] = csf + moved
+    # a CSF-to-tissue move where the voxel has no GM/WM at all: give it to GM
+    maps[..., 0] += np.where(tissue <= 1e-9, -np.minimum(moved, 0.0), 0.0)
+    return maps, per_voxel[..., :3].astype(np.float32)
 
 
 def bias_field(rng: np.random.Generator, shape: tuple[int, ...], strength: float = 0.05, n_ctrl: int = 4) -> np.ndarray:
@@ -327,6 +409,7 @@ def simulate_subject(
     noise: tuple[float, float] = (0.01, 0.03),
     psf_sigma: tuple[float, float] = (0.3, 0.7),
     bias_strength: float = 0.05,
+    scales: np.ndarray | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, object]]:
     """Simulate every contrast of one subject.
 
@@ -339,6 +422,8 @@ def simulate_subject(
         psf_sigma: range of the Gaussian point-spread-function sigma in voxels.
         bias_strength: see :func:`bias_field`; one field per subject, shared by its contrasts
             because it comes from the receive coil.
+        scales: structure-specific factors on the GM/WM values (from :func:`apply_structures`, whose
+            adjusted maps are then ``maps``); ``None``: the same values everywhere.
 
     Returns:
         ``(images, params)``: float32 images in [0, 1] per contrast (12-bit steps, see
@@ -354,7 +439,7 @@ def simulate_subject(
         "sequences": {},
     }
     for c in contrasts:
-        sig = sequence_signal(maps, tissues, seqs[c])
+        sig = sequence_signal(maps, tissues, seqs[c], scales)
         sigma_psf = float(rng.uniform(*psf_sigma))
         sig = ndimage.gaussian_filter(sig, sigma_psf) * bias
         rel_noise = float(rng.uniform(*noise))
@@ -365,16 +450,24 @@ def simulate_subject(
     return images, params
 
 
-def reference_correlations(root: str | os.PathLike | None = None, psf_sigma: float = 0.5) -> dict[str, float]:
+def reference_correlations(
+    root: str | os.PathLike | None = None,
+    psf_sigma: float = 0.5,
+    structures: bool | dict[int, tuple[float, float, float, float]] = True,
+) -> dict[str, float]:
     """Pearson r inside the brain between noise-free simulated T1w/T2w/PDw and the real avg152
-    images, with mean tissue values and the centre of each acquisition range."""
+    images, with mean tissue values and the centre of each acquisition range; ``structures``: with the
+    structure-specific values of :func:`apply_structures` (as the demo cohort is simulated; a dict: those
+    modifiers instead of :data:`STRUCTURE_TABLE`'s)."""
     maps, _ = load_tissue_maps(root)
     mask = brain_mask(maps).astype(bool)
+    scales = None
+    if structures:
+        maps, scales = apply_structures(maps, load_structure_labels(root), None if structures is True else structures)
     seqs = reference_sequences(("t1", "t2", "pd"))
     out = {}
     for c, key in (("t1", "avg152T1.nii"), ("t2", "avg152T2.nii"), ("pd", "avg152PD.nii")):
         real, _ = _load(_spm(key, root))
-        sim = ndimage.gaussian_filter(sequence_signal(maps, TISSUES, seqs[c]), psf_sigma)
+        sim = ndimage.gaussian_filter(sequence_signal(maps, TISSUES, seqs[c], scales), psf_sigma)
         out[c] = float(np.corrcoef(sim[mask], real[mask])[0, 1])
     return out
-

@@ -20,7 +20,16 @@ from scipy import ndimage
 from common.data import demo
 from common.data.deform import DeformationParams, random_deformation
 from common.data.fetch import demo_file
-from common.data.mri_sim import TISSUE_NAMES, brain_mask, ct_like, load_tissue_maps, reference_correlations, simulate_subject
+from common.data.mri_sim import (
+    TISSUE_NAMES,
+    apply_structures,
+    brain_mask,
+    ct_like,
+    load_structure_labels,
+    load_tissue_maps,
+    reference_correlations,
+    simulate_subject,
+)
 
 SPM_SHAPE = (91, 109, 91)
 
@@ -133,27 +142,78 @@ def test_brain_real_test_case_is_the_avg152_triple(brain_demo: Path) -> None:
 
 
 def test_simulator_correlates_with_real_avg152() -> None:
-    """Random tissue/acquisition parameters, bias and Rician noise on the undeformed priors: the
-    simulated T1w must track the real avg152T1 inside the brain (r > 0.8). Measured (this
-    test's seeds): T1w 0.89-0.92, T2w 0.53-0.57, PDw 0.60-0.69; noise-free reference 0.942 / 0.617
-    / 0.733 (the module docstring of common.data.mri_sim explains the T2w/PDw ceiling)."""
+    """Random tissue/acquisition parameters, bias and Rician noise on the undeformed priors with the
+    structure-specific tissue values: the simulated contrasts must track the real avg152 images inside the
+    brain. Measured (this test's seeds): T1w 0.905-0.931, T2w 0.622-0.647, PDw 0.674-0.743 (priors only:
+    0.888-0.924, 0.529-0.567, 0.598-0.688). The noise-free reference must reach issue 14's realism bar
+    (T1w >= 0.95, T2w >= 0.65, PDw >= 0.75; measured 0.956 / 0.721 / 0.796), and the structures must be what
+    raises it above the priors alone (0.942 / 0.617 / 0.733)."""
     maps, _ = load_tissue_maps()
     mask = brain_mask(maps).astype(bool)
     real = {
         c: np.asarray(_load(demo_file(f"spm/avg152{k}.nii")).dataobj, dtype=np.float32)[mask]
         for c, k in (("t1", "T1"), ("t2", "T2"), ("pd", "PD"))
     }
+    adjusted, scales = apply_structures(maps, load_structure_labels())
     measured = []
     for seed in range(3):
-        images, params = simulate_subject(maps, np.random.default_rng(seed))
+        images, params = simulate_subject(adjusted, np.random.default_rng(seed), scales=scales)
         r = {c: float(np.corrcoef(images[c][mask], real[c])[0, 1]) for c in real}
         measured.append(r)
-        assert r["t1"] > 0.8, (seed, r)
-        assert r["t2"] > 0.45 and r["pd"] > 0.55, (seed, r)
+        assert r["t1"] > 0.89 and r["t2"] > 0.6 and r["pd"] > 0.65, (seed, r)
         assert set(params["sequences"]) == {"t1", "t2", "pd", "flair"}
     print("simulated vs real avg152 (r inside the brain):", measured)
     ref = reference_correlations()
-    assert ref["t1"] > 0.93 and ref["t2"] > 0.6 and ref["pd"] > 0.7, ref
+    assert ref["t1"] >= 0.95 and ref["t2"] >= 0.65 and ref["pd"] >= 0.75, ref
+    plain = reference_correlations(structures=False)
+    assert plain["t2"] < ref["t2"] - 0.05 and plain["pd"] < ref["pd"] - 0.03, (plain, ref)
+
+
+def test_structures_keep_tissue_fractions_and_move_what_they_say() -> None:
+    """apply_structures: fractions still sum to one; d > 0 turns that share of GM+WM into CSF, d < 0 that
+    share of CSF into tissue (into GM where a voxel has no tissue); the PD/T1/T2 factors reach the GM/WM
+    signal only; unlisted labels are untouched."""
+    from common.data.mri_sim import TISSUES, Sequence, sequence_signal
+
+    maps = np.zeros((4, 6), np.float32)
+    maps[0] = [0.4, 0.4, 0.2, 0, 0, 0]
+    maps[1] = [0.3, 0.3, 0.4, 0, 0, 0]
+    maps[2] = [0.0, 0.0, 1.0, 0, 0, 0]
+    maps[3] = [0.5, 0.3, 0.2, 0, 0, 0]
+    labels = np.array([1, 2, 2, 9])
+    mods = {1: (1.0, 1.0, 1.0, 0.25), 2: (1.2, 0.8, 0.7, -0.5)}
+    adj, scales = apply_structures(maps, labels, mods)
+    np.testing.assert_allclose(adj.sum(axis=-1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(adj[0], [0.3, 0.3, 0.4, 0, 0, 0], atol=1e-6)  # a quarter of 0.8 tissue -> CSF
+    np.testing.assert_allclose(adj[1], [0.4, 0.4, 0.2, 0, 0, 0], atol=1e-6)  # half of 0.4 CSF -> GM/WM 1:1
+    np.testing.assert_allclose(adj[2], [0.5, 0.0, 0.5, 0, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(adj[3], maps[3])
+    np.testing.assert_allclose(scales, [[1, 1, 1], [1.2, 0.8, 0.7], [1.2, 0.8, 0.7], [1, 1, 1]], atol=1e-6)
+    seq = Sequence("se", tr=2500.0, te=80.0)
+    csf_only = np.array([[0, 0, 1, 0, 0, 0]], np.float32)
+    assert sequence_signal(csf_only, TISSUES, seq, np.array([[2.0, 2.0, 2.0]], np.float32)) == pytest.approx(
+        sequence_signal(csf_only, TISSUES, seq))
+    gm_only = np.array([[1, 0, 0, 0, 0, 0]], np.float32)
+    t = TISSUES["gm"]
+    expected = 1.2 * t.pd * (1 - np.exp(-2500 / (0.8 * t.t1))) * np.exp(-80 / (0.7 * t.t2))
+    assert sequence_signal(gm_only, TISSUES, seq, np.array([[1.2, 0.8, 0.7]], np.float32))[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_structure_table_covers_the_brain_and_stays_in_its_bounds() -> None:
+    """Every atlas structure inside the brain mask has values, within the calibration's bounds, and the table
+    records the command that made it."""
+    import json
+
+    from common.data.mri_sim import STRUCTURE_TABLE, structure_modifiers
+    from common.data.mri_sim_calibration import BOUNDS
+
+    maps, _ = load_tissue_maps()
+    present = set(np.unique(load_structure_labels()[brain_mask(maps).astype(bool)]).tolist()) - {0}
+    mods = structure_modifiers()
+    assert present <= set(mods), sorted(present - set(mods))
+    values = np.array(list(mods.values()))
+    assert (values >= np.array(BOUNDS[0]) - 1e-6).all() and (values <= np.array(BOUNDS[1]) + 1e-6).all()
+    assert "python -m common.data.mri_sim_calibration" in json.loads(STRUCTURE_TABLE.read_text())["command"]
 
 
 def _tissue_means(image: np.ndarray, tissue: np.ndarray) -> dict[str, float]:
