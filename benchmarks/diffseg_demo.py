@@ -10,7 +10,7 @@ Everything runs through the bundle's own default configs with only the demo over
    example CT, the CT in a 1.5x field of view padded with air, a 60 mm slab, that slab in a 1.5x
    field of view, TotalSegmentator's own 30-slice crop with its own labels): per-case mean Dice
    over the 6 foreground classes, per-class Dice, HD95 and NSD (1 mm) from ``evaluate.json``'s
-   ``metrics_per_case.csv`` (computed on the model's 5 mm grid), seconds per case, and Dice of the
+   ``metrics_per_case.csv`` (computed on the model's grid, ``pixdim`` of demo.json), seconds per case, and Dice of the
    written predictions against the reference labels on each input's own (3 mm) grid.
 2. **Samplers** (``--samplers``): on the original CT, the 5-step DDPM sampler against DDIM (5
    steps, eta 0) and the 1000-step DDPM chain (the linear schedule resampled to 1000 steps),
@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--diffusion-ckpt", default=None, help="default: the shipped models/demo/model.pt")
     ap.add_argument("--baseline-ckpt", default=None, help="default: the shipped models/demo/baseline.pt")
     ap.add_argument("--samplers", action="store_true", help="also time DDIM and the 1000-step chain on the original CT")
+    ap.add_argument("--chain-steps", type=int, default=1000,
+                    help="steps of the long DDPM chain of --samplers (0: leave it out; 1000 takes about 30 min on one core)")
     ap.add_argument("--train-dirs", nargs="*", default=[], help="TensorBoard folders of the two training runs")
     ap.add_argument("--epoch-length", type=int, default=200, help="iterations per epoch of those runs (demo.json)")
     args = ap.parse_args(argv)
@@ -230,11 +232,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.samplers:
         test = Path(build_ct_demo(cache_dir() / "diffseg-demo-eval", n_train=1, n_val=0, seed=0))
         sampling = {}
-        for name, over in (
-            ("DDPM 5 steps", {}),
-            ("DDIM 5 steps (eta 0)", {"sampler": "ddim"}),
-            ("DDPM 1000 steps (resampled schedule)", {"infer_timesteps": 1000}),
-        ):
+        runs = [("DDPM 5 steps", {}), ("DDIM 5 steps (eta 0)", {"sampler": "ddim"})]
+        if args.chain_steps:
+            runs.append((f"DDPM {args.chain_steps} steps (resampled schedule)", {"infer_timesteps": args.chain_steps}))
+        for name, over in runs:
             res = evaluate("diffusion", test, out / "samplers" / name.split(" (")[0].replace(" ", "_"), args.diffusion_ckpt, **over)
             case = res["example"]
             sampling[name] = {"mean_dice": case["mean_dice"], "seconds": case.get("seconds")}
