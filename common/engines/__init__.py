@@ -1,6 +1,6 @@
 """Ignite engines, handlers and helpers shared by the bundles."""
 
-from .handlers import AtomicCheckpointSaver, EpochSeedHandler, SafeCheckpointLoader
+from .handlers import AtomicCheckpointSaver, EpochSeedHandler, LastEpochValidationHandler, SafeCheckpointLoader
 from .sample_log import SampleLogHandler
 from .tracking import executed_config
 from .trainers import StepTrainer, TrainingStep, autocast, engine_device, freeze, optimizer_step, unwrap
@@ -9,6 +9,7 @@ from .utils import get_device, resolve_amp
 __all__ = [
     "AtomicCheckpointSaver",
     "EpochSeedHandler",
+    "LastEpochValidationHandler",
     "SafeCheckpointLoader",
     "SampleLogHandler",
     "StepTrainer",

@@ -7,10 +7,32 @@ from typing import Any
 from collections.abc import Mapping
 
 from ignite.handlers.checkpoint import BaseSaveHandler
-from monai.handlers import CheckpointLoader, CheckpointSaver
+from monai.handlers import CheckpointLoader, CheckpointSaver, ValidationHandler
 from monai.utils import set_determinism
 
-__all__ = ["AtomicCheckpointSaver", "EpochSeedHandler", "SafeCheckpointLoader"]
+__all__ = ["AtomicCheckpointSaver", "EpochSeedHandler", "LastEpochValidationHandler", "SafeCheckpointLoader"]
+
+
+class LastEpochValidationHandler(ValidationHandler):
+    """MONAI's epoch-level ``ValidationHandler`` that also validates the last epoch of a run when it is not a
+    multiple of ``interval``.
+
+    Without it, a run shorter than ``interval`` epochs (one MONAI Label training round of ``max_epochs`` 1,
+    a short fine-tune) never validates, so the best-metric checkpoint (``models/model.pt``) is never written
+    and the run ends with exit 0 having produced no model; a longer run loses its last epochs to the
+    model selection. Iteration-level validation is unchanged.
+    """
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        super().attach(engine)
+        if self.epoch_level:
+            engine.add_event_handler(Events.COMPLETED, self._validate_last_epoch)
+
+    def _validate_last_epoch(self, engine) -> None:
+        if engine.state.epoch > 0 and engine.state.epoch % self.interval != 0:
+            self(engine)
 
 
 class _RemoveAfterSave(BaseSaveHandler):

@@ -155,3 +155,22 @@ def test_atomic_saver_keeps_the_final_checkpoint_on_bad_input(tmp_path):
     run(KeyError("a bug"))
     assert (tmp_path / "final.pt").read_bytes() != b"previous run"
     assert "weight" in torch.load(tmp_path / "final.pt", weights_only=True)  # one object: saved as its bare state dict
+
+
+@pytest.mark.parametrize("max_epochs, expected", [(1, [1]), (3, [2, 3]), (4, [2, 4]), (5, [2, 4, 5])])
+def test_last_epoch_is_validated_when_the_interval_skips_it(max_epochs, expected):
+    """A run of max_epochs 1 with interval 2 (one MONAI Label training round) validates once, at its end, so a
+    best-metric model exists; a run ending on a multiple of the interval is not validated twice."""
+    from ignite.engine import Engine, Events
+    from monai.engines import SupervisedEvaluator
+
+    from common.engines import LastEpochValidationHandler
+
+    validated = []
+    data = DataLoader(Dataset([{"image": torch.zeros(1, 2), "label": torch.zeros(1, 2)}]), batch_size=1)
+    validator = SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=data, network=torch.nn.Identity())
+    trainer = Engine(lambda e, b: None)
+    validator.add_event_handler(Events.COMPLETED, lambda e: validated.append(trainer.state.epoch))
+    LastEpochValidationHandler(validator=validator, interval=2, epoch_level=True).attach(trainer)
+    trainer.run([0, 1], max_epochs=max_epochs)
+    assert validated == expected
