@@ -188,7 +188,7 @@ def _code_hash() -> str:
     """Hash of the modules that generate the cohorts: a changed generator invalidates old builds."""
     h = hashlib.sha256()
     here = Path(__file__).resolve().parent
-    for name in ("demo.py", "mri_sim.py", "deform.py"):
+    for name in ("demo.py", "mri_sim.py", "deform.py", "brain_structure_tissues.json"):
         h.update((here / name).read_bytes())
     return h.hexdigest()[:16]
 

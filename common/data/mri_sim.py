@@ -305,6 +305,12 @@ def sequence_signal(
     return out
 
 
+#: Contrasts whose signal uses the structure-specific factors: the three the factors were fitted on. FLAIR has no
+#: real reference to fit them on, and with them its GM/WM order flipped in some subjects (WM brighter than GM,
+#: which clinical FLAIR does not show), so it keeps the mean tissue values; the partial-volume shift (anatomy)
+#: applies to every contrast.
+CALIBRATED_CONTRASTS: tuple[str, ...] = ("t1", "t2", "pd")
+
 #: Tissues whose values vary by structure (:func:`apply_structures`).
 STRUCTURE_TISSUES: tuple[str, ...] = ("gm", "wm")
 
@@ -423,7 +429,8 @@ def simulate_subject(
         bias_strength: see :func:`bias_field`; one field per subject, shared by its contrasts
             because it comes from the receive coil.
         scales: structure-specific factors on the GM/WM values (from :func:`apply_structures`, whose
-            adjusted maps are then ``maps``); ``None``: the same values everywhere.
+            adjusted maps are then ``maps``), used for :data:`CALIBRATED_CONTRASTS`; ``None``: the same
+            values everywhere.
 
     Returns:
         ``(images, params)``: float32 images in [0, 1] per contrast (12-bit steps, see
@@ -439,7 +446,7 @@ def simulate_subject(
         "sequences": {},
     }
     for c in contrasts:
-        sig = sequence_signal(maps, tissues, seqs[c], scales)
+        sig = sequence_signal(maps, tissues, seqs[c], scales if c in CALIBRATED_CONTRASTS else None)
         sigma_psf = float(rng.uniform(*psf_sigma))
         sig = ndimage.gaussian_filter(sig, sigma_psf) * bias
         rel_noise = float(rng.uniform(*noise))
