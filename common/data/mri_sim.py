@@ -98,6 +98,7 @@ __all__ = [
     "STRUCTURE_TABLE",
     "load_structure_labels",
     "structure_modifiers",
+    "modifiers_of",
     "apply_structures",
     "TISSUE_HU",
     "ct_like",
@@ -189,6 +190,15 @@ def _load(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(img.dataobj, dtype=np.float32), np.asarray(img.affine, dtype=np.float64)
 
 
+def _on_grid(volume: np.ndarray, volume_affine: np.ndarray, shape: tuple[int, ...], affine: np.ndarray, **kwargs) -> np.ndarray:
+    """``volume`` (on the grid of ``volume_affine``) sampled at the voxel centres of the grid ``shape``/``affine``
+    (``kwargs``: ``order``, ``mode``, ``cval`` of ``ndimage.map_coordinates``)."""
+    vox2vox = np.linalg.inv(volume_affine) @ affine
+    grid = np.indices(shape[:3], dtype=np.float64).reshape(3, -1)
+    coords = vox2vox[:3, :3] @ grid + vox2vox[:3, 3:4]
+    return ndimage.map_coordinates(volume, coords, **kwargs).reshape(shape[:3])
+
+
 def load_tissue_maps(root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Tissue fractions on the 2 mm avg152 grid.
 
@@ -206,13 +216,8 @@ def load_tissue_maps(root: str | os.PathLike | None = None) -> tuple[np.ndarray,
     tpm_img = nib.load(str(_spm("TPM.nii", root)))
     tpm = np.asarray(tpm_img.dataobj, dtype=np.float32)
 
-    # TPM is 1.5 mm on a different grid: map our voxel centres into its voxel space.
-    vox2vox = np.linalg.inv(tpm_img.affine) @ affine
-    grid = np.indices(gm.shape, dtype=np.float64).reshape(3, -1)
-    coords = vox2vox[:3, :3] @ grid + vox2vox[:3, 3:4]
-    outside = [
-        ndimage.map_coordinates(tpm[..., k], coords, order=1, mode="nearest").reshape(gm.shape) for k in (3, 4, 5)
-    ]
+    # TPM is 1.5 mm on a different grid: sample it at our voxel centres
+    outside = [_on_grid(tpm[..., k], tpm_img.affine, gm.shape, affine, order=1, mode="nearest") for k in (3, 4, 5)]
     brain = np.stack([gm, wm, csf], axis=-1).clip(0.0, 1.0)
     total = brain.sum(axis=-1, keepdims=True)
     brain = brain / np.maximum(total, 1.0)  # the priors sum to at most 1.004: renormalise those voxels
@@ -321,13 +326,10 @@ STRUCTURE_TABLE = Path(__file__).with_name("brain_structure_tissues.json")
 def load_structure_labels(root: str | os.PathLike | None = None) -> np.ndarray:
     """SPM12's Neuromorphometrics maximum-probability labels (``tpm/labels_Neuromorphometrics.nii``,
     CC BY-NC) on the 2 mm avg152 grid (nearest neighbour), int16 ``(91, 109, 91)``; 0 = unlabelled."""
-    _, affine = _load(_spm("grey.nii", root))
+    grey, affine = _load(_spm("grey.nii", root))
     img = nib.load(str(_spm("labels_Neuromorphometrics.nii", root)))
     labels = np.asarray(img.dataobj).astype(np.int16)
-    vox2vox = np.linalg.inv(img.affine) @ affine
-    grid = np.indices((91, 109, 91), dtype=np.float64).reshape(3, -1)
-    coords = vox2vox[:3, :3] @ grid + vox2vox[:3, 3:4]
-    return ndimage.map_coordinates(labels, coords, order=0, mode="constant", cval=0).reshape(91, 109, 91).astype(np.int16)
+    return _on_grid(labels, img.affine, grey.shape, affine, order=0, mode="constant", cval=0).astype(np.int16)
 
 
 @functools.lru_cache(maxsize=None)
@@ -336,8 +338,12 @@ def structure_modifiers() -> dict[int, tuple[float, float, float, float]]:
     the partial-volume shift ``d`` of :func:`apply_structures`. Unlisted labels: ``(1, 1, 1, 0)``."""
     import json
 
-    table = json.loads(STRUCTURE_TABLE.read_text())
-    return {int(k): tuple(float(x) for x in v) for k, v in table["modifiers"].items()}  # type: ignore[misc]
+    return modifiers_of(json.loads(STRUCTURE_TABLE.read_text())["structures"])
+
+
+def modifiers_of(structures: dict[str, dict]) -> dict[int, tuple[float, float, float, float]]:
+    """Label index -> ``(pd, t1, t2, d)`` from a table's ``structures`` (name -> ``labels``, ``pd_t1_t2_d``)."""
+    return {int(i): tuple(float(x) for x in s["pd_t1_t2_d"]) for s in structures.values() for i in s["labels"]}  # type: ignore[misc]
 
 
 def apply_structures(
@@ -354,8 +360,7 @@ def apply_structures(
     modifiers = structure_modifiers() if modifiers is None else modifiers
     lut = np.tile(np.array([1.0, 1.0, 1.0, 0.0], dtype=np.float32), (int(max(labels.max(), max(modifiers, default=0))) + 1, 1))
     for k, v in modifiers.items():
-        if k < len(lut):
-            lut[k] = v
+        lut[k] = v
     per_voxel = lut[np.clip(labels, 0, None).astype(np.intp)]
     d = per_voxel[..., 3]
     maps = np.array(maps, dtype=np.float32, copy=True)

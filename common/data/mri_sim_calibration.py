@@ -47,6 +47,7 @@ from common.data.mri_sim import (
     brain_mask,
     load_structure_labels,
     load_tissue_maps,
+    modifiers_of,
     reference_correlations,
     reference_sequences,
     sequence_signal,
@@ -97,8 +98,8 @@ def ceilings(root=None) -> dict[str, dict[str, float]]:
 
 
 def fit_structure_modifiers(root=None, iterations: int = ITERATIONS, log=print) -> dict:
-    """The table :data:`common.data.mri_sim.STRUCTURE_TABLE` holds: ``modifiers`` (label index -> ``[pd, t1,
-    t2, d]``), ``structures`` (group name -> indices and values), the correlations before and after."""
+    """The table :data:`common.data.mri_sim.STRUCTURE_TABLE` holds: ``structures`` (group name -> its label
+    indices and ``[pd, t1, t2, d]``), the bounds, the linear ceilings."""
     maps, _ = load_tissue_maps(root)
     mask = brain_mask(maps).astype(bool)
     labels = load_structure_labels(root)[mask]
@@ -111,8 +112,8 @@ def fit_structure_modifiers(root=None, iterations: int = ITERATIONS, log=print) 
     members = {g: m for g, m in members.items() if m.size}
     values = {g: np.array([1.0, 1.0, 1.0, 0.0]) for g in members}
 
-    def signals(modifiers: dict[int, tuple[float, float, float, float]], which=slice(None)):
-        adj, scales = apply_structures(fractions[which], labels[which], modifiers)
+    def signals(modifiers: dict[int, tuple[float, float, float, float]]):
+        adj, scales = apply_structures(fractions, labels, modifiers)
         return {c: sequence_signal(adj, TISSUES, seqs[c], scales).astype(np.float64) for c in seqs}
 
     def table() -> dict[int, tuple[float, float, float, float]]:
@@ -144,7 +145,6 @@ def fit_structure_modifiers(root=None, iterations: int = ITERATIONS, log=print) 
         "bounds": {"low": list(BOUNDS[0]), "high": list(BOUNDS[1])},
         "iterations": iterations,
         "ceilings": ceilings(root),
-        "modifiers": {str(i): [round(float(x), 4) for x in v] for i, v in sorted(table().items())},
         "structures": {g: {"labels": groups[g], "pd_t1_t2_d": [round(float(x), 4) for x in values[g]]} for g in sorted(values)},
     }
 
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", default=str(STRUCTURE_TABLE))
     args = parser.parse_args(argv)
     result = fit_structure_modifiers()
-    mods = {int(k): tuple(v) for k, v in result["modifiers"].items()}
+    mods = modifiers_of(result["structures"])
     result["reference_correlations"] = {
         "without structures": {c: round(v, 4) for c, v in reference_correlations(structures=False).items()},
         "with structures": {c: round(v, 4) for c, v in reference_correlations(structures=mods).items()},
