@@ -1,6 +1,6 @@
 """The official inference path on replica files: the official mask database (zip + JSON with paths relative to the
-unzipped folder), retrieval and next-mask retry, user masks (MAISI semantics, TotalSegmentator maps), and the
-configs' scheduler, scale factor and tensor splitting."""
+unzipped folder), retrieval and next-mask retry, user masks (MAISI semantics, TotalSegmentator maps). The configs'
+scheduler, scale factor and tensor splitting are in ``test_maisi_config_binding.py``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle import ConfigWorkflow
 
 from common.data.maisi_masks import MaskCandidateQueue, ensure_mask_folder, find_masks, load_mask_db
 from common.networks import maisi as M
@@ -205,43 +205,3 @@ def test_ddpm_generates_from_the_official_zipped_database(maisi_bundle, official
     assert report["top_region_index"] == top and report["bottom_region_index"] == bottom
     assert 1 <= report["masks_tried"] <= 5 and report["attempts"] == 1  # next mask, not a redraw
 
-
-def test_configs_bind_scheduler_scale_factor_and_splitting(maisi_bundle, tiny_ckpt_dir, maisi_masks):
-    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiConvolution
-
-    parser = ConfigParser()
-    parser.read_config(str(maisi_bundle / "configs" / "inference.json"))
-    parser["bundle_root"] = str(maisi_bundle)
-    rflow = parser.get_parsed_content("rflow_scheduler")
-    rflow.set_timesteps(30, input_img_size_numel=64 * 64 * 32)
-    assert [round(float(t), 1) for t in rflow.timesteps[:4]] == [1000.0, 978.5, 957.0, 934.5]
-    assert float(rflow.timesteps[-1]) == pytest.approx(51.9, abs=0.2)
-    parser["version"] = "ddpm"
-    ddpm = parser.get_parsed_content("ddpm_scheduler")
-    assert float(ddpm.betas[0]) == pytest.approx(0.0015) and float(ddpm.betas[-1]) == pytest.approx(0.0195)
-    assert ddpm.clip_sample is False and parser.get_parsed_content("num_inference_steps") == 1000
-
-    # the checkpoint's scale factor is what the inferer decodes with
-    wf = _workflow(maisi_bundle, ckpt_dir=str(tiny_ckpt_dir), output_dir="/nonexistent", label_path=str(maisi_masks["grid"]),
-                   decode_num_splits=2, decode_roi_size=[64, 64, 64])
-    inferer = wf.parser.get_parsed_content("inferer")
-    wf.parser.get_parsed_content("handlers")[0]()  # MaisiWeightLoader
-    assert inferer.scale_factor == pytest.approx(1.25)  # tiny_ckpt_dir's UNet file
-    seen = {}
-    vae = inferer.autoencoder
-    original = vae.decode_stage_2_outputs
-    vae.decode_stage_2_outputs = lambda z: (seen.setdefault("z", z.clone()), original(z))[1]
-    convs = [m for m in vae.decoder.modules() if isinstance(m, MaisiConvolution)]
-    calls = []
-    hook = convs[1].conv.register_forward_hook(lambda *a: calls.append(1))
-    latent = torch.randn(1, 4, 16, 16, 16)
-    inferer.decode(latent)
-    hook.remove()
-    assert torch.allclose(seen["z"], latent / 1.25)
-    assert convs[1].num_splits == 2 and len(calls) == 2  # the convolution really ran on two pieces
-    inferer.decode_num_splits = 1
-    calls.clear()
-    hook = convs[1].conv.register_forward_hook(lambda *a: calls.append(1))
-    inferer.decode(latent)
-    hook.remove()
-    assert len(calls) == 1
