@@ -89,6 +89,7 @@ def test_totalsegmentator_names_map_to_maisi():
     "kwargs, match",
     [
         ({"output_size": [256, 384, 256]}, "equal"),
+        ({"spacing": [1.5, 1.0, 2.0]}, r"spacing\[0\] and spacing\[1\] must be equal"),
         ({"output_size": [128, 128, 128]}, "not supported"),
         ({"spacing": [0.4, 0.4, 2.0]}, "spacing"),
         ({"spacing": [6.0, 6.0, 2.0]}, "spacing"),

@@ -78,6 +78,7 @@ def test_mask_database_path(maisi_bundle, tiny_ckpt_dir, tmp_path):
     "overrides, match",
     [({"output_size": [128, 128, 128], "strict_input_check": True}, "not supported"),
      ({"spacing": [6.0, 6.0, 2.0], "strict_input_check": True, "output_size": [256, 256, 256]}, "spacing"),
+     ({"spacing": [1.5, 1.0, 2.0], "strict_input_check": True, "output_size": [256, 256, 256]}, "must be equal"),
      ({"output_size": [60, 64, 64]}, "multiple of 32")],
 )
 def test_bad_requests_fail_clearly(maisi_bundle, tiny_ckpt_dir, tmp_path, overrides, match):
