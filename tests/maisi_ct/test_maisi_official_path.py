@@ -119,6 +119,54 @@ def test_queue_moves_to_the_next_mask_and_stops_at_the_limit():
     assert [q.decide(False) for _ in q] == [True, True, True]
 
 
+
+def _liver_with_tumour(shape=(48, 48, 48)) -> torch.Tensor:
+    vol = torch.full((1, *shape), BODY_LABEL, dtype=torch.uint8)
+    vol[0, 8:40, 8:40, 8:40] = MAISI_LABELS["liver"]
+    vol[0, 4:44, 4:8, 4:44] = MAISI_LABELS["spleen"]  # a neighbour that is not the tumour's host
+    vol[0, 12:17, 12:17, 12:17] = MAISI_LABELS["hepatic tumor"]
+    return vol
+
+
+def test_database_masks_are_augmented_as_the_official_sampler_does(maisi_bundle, maisi_masks):
+    """AugmentMaskd: a tumour moves inside its host organ (>= 80 % inside, its old place filled with the host,
+    other labels untouched); a tumour-free mask is zoomed by 0.99-1.01; only items flagged by the database."""
+    from monai.data import MetaTensor
+    from scripts.inference import mask_requests
+
+    from common.transforms.maisi import AugmentMaskd
+
+    liver, tumour = MAISI_LABELS["liver"], MAISI_LABELS["hepatic tumor"]
+    vol = _liver_with_tumour()
+    old = vol[0] == tumour
+    outs = []
+    for seed in (0, 1):
+        out = AugmentMaskd("label", seed=seed)({"label": MetaTensor(vol.clone()), "augment": True})["label"]
+        assert isinstance(out, MetaTensor) and out.dtype == torch.uint8 and out.shape == vol.shape
+        new = out[0] == tumour
+        assert not torch.equal(new, old) and new.sum() >= 0.8 * old.sum()  # moved, not lost
+        assert bool((vol[0][new] == liver).float().mean() >= 0.8) and bool(torch.isin(vol[0][new], torch.tensor([liver, tumour])).all())
+        assert bool((out[0][old & ~new] == liver).all())  # the old place becomes the host
+        other = ~torch.isin(vol[0], torch.tensor([liver, tumour]))
+        assert torch.equal(out[0][other], vol[0][other])
+        outs.append(out)
+    assert not torch.equal(outs[0], outs[1])
+    again = AugmentMaskd("label", seed=0)({"label": MetaTensor(vol.clone()), "augment": True})["label"]
+    assert torch.equal(again, outs[0])  # seeded
+    # no flag (a user's mask): untouched
+    assert torch.equal(AugmentMaskd("label", seed=0)({"label": MetaTensor(vol.clone())})["label"], vol)
+    # tumour-free: a zoom within 1 %, same size (an axis long enough for 1 % to be a voxel; as with the official
+    # RandZoom, a factor in [1, 1 + 1/160) leaves this mask as it is)
+    free = torch.full((1, 160, 24, 24), BODY_LABEL, dtype=torch.uint8)
+    free[0, 20:140, 4:20, 4:20] = liver
+    zoomed = [AugmentMaskd("label", seed=s)({"label": MetaTensor(free.clone()), "augment": True})["label"] for s in range(8)]
+    assert all(z.shape == free.shape for z in zoomed) and any(not torch.equal(z, free) for z in zoomed)
+    for z in zoomed:
+        extent = torch.nonzero(z[0] == liver)[:, 0]
+        assert abs(int(extent.max() - extent.min() + 1) - 120) <= 2  # 120 voxels x [0.99, 1.01]
+    # the bundle flags database candidates for augmentation, never a user's mask
+    assert mask_requests(str(maisi_masks["grid"]), None, [], [1.5] * 3, [64] * 3, 2, 0) == [{"label": str(maisi_masks["grid"])}] * 2
+
 def test_totalsegmentator_map_refused_as_maisi_and_converted_by_name(maisi_bundle):
     from monai.data import MetaTensor
 
