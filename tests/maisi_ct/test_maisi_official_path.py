@@ -203,22 +203,29 @@ def test_maisi_semantics_pass_for_a_real_maisi_mask_and_catch_wrong_voxel_size(m
         MaisiUserMaskd("label")({"label": big})
 
 
-def _ddpm_replicas(out: Path) -> None:
-    """Tiny DDPM files as MONAI 1.4 wrote them (unused out_proj keys) with a MetaTensor scale factor."""
+def _replicas(out: Path, version: str) -> float:
+    """Tiny networks under the official file names of ``version`` as the official code saves them: a raw VAE state
+    dict, ``{epoch, loss, num_train_timesteps, unet_state_dict, scale_factor}`` with a MetaTensor scale factor,
+    ``{epoch, loss (tensor), controlnet_state_dict}``; the DDPM files with the unused out_proj keys MONAI 1.4 wrote.
+    Returns the scale factor."""
     from monai.data import MetaTensor
 
     torch.manual_seed(2)
-    unet = M.maisi_diffusion_unet("ddpm", tiny=True, device="cpu").state_dict()
-    cn = M.maisi_controlnet("ddpm", tiny=True, device="cpu").state_dict()
-    for state, name in ((unet, "diffusion_unet_ddpm_tiny"), (cn, "controlnet_ddpm_tiny")):
-        for k, shape in REF["layouts"][name].items():
-            state.setdefault(k, torch.zeros(shape))
-    torch.save(M.maisi_autoencoder(tiny=True, device="cpu").state_dict(), out / "autoencoder_epoch273.pt")
+    unet = M.maisi_diffusion_unet(version, tiny=True, device="cpu").state_dict()
+    cn = M.maisi_controlnet(version, tiny=True, device="cpu").state_dict()
+    if version == "ddpm":
+        for state, name in ((unet, "diffusion_unet_ddpm_tiny"), (cn, "controlnet_ddpm_tiny")):
+            for k, shape in REF["layouts"][name].items():
+                state.setdefault(k, torch.zeros(shape))
+    names = {"rflow": ("autoencoder_v1.pt", "diff_unet_3d_rflow-ct.pt", "controlnet_3d_rflow-ct.pt"),
+             "ddpm": ("autoencoder_epoch273.pt", "input_unet3d_data-all_steps1000size512ddpm_random_current_inputx_v1.pt",
+                      "controlnet-20datasets-e20wl100fold0bc_noi_dia_fsize_current.pt")}[version]
+    torch.save(M.maisi_autoencoder(tiny=True, device="cpu").state_dict(), out / names[0])
     torch.save({"epoch": 1, "loss": 0.1, "num_train_timesteps": 1000, "unet_state_dict": unet,
                 "scale_factor": MetaTensor(torch.tensor(0.8), meta={"filename_or_obj": "x", "dim": np.arange(3)})},
-               out / "input_unet3d_data-all_steps1000size512ddpm_random_current_inputx_v1.pt")
-    torch.save({"epoch": 1, "loss": torch.tensor(0.2), "controlnet_state_dict": cn},
-               out / "controlnet-20datasets-e20wl100fold0bc_noi_dia_fsize_current.pt")
+               out / names[1])
+    torch.save({"epoch": 1, "loss": torch.tensor(0.2), "controlnet_state_dict": cn}, out / names[2])
+    return 0.8
 
 
 def _workflow(bundle, **overrides) -> ConfigWorkflow:
@@ -228,28 +235,32 @@ def _workflow(bundle, **overrides) -> ConfigWorkflow:
     return wf
 
 
-def test_ddpm_generates_from_the_official_zipped_database(maisi_bundle, official_db, tmp_path):
+@pytest.mark.parametrize("version", ["rflow", "ddpm"])
+def test_generates_from_the_official_zipped_database(maisi_bundle, official_db, tmp_path, version):
     ckpt = tmp_path / "models"
     ckpt.mkdir()
-    _ddpm_replicas(ckpt)
+    scale = _replicas(ckpt, version)
     datasets = tmp_path / "datasets"
     datasets.mkdir()
     (datasets / f"{DB_NAME}.zip").write_bytes((official_db["root"] / f"{DB_NAME}.zip").read_bytes())
     out = tmp_path / "out"
-    wf = _workflow(maisi_bundle, version="ddpm", ckpt_dir=str(ckpt), output_dir=str(out), num_inference_steps=2,
+    wf = _workflow(maisi_bundle, version=version, ckpt_dir=str(ckpt), output_dir=str(out), num_inference_steps=2,
                    mask_db=str(official_db["json"]), mask_db_dir=str(datasets / DB_NAME), anatomy_list=["liver"],
                    output_size=[64, 64, 64], spacing=[1.5, 1.5, 1.5], num_output_samples=1, quality_check=True,
                    keep_all_labels=True)
     wf.run()
     assert (datasets / DB_NAME / "Task03" / "labelsTr" / "liver_007.nii.gz").is_file()
-    assert wf.parser.get_parsed_content("inferer").scale_factor == pytest.approx(0.8)
+    assert wf.parser.get_parsed_content("inferer").scale_factor == pytest.approx(scale)
     images = sorted(out.glob("sample_*_image.nii.gz"))
     reports = [json.loads(p.read_text()) for p in out.glob("sample_*.json")]
     assert len(images) == 1 and len(reports) == 1
     report = reports[0]
     assert report["kept"] and report["mask"].endswith((".nii.gz",)) and DB_NAME in report["mask"]
-    label = np.asarray(nib.load(str(images[0]).replace("_image.nii.gz", "_label.nii.gz")).dataobj)
-    top, bottom = body_region_from_mask(label)  # the mask the sample was conditioned on (augmented)
-    assert report["top_region_index"] == top and report["bottom_region_index"] == bottom
     assert 1 <= report["masks_tried"] <= 5 and report["attempts"] == 1  # next mask, not a redraw
+    if version == "ddpm":
+        label = np.asarray(nib.load(str(images[0]).replace("_image.nii.gz", "_label.nii.gz")).dataobj)
+        top, bottom = body_region_from_mask(label)  # the mask the sample was conditioned on (augmented)
+        assert report["top_region_index"] == top and report["bottom_region_index"] == bottom
+    else:  # the rflow UNet has no body-region input
+        assert "top_region_index" not in report
 
