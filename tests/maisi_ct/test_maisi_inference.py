@@ -107,3 +107,31 @@ def test_evaluate_reconstruction_and_generated_qc(maisi_bundle, ct_demo, tiny_ck
     assert summary["n"] == 1 and np.isfinite(summary["psnr"]) and 0 < summary["mae_hu"] <= 2000
     rows = (tmp_path / "eval" / "generated_qc.csv").read_text().splitlines()
     assert rows[0].startswith("sample,organ,median") and any(",liver," in r for r in rows[1:])
+
+
+def test_totalsegmentator_label_map_through_the_bundle(maisi_bundle, tiny_ckpt_dir, tmp_path):
+    """A TotalSegmentator 'total' map as label_path: refused as MAISI ids with one error naming label_format;
+    with label_format totalsegmentator it is converted by name and the sample's label is a MAISI map."""
+    from common.data.fetch import demo_file
+    from common.transforms.maisi import DUMMY_LABELS, maisi_label_problems
+    from common.utils.errors import InvalidInputError
+
+    ts = str(demo_file("totalsegmentator/example_seg_fast_force_split.nii.gz"))
+    with pytest.raises(Exception) as err:
+        _workflow(maisi_bundle, tiny_ckpt_dir, tmp_path / "refused", label_path=ts, quality_check=False)
+    chain, e = [], err.value
+    while e is not None:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    user = [c for c in chain if isinstance(c, InvalidInputError)]
+    assert user and "label_format" in str(user[0]) and "example_seg_fast_force_split" in str(user[0])
+    assert not list((tmp_path / "refused").glob("sample_*"))
+
+    images = _workflow(maisi_bundle, tiny_ckpt_dir, tmp_path / "out", label_path=ts, label_format="totalsegmentator",
+                       anatomy_list=["liver", "spleen"], keep_all_labels=True, quality_check=False)
+    img, lab, report = _pair(images[0])
+    label = np.asarray(lab.dataobj)
+    ids = set(np.unique(label).tolist())
+    assert {MAISI_LABELS["liver"], MAISI_LABELS["spleen"], BODY_LABEL} <= ids and not ids & set(DUMMY_LABELS)
+    assert maisi_label_problems(label, np.linalg.norm(lab.affine[:3, :3], axis=0)) == []
+    assert report["label_format"] == "totalsegmentator" and img.shape == (64, 64, 64)
