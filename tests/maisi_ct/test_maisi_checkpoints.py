@@ -169,3 +169,76 @@ def test_perceptual_weights_offline_or_refused(tmp_path):
     else:  # built offline, then the (empty) file does not fit: refused strictly, never downloaded
         with pytest.raises(CheckpointError):
             M.maisi_perceptual_loss(weights)
+
+
+class _OfflineLPIPS(torch.nn.Module):
+    """Stands in for ``lpips.LPIPS`` (not installed here) with its constructor's signature: it refuses to be built
+    in any way that would fetch weights (ImageNet backbone unless ``pnet_rand``, LPIPS layers when ``pretrained``)."""
+
+    built: list[dict] = []
+
+    def __init__(self, pretrained=True, net="alex", version="0.1", lpips=True, spatial=False, pnet_rand=False,
+                 pnet_tune=False, use_dropout=True, model_path=None, eval_mode=True, verbose=True):
+        super().__init__()
+        type(self).built.append({"pretrained": pretrained, "net": net, "pnet_rand": pnet_rand, "model_path": model_path})
+        if pretrained or not pnet_rand or model_path is not None:
+            raise RuntimeError("this construction would download weights")
+        self.net = torch.nn.Conv2d(1, 4, 3)
+        self.lin0 = torch.nn.Conv2d(4, 1, 1, bias=False)
+
+    def forward(self, x, y):
+        return self.lin0((self.net(x) - self.net(y)) ** 2).mean(dim=(2, 3), keepdim=True)
+
+
+def test_perceptual_weights_file_is_loaded_into_the_network_monai_builds(maisi_bundle, tmp_path, monkeypatch):
+    """With the packages present (stood in for), the squeeze network is built without any download and the local
+    file's weights are the ones the loss computes with; a file that does not fit is refused; the train config turns
+    the 0.3 term on exactly when the key is set."""
+    import importlib.machinery
+    import sys
+    import types
+
+    import monai.losses.perceptual as perceptual  # imported before the stand-ins: its optional imports stay as they are
+    from monai.bundle import ConfigParser
+
+    for name in ("lpips", "torchvision"):
+        module = types.ModuleType(name)
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        monkeypatch.setitem(sys.modules, name, module)
+    sys.modules["lpips"].LPIPS = _OfflineLPIPS
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: pytest.fail("download attempted"))
+    _OfflineLPIPS.built.clear()
+    before = perceptual.LPIPS
+
+    files, losses = [], []
+    x, y = torch.rand(1, 1, 12, 12, 12, generator=torch.Generator().manual_seed(0)), torch.zeros(1, 1, 12, 12, 12)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        state = _OfflineLPIPS(pretrained=False, pnet_rand=True).state_dict()
+        files.append(tmp_path / f"squeeze_{seed}.pth")
+        torch.save(state, files[-1])
+        loss = M.maisi_perceptual_loss(files[-1])
+        assert isinstance(loss.perceptual_function, _OfflineLPIPS)
+        assert all(torch.equal(loss.perceptual_function.state_dict()[k], v) for k, v in state.items())
+        torch.manual_seed(5)  # the fake-3D slice draw
+        with torch.no_grad():
+            losses.append(float(loss(x, y)))
+    assert losses[0] != losses[1]  # the loss computes with the file's weights
+    built = [b for b in _OfflineLPIPS.built if b["net"] == "squeeze"]
+    assert len(built) == 2 and all(b["pnet_rand"] and not b["pretrained"] for b in built)
+    assert perceptual.LPIPS is before  # MONAI's module is left as it was
+    bad = tmp_path / "other.pth"
+    torch.save({"net.weight": torch.zeros(4, 1, 3, 3)}, bad)
+    with pytest.raises(CheckpointError, match=r"perceptual_weights_path"):
+        M.maisi_perceptual_loss(bad)
+
+    parser = ConfigParser()
+    parser.read_config(str(maisi_bundle / "configs" / "train_autoencoder.json"))
+    parser.update({"bundle_root": str(maisi_bundle), "device": "$torch.device('cpu')"})
+    assert parser.get_parsed_content("perceptual_weight") == 0.0 and parser.get_parsed_content("perceptual_loss") is None
+    parser = ConfigParser()
+    parser.read_config(str(maisi_bundle / "configs" / "train_autoencoder.json"))
+    parser.update({"bundle_root": str(maisi_bundle), "device": "$torch.device('cpu')", "perceptual_weights_path": str(files[1])})
+    assert parser.get_parsed_content("perceptual_weight") == 0.3
+    loss = parser.get_parsed_content("perceptual_loss")
+    assert torch.equal(loss.perceptual_function.lin0.weight, torch.load(files[1], weights_only=True)["lin0.weight"])
