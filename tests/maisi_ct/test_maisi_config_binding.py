@@ -1,6 +1,7 @@
 """What ``configs/inference.json`` asks for is what generation does, observed during real runs of the bundle
 (tiny overlay, CPU):
 
+* without the overlay, the networks it builds have the official checkpoints' layouts (meta device, no weights);
 * the noise scheduler is built from the config's ``rflow_scheduler`` / ``ddpm_scheduler`` arguments, the inferer
   holds that object, and the timesteps it steps through are the ones those arguments give (a changed argument
   changes them);
@@ -13,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -65,6 +67,37 @@ def _rflow_timesteps(n_steps: int, latent_numel: int, n_train: int = 1000, base_
     r = (latent_numel / base_numel) ** (1.0 / dim)
     ts = [1.0 - i / n_steps for i in range(n_steps)]
     return [n_train * r * t / (1 + (r - 1) * t) for t in ts]
+
+
+# --- networks -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("version", ["rflow", "ddpm"])
+def test_networks_of_inference_json_have_the_official_layouts(maisi_bundle, version):
+    """Without the tiny overlay, every network inference.json builds has exactly the state-dict keys and shapes of
+    the official checkpoints (``official_state_dict_layout.json``), attention with 32 channels per head, and the
+    VAE splits as the official config does (4 pieces along dim_split 1). Built on the meta device (no weights)."""
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiConvolution
+    from monai.networks.blocks.selfattention import SABlock
+
+    layout = json.loads((Path(__file__).parent / "official_state_dict_layout.json").read_text())
+    parser = ConfigParser()
+    parser.read_config(str(maisi_bundle / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(maisi_bundle), "version": version, "device": "$torch.device('cpu')",
+                   "controllable_anatomy_size": [["liver", 0.5]]})  # enables the mask-generation networks
+    nets = {"autoencoder_def": "autoencoder", "diffusion_unet_def": f"diffusion_unet_{version}",
+            "controlnet_def": f"controlnet_{version}", "mask_autoencoder_def": "mask_autoencoder",
+            "mask_diffusion_def": "mask_diffusion_unet"}
+    for key, official in nets.items():
+        with torch.device("meta"):
+            net = parser.get_parsed_content(key)
+        assert {k: list(v.shape) for k, v in net.state_dict().items()} == layout[official], key
+        heads = [m for m in net.modules() if isinstance(m, SABlock)]
+        assert all(m.dim_head == 32 for m in heads), key
+        if key in ("diffusion_unet_def", "controlnet_def"):
+            assert heads
+        if key == "autoencoder_def":
+            convs = [m for m in net.modules() if isinstance(m, MaisiConvolution)]
+            assert convs and {(m.num_splits, m.dim_split) for m in convs} == {(4, 1)}
 
 
 # --- scheduler --------------------------------------------------------------------------------------------------
