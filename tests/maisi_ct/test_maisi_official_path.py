@@ -264,3 +264,44 @@ def test_generates_from_the_official_zipped_database(maisi_bundle, official_db, 
     else:  # the rflow UNet has no body-region input
         assert "top_region_index" not in report
 
+
+
+#: a quality-check table no CT can pass (liver median must lie in [5000, 6000] HU)
+_IMPOSSIBLE_QC = {"liver": {"sigma_6_low": 5000.0, "percentile_0_5": 5000.0, "sigma_6_high": 6000.0, "percentile_99_5": 6000.0}}
+
+
+def test_failed_quality_check_moves_to_the_next_database_mask_and_redraws_a_user_mask(
+        maisi_bundle, official_db, maisi_masks, tmp_path):
+    """Official rule in a bundle run: a database sample failing the quality check is dropped and the next mask is
+    used (no redraw on the same mask); the last candidate for the last missing sample is kept, marked failed.
+    A user's mask has no next mask: its noise is redrawn up to max_try times."""
+    ckpt = tmp_path / "models"
+    ckpt.mkdir()
+    _replicas(ckpt, "rflow")
+    datasets = tmp_path / "datasets"
+    datasets.mkdir()
+    (datasets / f"{DB_NAME}.zip").write_bytes((official_db["root"] / f"{DB_NAME}.zip").read_bytes())
+    common = dict(ckpt_dir=str(ckpt), num_inference_steps=2, output_size=[64, 64, 64], spacing=[1.5, 1.5, 1.5],
+                  num_output_samples=1, quality_check=True, quality_statistics=_IMPOSSIBLE_QC, max_try=2)
+    out = tmp_path / "db"
+    wf = _workflow(maisi_bundle, output_dir=str(out), mask_db=str(official_db["json"]), mask_db_dir=str(datasets / DB_NAME),
+                   anatomy_list=["liver"], **common)
+    draws = []
+    inferer = wf.parser.get_parsed_content("inferer")
+    original = inferer.sample_latent
+    inferer.sample_latent = lambda mask, *a, **k: (draws.extend(mask.meta["filename_or_obj"]), original(mask, *a, **k))[1]
+    wf.run()
+    queue = wf.parser.get_parsed_content("dataset")
+    assert len(queue.data) == 2 and queue.tried == 2 and queue.decisions == [False, True]
+    assert draws == [item["label"] for item in queue.data]  # one draw per mask, the second mask after the first failed
+    reports = [json.loads(p.read_text()) for p in out.glob("sample_*.json")]
+    assert len(reports) == 1 and len(list(out.glob("sample_*_image.nii.gz"))) == 1  # the dropped sample is not written
+    report = reports[0]
+    assert report["mask"] == queue.data[1]["label"] and report["masks_tried"] == 2 and report["attempts"] == 1
+    assert report["kept"] and report["quality_check_result"] == "failed"
+
+    out = tmp_path / "user"
+    wf = _workflow(maisi_bundle, output_dir=str(out), label_path=str(maisi_masks["grid"]), **common)
+    wf.run()
+    (report,) = [json.loads(p.read_text()) for p in out.glob("sample_*.json")]
+    assert report["attempts"] == 2 and report["quality_check_result"] == "failed" and report["masks_tried"] == 1
