@@ -305,3 +305,39 @@ def test_failed_quality_check_moves_to_the_next_database_mask_and_redraws_a_user
     wf.run()
     (report,) = [json.loads(p.read_text()) for p in out.glob("sample_*.json")]
     assert report["attempts"] == 2 and report["quality_check_result"] == "failed" and report["masks_tried"] == 1
+
+
+def test_bundle_drops_database_masks_whose_requested_label_does_not_survive_resampling(maisi_bundle, maisi_masks, tmp_path):
+    """Closest-match path: the bundle's own preprocessing decides survival. A mask whose liver is one voxel at an
+    odd index (gone after nearest resampling to 3 mm) is not a candidate; the mask with a real liver is used."""
+    from monai.data import MetaTensor
+    from monai.transforms import Spacing
+
+    img = nib.load(str(maisi_masks["grid"]))
+    arr = np.asarray(img.dataobj).astype(np.uint8)
+    liver = MAISI_LABELS["liver"]
+    assert (arr == liver).sum() > 100
+    speck = np.where(arr == liver, BODY_LABEL, arr).astype(np.uint8)
+    speck[33, 33, 33] = liver
+    resampled = Spacing(pixdim=(3.0, 3.0, 3.0), mode="nearest")(MetaTensor(torch.as_tensor(speck[None]), affine=torch.as_tensor(img.affine)))
+    assert liver not in torch.unique(resampled)  # precondition: the speck does not survive
+    db_dir = tmp_path / "db"
+    db_dir.mkdir()
+    entries = []
+    for name, data in (("a_speck.nii.gz", speck), ("b_liver.nii.gz", arr)):
+        nib.save(nib.Nifti1Image(data, img.affine), str(db_dir / name))
+        entries.append({"pseudo_label_filename": name, "spacing": [1.5, 1.5, 1.5], "dim": [64, 64, 64],
+                        "label_list": sorted(int(v) for v in np.unique(data) if v)})
+    (db_dir / "db.json").write_text(json.dumps(entries))
+    ckpt = tmp_path / "models"
+    ckpt.mkdir()
+    _replicas(ckpt, "rflow")
+    out = tmp_path / "out"
+    wf = _workflow(maisi_bundle, ckpt_dir=str(ckpt), output_dir=str(out), mask_db=str(db_dir / "db.json"),
+                   anatomy_list=["liver"], output_size=[64, 64, 64], spacing=[3.0, 3.0, 3.0], num_output_samples=1,
+                   quality_check=False)
+    queue = wf.parser.get_parsed_content("dataset")
+    assert [Path(item["label"]).name for item in queue.data] == ["b_liver.nii.gz"]
+    wf.run()
+    (report,) = [json.loads(p.read_text()) for p in out.glob("sample_*.json")]
+    assert Path(report["mask"]).name == "b_liver.nii.gz"
