@@ -5,8 +5,9 @@
   server adds a string ``image_path`` item that ``Spacingd``'s dictionary handling trips over), so
   the bundles wrap the array transform ``Spacing`` in their own dictionary transform. ``Invertd``
   undoes it like ``Spacingd``.
-* :class:`RandFieldOfViewd`: random slab / in-plane field of view with air outside, so a model
-  meets at training time the framings of users' scans (thin slabs, tight or wide fields of view).
+* :class:`RandFieldOfViewd`: random slab / in-plane field of view, with air or the repeated edge
+  slices outside, so a model meets at training time the framings of users' scans (thin slabs,
+  tight or wide fields of view) as the sliding-window inferer pads them.
 * :func:`intensity_transform`: the spec's intensity rules as MONAI transforms: MR volumes are
   clipped to their 0.5 and 99.5 percentiles and rescaled to [0, 1] (the official v0.2.0+ code uses
   the 0.95th percentile, a slip of a factor 100); CT volumes are clipped to a HU window (AMOS:
@@ -114,9 +115,17 @@ class RandFieldOfViewd(RandomizableTransform, MapTransform):
     shows the network windows where the body ends abruptly in padding. This transform makes such
     windows part of training: with probability ``prob`` it keeps a slab of ``slab_size`` voxels
     along ``slab_axis`` (drawn within the body's extent) and, with probability ``inplane_prob``,
-    an in-plane window of ``inplane_fraction`` of the body's extent along the other axes; outside
-    the kept box every key is set to its ``fill`` value (the air value of the normalised image,
-    background for labels), exactly what padding a smaller scan produces at inference.
+    an in-plane window of ``inplane_fraction`` of the body's extent along the other axes. Outside
+    the kept box, ``fill_mode`` says what the network sees, and it should be what the inferer's
+    ``padding_mode`` produces when it pads a small scan up to one window:
+
+    * ``"constant"``: every key is set to its ``fill`` value (the air value of the normalised
+      image, background for labels), as air padding (``padding_mode: constant``) shows a scan;
+    * ``"replicate"``: every key repeats the kept box's nearest edge voxel along each cut axis,
+      as ``torch.nn.functional.pad(..., mode="replicate")`` (``padding_mode: replicate``) does.
+      A model trained on air-filled cuts but served with edge padding never saw that framing
+      (measured on the diffseg demo model: TotalSegmentator's 30-slice crop 0.81 mean Dice
+      against 0.87 for the same slices inside the whole scan).
 
     The body is where ``image_key`` exceeds ``body_threshold`` (air is 0 after the CT intensity
     rule). Shapes: channel-first ``(C, *S)`` arrays or tensors, unchanged.
@@ -129,7 +138,8 @@ class RandFieldOfViewd(RandomizableTransform, MapTransform):
         slab_axis: spatial axis of the slab (2: superior-inferior for RAS volumes).
         inplane_prob: probability of an in-plane cut (independent of the slab).
         inplane_fraction: (min, max) fraction of the body's extent kept along each other axis.
-        fill: value outside the kept box, one per key.
+        fill: value outside the kept box, one per key (``fill_mode="constant"``).
+        fill_mode: ``"constant"`` (``fill``) or ``"replicate"`` (the kept box's edge voxels).
         body_threshold: foreground threshold on ``image_key``.
     """
 
@@ -144,9 +154,13 @@ class RandFieldOfViewd(RandomizableTransform, MapTransform):
         inplane_fraction: Sequence[float] = (0.5, 0.9),
         fill: Sequence[float] | float = 0.0,
         body_threshold: float = 0.0,
+        fill_mode: str = "constant",
         allow_missing_keys: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
+        if fill_mode not in ("constant", "replicate"):
+            raise ValueError(f"fill_mode must be 'constant' or 'replicate', got {fill_mode!r}")
+        self.fill_mode = fill_mode
         RandomizableTransform.__init__(self, prob)
         lo, hi = (int(v) for v in slab_size)
         if not 1 <= lo <= hi:
@@ -200,9 +214,24 @@ class RandFieldOfViewd(RandomizableTransform, MapTransform):
             return d
         for key, fill in self.key_iterator(d, self.fill):
             x = d[key]
+            if self.fill_mode == "replicate":
+                d[key] = self._replicate_edges(x)
+                continue
             kept = x[(slice(None), *self._box)].clone() if isinstance(x, torch.Tensor) else x[(slice(None), *self._box)].copy()
             x = x.clone() if isinstance(x, torch.Tensor) else x.copy()
             x[...] = fill
             x[(slice(None), *self._box)] = kept
             d[key] = x
         return d
+
+    def _replicate_edges(self, x):
+        """``x`` with every voxel outside the kept box replaced by the box's nearest edge voxel."""
+        for axis, kept in enumerate(self._box or []):
+            if kept.start is None:
+                continue
+            nearest = torch.arange(x.shape[axis + 1]).clamp(kept.start, kept.stop - 1)
+            if isinstance(x, torch.Tensor):
+                x = x.index_select(axis + 1, nearest.to(x.device))
+            else:
+                x = x.take(nearest.numpy(), axis=axis + 1)
+        return x

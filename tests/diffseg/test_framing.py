@@ -66,6 +66,31 @@ def test_field_of_view_cut_keeps_a_box_of_the_body_and_blanks_the_rest(real_ct):
     assert not torch.equal(real_ct["image"], out["image"])  # the input dictionary was not modified in place
 
 
+def test_field_of_view_cut_in_replicate_mode_is_what_edge_padding_shows(real_ct):
+    """fill_mode="replicate": outside the kept box the cut volume is the box padded by F.pad(replicate)."""
+    t = RandFieldOfViewd(["image", "label"], prob=1.0, slab_size=(8, 12), inplane_prob=1.0, fill_mode="replicate")
+    for seed in range(3):
+        t.set_random_state(seed)
+        out = t(dict(real_ct))
+        box = t._box
+        for key in ("image", "label"):
+            source, cut = real_ct[key], out[key]
+            kept = source[(slice(None), *box)]
+            assert torch.equal(cut[(slice(None), *box)], kept)
+            pads = []
+            for axis in (2, 1, 0):  # F.pad order: last axis first
+                pads += [box[axis].start, source.shape[axis + 1] - box[axis].stop]
+            padded = torch.nn.functional.pad(kept[None].double(), pads, mode="replicate")[0]
+            assert torch.equal(cut.double(), padded)
+            assert cut.dtype == source.dtype
+        z = box[2]
+        assert not torch.equal(out["label"][..., : z.start], real_ct["label"][..., : z.start])  # really replaced
+    array_out = t(dict(image=real_ct["image"].numpy(), label=real_ct["label"].numpy()))
+    assert isinstance(array_out["image"], np.ndarray) and array_out["image"].shape == real_ct["image"].shape
+    with pytest.raises(ValueError, match="fill_mode"):
+        RandFieldOfViewd(["image"], fill_mode="reflect")
+
+
 def test_field_of_view_cut_is_seeded_and_off_at_probability_zero(real_ct):
     t = RandFieldOfViewd(["image", "label"], prob=0.5, slab_size=(8, 40), inplane_prob=0.5)
     t.set_random_state(3)
