@@ -123,9 +123,9 @@ class RandFieldOfViewd(RandomizableTransform, MapTransform):
       image, background for labels), as air padding (``padding_mode: constant``) shows a scan;
     * ``"replicate"``: every key repeats the kept box's nearest edge voxel along each cut axis,
       as ``torch.nn.functional.pad(..., mode="replicate")`` (``padding_mode: replicate``) does.
-      A model trained on air-filled cuts but served with edge padding never saw that framing
-      (measured on the diffseg demo model: TotalSegmentator's 30-slice crop 0.81 mean Dice
-      against 0.87 for the same slices inside the whole scan).
+      A model trained on air-filled cuts but served with edge padding never saw that framing.
+      (Measured on the diffseg demo model, matching the two did not by itself close the gap on
+      TotalSegmentator's 30-slice crop: see the diffseg model card.)
 
     The body is where ``image_key`` exceeds ``body_threshold`` (air is 0 after the CT intensity
     rule). Shapes: channel-first ``(C, *S)`` arrays or tensors, unchanged.
