@@ -124,6 +124,52 @@ def test_channel_mean_loss_and_loss_options(avg152):
         ivan_losses(net, x, y, n_out=1, loss="huber")
 
 
+class _Saturated(torch.nn.Module):
+    """A stand-in for a collapsed iVAN: its two output channels sit at +3 and -2 (clamped mean 0.5), shifted by
+    one learnable offset per channel; the inverse is the exact inverse of that shift."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offset = torch.nn.Parameter(torch.tensor([3.0, -2.0]).view(1, 2, 1, 1))
+
+    def forward(self, x, rev=False):
+        return x - self.offset if rev else x + self.offset
+
+
+def test_range_penalty_gives_gradient_where_the_clamp_gives_none(avg152):
+    net = IVAN(channels=2, num_blocks=2, growth=8, seed=0)
+    d = VariableAugmentd(["t1"], ["t2"])(_d(avg152, ("t1", "t2"), z=41))
+    x, y = d["image"][None], d["label"][None]
+    official = ivan_losses(net, x, y, n_out=1)
+    with_range = ivan_losses(net, x, y, n_out=1, range_weight=2.0)
+    with torch.no_grad():
+        raw = net(x)
+    expected = (F.relu(-raw) ** 2 + F.relu(raw - 1) ** 2).mean()
+    torch.testing.assert_close(with_range["loss_range"], expected)
+    torch.testing.assert_close(official["loss_range"], expected)  # logged either way
+    torch.testing.assert_close(official["loss"], official["loss_fwd"] + official["loss_rev"])
+    torch.testing.assert_close(with_range["loss"], official["loss"] + 2.0 * expected)
+    with pytest.raises(ValueError):
+        ivan_losses(net, x, y, n_out=1, range_weight=-1.0)
+
+    # a collapsed network: both channels outside [0, 1], so the official loss has no gradient at all
+    sat = _Saturated()
+    ivan_losses(sat, x, y, n_out=1)["loss"].backward()
+    assert sat.offset.grad is None or float(sat.offset.grad.abs().max()) == 0.0
+    sat.offset.grad = None
+    ivan_losses(sat, x, y, n_out=1, range_weight=1.0)["loss"].backward()
+    g = sat.offset.grad.flatten()
+    assert g[0] > 0 and g[1] < 0  # gradient descent moves the +3 channel down and the -2 channel up
+    opt = torch.optim.SGD(sat.parameters(), lr=0.5)
+    for _ in range(50):
+        opt.zero_grad()
+        ivan_losses(sat, x, y, n_out=1, range_weight=1.0)["loss"].backward()
+        opt.step()
+    with torch.no_grad():
+        out = sat(x)
+    assert float(out.min()) > -0.5 and float(out.max()) < 1.5  # back where the clamp passes gradient
+
+
 def test_training_step_outputs_and_updates(avg152):
     from types import SimpleNamespace
 
@@ -134,7 +180,7 @@ def test_training_step_outputs_and_updates(avg152):
     engine = SimpleNamespace(state=SimpleNamespace(device=torch.device("cpu")), amp=False, scaler=None)
     before = [p.detach().clone() for p in net.parameters()]
     out = step(engine, {"image": d["image"][None], "label": d["label"][None]})
-    assert set(out) == {"loss", "loss_fwd", "loss_rev", "lr"} and out["lr"] == 1e-4
+    assert set(out) == {"loss", "loss_fwd", "loss_rev", "loss_range", "lr"} and out["lr"] == 1e-4
     assert all(isinstance(v, float) for v in out.values())
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
     with pytest.raises(ValueError):
