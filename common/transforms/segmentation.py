@@ -136,6 +136,10 @@ class RandFieldOfViewd(RandomizableTransform, MapTransform):
         prob: probability of a slab cut.
         slab_size: (min, max) slab thickness in voxels, inclusive.
         slab_axis: spatial axis of the slab (2: superior-inferior for RAS volumes).
+        slab_anchor_prob: probability that a slab keeps one end of the body's extent along
+            ``slab_axis`` (either end, equally likely) instead of starting anywhere: a scan of the upper
+            abdomen only, or of the pelvis only, ends where the training scans end. Uniform starts show
+            such a slab about once in ``extent - slab_size`` cuts.
         inplane_prob: probability of an in-plane cut (independent of the slab).
         inplane_fraction: (min, max) fraction of the body's extent kept along each other axis.
         fill: value outside the kept box, one per key (``fill_mode="constant"``).
@@ -150,6 +154,7 @@ class RandFieldOfViewd(RandomizableTransform, MapTransform):
         prob: float = 0.3,
         slab_size: Sequence[int] = (8, 32),
         slab_axis: int = 2,
+        slab_anchor_prob: float = 0.0,
         inplane_prob: float = 0.2,
         inplane_fraction: Sequence[float] = (0.5, 0.9),
         fill: Sequence[float] | float = 0.0,
@@ -171,6 +176,9 @@ class RandFieldOfViewd(RandomizableTransform, MapTransform):
         self.image_key, self.slab_axis = image_key, int(slab_axis)
         self.slab_size, self.inplane_fraction = (lo, hi), (flo, fhi)
         self.inplane_prob, self.body_threshold = float(inplane_prob), float(body_threshold)
+        if not 0.0 <= float(slab_anchor_prob) <= 1.0:
+            raise ValueError(f"slab_anchor_prob must be within [0, 1], got {slab_anchor_prob}")
+        self.slab_anchor_prob = float(slab_anchor_prob)
         self.fill = ensure_tuple_rep(fill, len(self.keys))
         self._box: list[slice] | None = None
 
@@ -192,7 +200,12 @@ class RandFieldOfViewd(RandomizableTransform, MapTransform):
             else:
                 continue
             size = max(1, min(size, length))
-            start = first + int(self.R.randint(0, length - size + 1))
+            # the draw for anchoring only happens when it is enabled: the random stream (and so every
+            # earlier run's augmentation) is unchanged with the default 0
+            if axis == self.slab_axis and self.slab_anchor_prob > 0 and self.R.rand() < self.slab_anchor_prob:
+                start = first if self.R.rand() < 0.5 else last - size + 1
+            else:
+                start = first + int(self.R.randint(0, length - size + 1))
             box[axis] = slice(start, start + size)
         self._box = box
 

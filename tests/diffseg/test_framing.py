@@ -103,6 +103,32 @@ def test_field_of_view_cut_is_seeded_and_off_at_probability_zero(real_ct):
     assert torch.equal(out["image"], real_ct["image"]) and torch.equal(out["label"], real_ct["label"])
 
 
+def test_anchored_slabs_keep_one_end_of_the_body(real_ct):
+    """slab_anchor_prob=1: every slab starts at the body's first slice or ends at its last (both ends seen);
+    0 (default) draws starts anywhere, and an invalid probability is refused."""
+    body = real_ct["image"].amax(dim=0) > 0
+    zs = torch.nonzero(body.any(dim=0).any(dim=0)).flatten()
+    first, last = int(zs[0]), int(zs[-1])
+    t = RandFieldOfViewd(["image", "label"], prob=1.0, slab_size=(8, 12), inplane_prob=0.0, slab_anchor_prob=1.0)
+    ends = set()
+    for seed in range(12):
+        t.set_random_state(seed)
+        t(dict(real_ct))
+        z = t._box[2]
+        assert z.start == first or z.stop - 1 == last, (seed, z, first, last)
+        ends.add("first" if z.start == first else "last")
+    assert ends == {"first", "last"}
+    free = RandFieldOfViewd(["image", "label"], prob=1.0, slab_size=(8, 12), inplane_prob=0.0)
+    starts = set()
+    for seed in range(12):
+        free.set_random_state(seed)
+        free(dict(real_ct))
+        starts.add(free._box[2].start)
+    assert len(starts - {first}) > 3  # interior starts occur without anchoring
+    with pytest.raises(ValueError, match="slab_anchor_prob"):
+        RandFieldOfViewd(["image"], slab_anchor_prob=1.5)
+
+
 class _Recorder(torch.nn.Module):
     def __init__(self, net):
         super().__init__()
