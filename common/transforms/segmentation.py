@@ -8,6 +8,9 @@
 * :class:`RandFieldOfViewd`: random slab / in-plane field of view, with air or the repeated edge
   slices outside, so a model meets at training time the framings of users' scans (thin slabs,
   tight or wide fields of view) as the sliding-window inferer pads them.
+* :class:`RemoveSmallComponentsd`: post-processing of a label map that removes, per class,
+  connected components smaller than a physical volume (stray islands a sliding window leaves at
+  the cut of a thin scan), as TotalSegmentator and nnU-Net post-process theirs.
 * :func:`intensity_transform`: the spec's intensity rules as MONAI transforms: MR volumes are
   clipped to their 0.5 and 99.5 percentiles and rescaled to [0, 1] (the official v0.2.0+ code uses
   the 0.95th percentile, a slip of a factor 100); CT volumes are clipped to a HU window (AMOS:
@@ -18,8 +21,10 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import (
     InvertibleTransform,
     MapTransform,
@@ -30,7 +35,14 @@ from monai.transforms import (
 )
 from monai.utils import ensure_tuple_rep
 
-__all__ = ["AMOS_HU_WINDOW", "MR_PERCENTILES", "RandFieldOfViewd", "ResampleToSpacingd", "intensity_transform"]
+__all__ = [
+    "AMOS_HU_WINDOW",
+    "MR_PERCENTILES",
+    "RandFieldOfViewd",
+    "RemoveSmallComponentsd",
+    "ResampleToSpacingd",
+    "intensity_transform",
+]
 
 #: HU window of AMOS CT (official ImgX-DiffSeg AMOS preprocessing).
 AMOS_HU_WINDOW: tuple[float, float] = (-991.0, 362.0)
@@ -248,3 +260,74 @@ class RandFieldOfViewd(RandomizableTransform, MapTransform):
             else:
                 x = x.take(nearest.numpy(), axis=axis + 1)
         return x
+
+
+class RemoveSmallComponentsd(MapTransform):
+    """Set to background every connected component of a foreground class smaller than ``min_size_mm3``.
+
+    A label map ``(1, *S)`` (integer class ids, e.g. after ``AsDiscreted(argmax=True)``) on a grid
+    whose voxel volume comes from an affine: that of ``affine_key`` (the preprocessed image, whose
+    grid the prediction shares: an engine's prediction need not carry the image's meta data), else
+    the label map's own (a ``MetaTensor``), else ``pixdim``. Each foreground
+    class is labelled on its own (face connectivity), so a class whose only voxels are a stray
+    island is removed entirely, and an organ split in two by the edge of a slab keeps both parts
+    if each is at least ``min_size_mm3``. ``min_size_mm3 <= 0`` returns the input unchanged.
+    The meta data (affine, applied operations) is kept, so ``Invertd`` still undoes the
+    preprocessing afterwards.
+
+    Args:
+        keys: label-map keys.
+        min_size_mm3: smallest kept component, in cubic millimetres.
+        affine_key: key of a ``MetaTensor`` on the same grid whose affine gives the voxel volume.
+        pixdim: voxel size when neither carries an affine (plain tensors or arrays).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        min_size_mm3: float = 0.0,
+        affine_key: str | None = None,
+        pixdim: Sequence[float] | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.min_size_mm3, self.affine_key = float(min_size_mm3), affine_key
+        self.pixdim = None if pixdim is None else [float(v) for v in pixdim]
+
+    def _voxel_mm3(self, x) -> float:
+        if isinstance(x, MetaTensor):
+            affine = np.asarray(x.affine, dtype=np.float64)
+            n = affine.shape[0] - 1
+            return float(abs(np.linalg.det(affine[:n, :n])))
+        if self.pixdim is None:
+            raise ValueError("RemoveSmallComponentsd needs a MetaTensor (with its affine) or pixdim")
+        return float(np.prod(self.pixdim))
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        from scipy import ndimage
+
+        d = dict(data)
+        if self.min_size_mm3 <= 0:
+            return d
+        for key in self.key_iterator(d):
+            x = d[key]
+            if x.shape[0] != 1:
+                raise ValueError(f"RemoveSmallComponentsd: '{key}' must be a label map (1, *S), got shape {tuple(x.shape)}")
+            ref = d[self.affine_key] if self.affine_key is not None and isinstance(d.get(self.affine_key), MetaTensor) else x
+            min_voxels = self.min_size_mm3 / self._voxel_mm3(ref)
+            labels = np.asarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x)[0]
+            remove = np.zeros(labels.shape, dtype=bool)
+            for c in np.unique(labels):
+                if c == 0:
+                    continue
+                parts, n = ndimage.label(labels == c)
+                sizes = np.bincount(parts.ravel(), minlength=n + 1)
+                small = np.flatnonzero(sizes < min_voxels)
+                small = small[small > 0]
+                if small.size:
+                    remove |= np.isin(parts, small)
+            if remove.any():
+                out = x.clone() if isinstance(x, torch.Tensor) else x.copy()
+                out[0][torch.as_tensor(remove) if isinstance(x, torch.Tensor) else remove] = 0
+                d[key] = out
+        return d
