@@ -19,8 +19,11 @@ Layouts:
   under the root (e.g. the unpacked ``IXI-T1.tar``, ``IXI-T2.tar``, ``IXI-PD.tar``); only
   subjects with all three contrasts are used, and T1 is rigidly registered onto the T2 grid
   (:func:`common.data.registration.rigid_register`) because T2 and PD come from one dual-echo
-  acquisition while T1 was acquired separately. The later steps of the recipe (resampling to
-  1 mm RAS, optional N4 bias correction, the head mask) belong to the bundles' transforms.
+  acquisition while T1 was acquired separately. The builder stops there: nothing here or in the
+  bundles resamples IXI to 1 mm, corrects its bias field (N4) or masks the head. The bundles take
+  the volumes on the T2/PD grid as acquired (0.94 x 0.94 x 1.2 mm), reorient them to RAS and crop
+  or pad them to their training size; without a ``mask`` entry, evaluation masks are
+  ``source > 0 or target > 0``, which in unmasked IXI is most of the field of view.
 """
 
 from __future__ import annotations

@@ -241,30 +241,62 @@ def test_step_picks_one_modality_per_sample_reproducibly(brain):
     assert seen == {"t1", "t2"}
 
 
-@pytest.mark.parametrize("frozen", ["generator", "discriminators"])
-def test_cldm_step_two_discriminators_updates_are_separated(brain, frozen):
+def _recording(optimizer: torch.optim.Optimizer, name: str, modules: dict, log: list) -> None:
+    """Make ``optimizer.step`` record, when called, every module's gradients and parameter values."""
+    inner = optimizer.step
+
+    def step(*args, **kwargs):
+        log.append({
+            "who": name,
+            "grads": {k: [None if p.grad is None else p.grad.detach().clone() for p in m] for k, m in modules.items()},
+            "values": {k: [p.detach().clone() for p in m] for k, m in modules.items()},
+        })
+        return inner(*args, **kwargs)
+
+    optimizer.step = step
+
+
+def test_cldm_step_two_discriminators_updates_are_separated(brain):
+    """With real learning rates on both sides: the generator's adversarial loss leaves no gradient in the
+    discriminators, the discriminator loss leaves the generator's gradients as they were (the fake is
+    detached), and each side's parameters move only at its own optimiser's step. (Freezing a side with
+    lr=0 would prove nothing: Adam with lr 0 never moves, whatever the gradients.)"""
     torch.manual_seed(0)
     net = VQGAN.cldm("tiny")
     d2, d3 = cldm_discriminators(in_channels=3, channels=8)
-    lr_g, lr_d = (0.0, 1e-3) if frozen == "generator" else (1e-3, 0.0)
-    opt_g = torch.optim.Adam(net.parameters(), lr=lr_g)
-    opt_d = torch.optim.Adam(list(d3.parameters()) + list(d2.parameters()), lr=lr_d)
+    opt_g = torch.optim.Adam(net.parameters(), lr=1e-3)
+    opt_d = torch.optim.Adam(list(d3.parameters()) + list(d2.parameters()), lr=1e-3)
+    modules = {
+        "g": [p for p in net.parameters() if p.requires_grad],
+        "d": [p for p in list(d3.parameters()) + list(d2.parameters()) if p.requires_grad],
+    }
+    log: list = []
+    _recording(opt_g, "g", modules, log)
+    _recording(opt_d, "d", modules, log)
     step = VQGANTrainingStep(
         net, opt_g, [d3, d2], opt_d, disc_inputs=["volume", "slice"], image_keys="noddi", rec_weight=4.0,
         adv_weights=[1.0, 1.0], disc_start=0,
     )
     x = torch.stack([brain["t1"], brain["t2"], brain["pd"]])[None, :, :16, :16, :16].repeat(2, 1, 1, 1, 1)
     engine = SimpleNamespace(state=SimpleNamespace(iteration=1, device=torch.device("cpu")), amp=False)
-    g0, d0 = _params(net), _params(d3) + _params(d2)
+    start = {k: [p.detach().clone() for p in m] for k, m in modules.items()}
     out = step(engine, {"noddi": x})
     assert {"loss_adv_g_volume", "loss_adv_g_slice", "loss_d_volume", "loss_d_slice"} <= set(out)
     assert out["loss_d"] == pytest.approx(out["loss_d_volume"] + out["loss_d_slice"], rel=1e-5)
-    g_changed = _changed(net, g0)
-    d_changed = any(not torch.equal(p, b) for p, b in zip(list(d3.parameters()) + list(d2.parameters()), d0))
-    if frozen == "generator":  # only the discriminator optimiser moves: the D step leaves G untouched
-        assert not g_changed and d_changed
-    else:  # only the generator optimiser moves: the G step leaves D untouched
-        assert g_changed and not d_changed
+    assert [e["who"] for e in log] == ["g", "d"]
+    at_g, at_d = log
+    # generator step: gradients in G (the adversarial term included), none in the discriminators
+    assert all(g is None for g in at_g["grads"]["d"])
+    assert any(g is not None and float(g.abs().sum()) > 0 for g in at_g["grads"]["g"])
+    # discriminator step: its own gradients; the generator's gradients untouched by the D loss
+    assert any(g is not None and float(g.abs().sum()) > 0 for g in at_d["grads"]["d"])
+    for before, after in zip(at_g["grads"]["g"], at_d["grads"]["g"]):
+        assert (before is None and after is None) or torch.equal(before, after)
+    # each side moves only at its own step, and both move
+    assert all(torch.equal(a, b) for a, b in zip(start["d"], at_d["values"]["d"]))  # D unmoved by the G step
+    assert all(torch.equal(a, b) for a, b in zip(at_d["values"]["g"], [p.detach() for p in modules["g"]]))  # G unmoved by the D step
+    assert any(not torch.equal(a, b) for a, b in zip(start["g"], at_d["values"]["g"]))
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(start["d"], modules["d"]))
 
 
 class _LocalPerceptual(torch.nn.Module):
