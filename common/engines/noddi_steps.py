@@ -42,7 +42,6 @@ __all__ = [
     "CondEncoderStep",
     "LatentDiffusionStep",
     "NODDISRModel",
-    "AutoencoderReconstruction",
     "NODDISRInferer",
 ]
 
@@ -214,17 +213,6 @@ class NODDISRModel(nn.Module):
         if noise is None:
             noise = torch.randn(c.shape, generator=generator, device=c.device, dtype=c.dtype)
         return self.decode(sampler(c, self.unet, noise=noise))
-
-
-class AutoencoderReconstruction(nn.Module):
-    """``x ↦ decode(quantise(encode(x)))`` of a VQ-GAN (evaluation of stage 1 through a sliding-window inferer)."""
-
-    def __init__(self, vqgan: nn.Module) -> None:
-        super().__init__()
-        self.vqgan = vqgan
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vqgan(x)[0]
 
 
 class NODDISRInferer(Inferer):

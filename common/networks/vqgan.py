@@ -39,7 +39,7 @@ from torch import nn
 from .quantizers import EMAVectorQuantizer, VectorQuantizer3D
 from .vqgan_blocks import CLDMDecoder, CLDMEncoder, SamePadConv3d, TamingDecoder, TamingEncoder
 
-__all__ = ["VQGAN"]
+__all__ = ["VQGAN", "VQGANReconstruction"]
 
 # (channels, channel_mult, num_res_blocks, num_mid_blocks, norm_num_groups, num_embeddings, embed_dim)
 _ALDM_PRESETS: dict[str, dict[str, Any]] = {
@@ -240,3 +240,23 @@ class VQGAN(nn.Module):
     def autoencoder_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of encoder, convs, codebook and decoder (the generator optimiser's)."""
         return [p for p in self.parameters() if p.requires_grad]
+
+
+class VQGANReconstruction(nn.Module):
+    """``x -> decode(quantise(encode(x)))``: a VQ-GAN as one network, for evaluating stage 1 with an inferer.
+
+    ``per_channel=False``: ``(B, C, *S) -> (B, C, *S)`` with ``C`` the VQ-GAN's input channels (NODDI-SR's
+    three maps). ``per_channel=True``: every channel is its own single-channel volume (ALDM's autoencoder,
+    shared by all modalities): ``(B, M, *S)`` is run as ``(B * M, 1, *S)`` and reshaped back, so one call
+    reconstructs every modality of a case.
+    """
+
+    def __init__(self, vqgan: nn.Module, per_channel: bool = False) -> None:
+        super().__init__()
+        self.vqgan, self.per_channel = vqgan, bool(per_channel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.per_channel:
+            return self.vqgan(x)[0]
+        b, m = x.shape[:2]
+        return self.vqgan(x.reshape(b * m, 1, *x.shape[2:]))[0].reshape(b, m, *x.shape[2:])

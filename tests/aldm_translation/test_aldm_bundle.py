@@ -7,6 +7,8 @@ subprocess, the other workflows in-process through ``monai.bundle.ConfigWorkflow
 
 from __future__ import annotations
 
+import copy
+
 import csv
 import json
 import os
@@ -74,7 +76,7 @@ def trained(brain_demo, tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    stages = {"autoencoder": None}
+    stages = {"autoencoder": proc.stdout + proc.stderr}
     _purge_scripts()  # module-scoped: runs before the per-test ``bundle_path``
     sys.path.insert(0, str(BUNDLE))
     try:
@@ -107,6 +109,38 @@ def test_each_stage_writes_a_resumable_checkpoint(trained):
         assert np.isfinite(metrics["val_psnr"]) and metrics["val_psnr"] > 0, stage
     ema = torch.load(trained["ckpt"] / "diffusion.pt", map_location="cpu", weights_only=True)["ema"]
     assert int(ema["num_updates"]) == 2
+
+
+def test_stage1_validates_and_keeps_its_best_checkpoint(trained):
+    """Stage 1 reconstructs every modality of the validation subjects after its epoch (whole volumes, one
+    autoencoder for all modalities) and keeps the best-PSNR weights as autoencoder_best.pt: after one epoch
+    with one validation, those are the final weights."""
+    import re
+
+    psnr = [float(v) for v in re.findall(r"val_psnr: ([-0-9.eE+]+)", trained["stages"]["autoencoder"])]
+    # one validation (ignite logs it twice: the new best, then the epoch's metrics)
+    assert psnr and max(psnr) - min(psnr) < 1e-3 and np.isfinite(psnr[0]) and psnr[0] > 0
+    best = torch.load(trained["ckpt"] / "autoencoder_best.pt", map_location="cpu", weights_only=True)
+    final = torch.load(trained["ckpt"] / "autoencoder.pt", map_location="cpu", weights_only=True)["autoencoder"]
+    assert best.keys() == final.keys()  # a plain state dict of the autoencoder
+    assert all(torch.equal(best[k], final[k]) for k in final)
+    # and stage 2 can start from it (--autoencoder_ckpt models/autoencoder_best.pt)
+    sys.path.insert(0, str(BUNDLE))
+    try:
+        from scripts.aldm import load_entry
+
+        from common.networks.vqgan import VQGAN
+
+        net = copy.deepcopy(trained["stages"]["spade"].parser.get_parsed_content("autoencoder"))
+        for p in net.parameters():
+            p.data.zero_()
+        load_entry(net, str(trained["ckpt"] / "autoencoder_best.pt"), "autoencoder")
+        assert all(torch.equal(v.cpu(), best[k]) for k, v in net.state_dict().items())
+        with pytest.raises(Exception, match="autoencoder_best.pt"):
+            load_entry(VQGAN.cldm("tiny"), str(trained["ckpt"] / "autoencoder_best.pt"), "autoencoder")
+    finally:
+        sys.path.remove(str(BUNDLE))
+        _purge_scripts()
 
 
 def test_stage2_loaded_the_stage1_autoencoder(trained):

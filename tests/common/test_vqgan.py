@@ -326,3 +326,21 @@ def test_step_adaptive_weight_and_optional_perceptual_term(brain):
     assert np.isfinite(out["loss_perceptual"]) and out["loss_perceptual"] > 0
     # taming's weight 0.8 * |grad rec| / |grad adv| on the decoder's last layer, not the constant 1
     assert 0.0 < out["adv_weight"] <= 0.8 * 1e4 and out["adv_weight"] != 1.0
+
+
+def test_reconstruction_wrapper_runs_each_modality_as_its_own_volume(brain):
+    """VQGANReconstruction(per_channel=True) on (B, M, *S) equals the autoencoder on each modality alone;
+    per_channel=False passes the channels together (a multi-channel VQ-GAN)."""
+    from common.networks.vqgan import VQGANReconstruction
+
+    torch.manual_seed(0)
+    net = VQGAN.aldm("tiny").eval()
+    x = torch.stack([brain["t1"], brain["t2"], brain["pd"]])[None, :, :16, :16, :16].repeat(2, 1, 1, 1, 1)
+    with torch.no_grad():
+        both = VQGANReconstruction(net, per_channel=True)(x)
+        alone = torch.stack([torch.cat([net(x[b : b + 1, m : m + 1])[0] for m in range(3)], 1)[0] for b in range(2)])
+    assert both.shape == x.shape
+    torch.testing.assert_close(both, alone, atol=1e-5, rtol=0)
+    multi = VQGAN.cldm("tiny").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(VQGANReconstruction(multi)(x), multi(x)[0])

@@ -462,9 +462,13 @@ def load_entry(
     module: nn.Module, path: str, entry: str, sha256: str | None = None, map_location: Any = "cpu"
 ) -> nn.Module:
     """Load entry ``entry`` of the checkpoint ``path`` into ``module`` (``weights_only``, sha256
-    checked first when given); a file without that entry or with other shapes raises
+    checked first when given). A file that is the module's plain state dict (``autoencoder_best.pt``,
+    shipped weights) loads as it is. A file without that entry or with other keys or shapes raises
     :class:`common.utils.io.CheckpointError` naming the file, before any weight is changed."""
     ckpt = load_checkpoint(path, sha256=sha256 or None, map_location=map_location)
+    if entry not in ckpt and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        load_state_into(module, ckpt, source=f"checkpoint '{path}'")
+        return module
     if entry not in ckpt:
         raise CheckpointError(
             f"checkpoint '{path}' has no entry '{entry}' (it has {sorted(ckpt)[:8]}); "
