@@ -23,6 +23,7 @@ affines are valid input and pass unchanged: nothing here resamples or reorients.
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import struct
 import warnings
@@ -769,3 +770,45 @@ def _describe_class_set(values: Sequence[int]) -> str:
         parts.append(f"{values[i]}, ..., {values[j]}" if j - i >= 2 else ", ".join(str(v) for v in values[i : j + 1]))
         i = j + 1
     return "{" + ", ".join(parts) + "}"
+
+
+class ReportCroppedTissued(MapTransform):
+    """Log, per case, how much tissue a centre crop to ``spatial_size`` will drop (``ResizeWithPadOrCropd``).
+
+    Put it right before the crop: when the body is larger than the model's grid along an axis, the voxels
+    above ``threshold`` (tissue after intensity scaling) that fall outside the central box are counted and
+    one warning names the file, the grid, and how much is lost (voxels, percent, and the axes cut). Nothing
+    is changed; a case that fits logs nothing.
+    """
+
+    def __init__(
+        self, keys: KeysCollection, spatial_size: Sequence[int], threshold: float = 0.0, allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.spatial_size = [int(v) for v in spatial_size]
+        self.threshold = float(threshold)
+        self.logger = logging.getLogger(__name__)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = d[key]
+            tissue = torch.as_tensor(x).detach().amax(dim=0) > self.threshold
+            total = int(tissue.sum())
+            box, cut = [], []
+            for axis, (n, size) in enumerate(zip(tissue.shape, self.spatial_size)):
+                if size <= 0 or n <= size:
+                    box.append(slice(None))
+                    continue
+                start = n // 2 - size // 2  # MONAI's centre crop
+                box.append(slice(start, start + size))
+                cut.append(axis)
+            if not cut or total == 0:
+                continue
+            dropped = total - int(tissue[tuple(box)].sum())
+            if dropped > 0:
+                self.logger.warning(
+                    "%s: cropping %s to the model grid %s drops %d of %d tissue voxels (%.2f %%) along axes %s",
+                    describe_source(x, key), list(tissue.shape), self.spatial_size, dropped, total, 100.0 * dropped / total, cut,
+                )
+        return d
