@@ -82,12 +82,17 @@ def _workflow(config: str, workflow_type: str, overlays: list[str], **overrides)
     return wf
 
 
+#: voxel size of the simulated demo cohort and of avg152 (common.data.demo)
+DEMO_PIXDIM = [2.0, 2.0, 2.0]
+
+
 def _parser(config: str, overlays: list[str], **overrides):
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / config)] + [str(CONFIGS / o) for o in overlays])
     parser["bundle_root"] = str(BUNDLE)
+    parser["pixdim"] = DEMO_PIXDIM  # the demo cohort's spacing, whatever the overlay's default (light: 1 mm)
     for k, v in overrides.items():
         parser[k] = v
     return parser
@@ -196,7 +201,8 @@ def main(argv=None) -> dict:
     dataset_dir = str(datalist.parent)
     overlays = [args.overlay]
     ckpt, runs = out / "models", out / "runs"
-    base = {"dataset_dir": dataset_dir, "ckpt_dir": str(ckpt), "output_dir": str(runs), "seed": args.seed}
+    base = {"dataset_dir": dataset_dir, "ckpt_dir": str(ckpt), "output_dir": str(runs), "seed": args.seed,
+            "pixdim": DEMO_PIXDIM}
     if args.roi:
         base.update(roi_size=list(args.roi), train_roi_size=list(args.roi), ae_train_roi_size=list(args.roi))
     modalities = _parser("train_spade.json", overlays).get_parsed_content("modalities")
