@@ -86,6 +86,9 @@ class VQGAN(nn.Module):
         ema_decay, restart_threshold, ema_data_init: :class:`EMAVectorQuantizer` settings.
         padding_mode: ``cldm`` padding ("replicate").
         upsample_keeps_width: ``cldm`` decoder widths, see :class:`CLDMDecoder`.
+        checkpointing: ``taming`` only: activation checkpointing of every encoder/decoder block in training
+            (same outputs and gradients; activation memory of a 192x192x144 paper-scale step from about
+            246 GiB down to what ``benchmarks/aldm_activation_memory.py`` prints).
     """
 
     def __init__(
@@ -110,6 +113,7 @@ class VQGAN(nn.Module):
         ema_data_init: bool = True,
         padding_mode: str = "replicate",
         upsample_keeps_width: bool = False,
+        checkpointing: bool = False,
     ) -> None:
         super().__init__()
         style = style.lower()
@@ -121,11 +125,11 @@ class VQGAN(nn.Module):
         if style == "taming":
             self.encoder: nn.Module = TamingEncoder(
                 spatial_dims, in_channels, channels, channel_mult, num_res_blocks, num_mid_blocks, z_channels,
-                norm_num_groups, norm_eps,
+                norm_num_groups, norm_eps, checkpointing,
             )
             self.decoder: nn.Module = TamingDecoder(
                 spatial_dims, z_channels, channels, channel_mult, num_res_blocks, num_mid_blocks, out_channels,
-                norm_num_groups, norm_eps,
+                norm_num_groups, norm_eps, checkpointing,
             )
             self.quant_conv: nn.Module = Convolution(spatial_dims, z_channels, embed_dim, kernel_size=1, conv_only=True)
             self.post_quant_conv: nn.Module = Convolution(
@@ -146,6 +150,8 @@ class VQGAN(nn.Module):
             self.post_quant_conv = SamePadConv3d(embed_dim, self.decoder.in_channels, 1, padding_mode=padding_mode)
         else:
             raise ValueError(f"style must be 'taming' or 'cldm', got {style!r}")
+        if checkpointing and style != "taming":
+            raise ValueError("checkpointing is implemented for the taming style (ALDM) only")
 
         quantizer = ("vq" if style == "taming" else "ema") if quantizer is None else quantizer.lower()
         if quantizer == "vq":

@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution, Upsample
 from monai.networks.nets.autoencoderkl import AEKLDownsample, AEKLResBlock
@@ -162,6 +163,17 @@ def _conv(spatial_dims: int, cin: int, cout: int, k: int) -> Convolution:
     return Convolution(spatial_dims, cin, cout, strides=1, kernel_size=k, padding=k // 2, conv_only=True)
 
 
+def run_blocks(blocks: nn.Sequential, h: torch.Tensor, checkpointing: bool) -> torch.Tensor:
+    """``blocks(h)``, each block under activation checkpointing when ``checkpointing`` and gradients are on:
+    only the blocks' inputs stay in memory and each block's activations are recomputed in the backward
+    pass (same values and gradients, about a third more compute)."""
+    if not (checkpointing and torch.is_grad_enabled()):
+        return blocks(h)
+    for block in blocks:
+        h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=False)
+    return h
+
+
 class TamingEncoder(nn.Module):
     """Taming-style encoder: conv_in, levels of ResBlocks with zero-pad downsampling, mid block, GN-swish-conv_out.
 
@@ -174,6 +186,8 @@ class TamingEncoder(nn.Module):
         num_mid_blocks: ResBlocks in the mid block (ALDM v1: 1; paper-scale 2, see the ALDM spec).
         out_channels: ``z_channels`` of the output conv.
         norm_num_groups, norm_eps: GroupNorm settings (taming hard-codes 32 and 1e-6).
+        checkpointing: activation checkpointing of every ResBlock / resampling block in training
+            (:func:`run_blocks`; not in taming, which trains on smaller volumes).
 
     Shape: (B, in_channels, *S) -> (B, out_channels, *S / 2**(len(channel_mult) - 1)).
     """
@@ -189,8 +203,10 @@ class TamingEncoder(nn.Module):
         out_channels: int,
         norm_num_groups: int = 32,
         norm_eps: float = 1e-6,
+        checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        self.checkpointing = bool(checkpointing)
         widths = [channels * m for m in channel_mult]
         self.conv_in = _conv(spatial_dims, in_channels, channels, 3)
         blocks: list[nn.Module] = []
@@ -210,7 +226,8 @@ class TamingEncoder(nn.Module):
         self.out_channels = out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.down(self.conv_in(x)))
+        h = self.conv_in(x)
+        h = run_blocks(self.mid, run_blocks(self.down, h, self.checkpointing), self.checkpointing)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -218,7 +235,7 @@ class TamingDecoder(nn.Module):
     """Taming-style decoder: conv_in, mid block, levels (reversed) of ``num_res_blocks + 1`` ResBlocks with
     nearest x2 + conv upsampling, GN-swish-conv_out.
 
-    Args: as :class:`TamingEncoder`, with ``in_channels`` = ``z_channels`` and ``out_channels`` = image
+    Args: as :class:`TamingEncoder` (``checkpointing`` included), with ``in_channels`` = ``z_channels`` and ``out_channels`` = image
     channels. Shape: (B, in_channels, *S) -> (B, out_channels, *S * 2**(len(channel_mult) - 1)).
     """
 
@@ -233,8 +250,10 @@ class TamingDecoder(nn.Module):
         out_channels: int,
         norm_num_groups: int = 32,
         norm_eps: float = 1e-6,
+        checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        self.checkpointing = bool(checkpointing)
         widths = [channels * m for m in channel_mult]
         cin = widths[-1]
         self.in_channels = in_channels
@@ -266,7 +285,8 @@ class TamingDecoder(nn.Module):
         self.conv_out = _conv(spatial_dims, cin, out_channels, 3)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.up(self.mid(self.conv_in(z)))
+        h = self.conv_in(z)
+        h = run_blocks(self.up, run_blocks(self.mid, h, self.checkpointing), self.checkpointing)
         return self.conv_out(F.silu(self.norm_out(h)))
 
     @property

@@ -344,3 +344,36 @@ def test_reconstruction_wrapper_runs_each_modality_as_its_own_volume(brain):
     multi = VQGAN.cldm("tiny").eval()
     with torch.no_grad():
         torch.testing.assert_close(VQGANReconstruction(multi)(x), multi(x)[0])
+
+
+def test_activation_checkpointing_gives_the_same_outputs_and_gradients(brain):
+    """checkpointing=True recomputes the encoder/decoder blocks in the backward pass: the reconstruction and
+    every parameter gradient equal those of the plain network (same weights); in eval or without gradients
+    nothing is checkpointed, and the cldm style refuses the option."""
+    torch.manual_seed(0)
+    plain = VQGAN.aldm("tiny")
+    ckpt = VQGAN.aldm("tiny", checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x = brain["t1"][None, None, :16, :16, :16]
+    grads = []
+    for net in (plain, ckpt):
+        net.train()
+        net.zero_grad()
+        x_hat, vq_loss, _ = net(x)
+        ((x_hat - x).abs().mean() + vq_loss).backward()
+        grads.append((x_hat.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-6, rtol=0)
+    assert grads[0][1].keys() == grads[1][1].keys() and len(grads[0][1]) > 10
+    for name, g in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], g, atol=1e-6, rtol=1e-5, msg=name)
+    # really checkpointed: torch's checkpoint runs each block again in the backward pass
+    calls = []
+    block = ckpt.decoder.up[0]
+    handle = block.register_forward_pre_hook(lambda *a: calls.append(1))  # the recomputation may stop early
+    ckpt.zero_grad()
+    x_hat, vq_loss, _ = ckpt(x)
+    ((x_hat - x).abs().mean() + vq_loss).backward()
+    handle.remove()
+    assert len(calls) == 2  # forward, then the recomputation
+    with pytest.raises(ValueError, match="checkpointing"):
+        VQGAN.cldm("tiny", checkpointing=True)
