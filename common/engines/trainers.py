@@ -29,9 +29,12 @@ def engine_device(engine: Any) -> torch.device:
 
 
 def autocast(engine: Any):
-    """Mixed-precision context when the engine has AMP on and runs on CUDA, a no-op otherwise."""
+    """Mixed-precision context when the engine has AMP on and runs on CUDA, a no-op otherwise; the engine's
+    ``amp_kwargs`` (e.g. ``{"dtype": torch.bfloat16}``) choose the precision, float16 by default."""
     device = engine_device(engine)
-    return torch.autocast(device.type) if getattr(engine, "amp", False) and device.type == "cuda" else nullcontext()
+    if getattr(engine, "amp", False) and device.type == "cuda":
+        return torch.autocast(device.type, **(getattr(engine, "amp_kwargs", None) or {}))
+    return nullcontext()
 
 
 def optimizer_step(

@@ -148,8 +148,8 @@ class VQGANTrainingStep(TrainingStep):
         scaler = getattr(engine, "scaler", None) if amp else None
         dev_type = torch.device(device).type
 
-        def autocast():
-            return torch.autocast(device_type=dev_type) if amp else nullcontext()
+        def autocast():  # the engine's amp_kwargs (e.g. {"dtype": torch.bfloat16}) choose the precision
+            return torch.autocast(device_type=dev_type, **(getattr(engine, "amp_kwargs", None) or {})) if amp else nullcontext()
 
         gen = self.generator(step)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from monai.data import DataLoader, Dataset
@@ -174,3 +176,40 @@ def test_last_epoch_is_validated_when_the_interval_skips_it(max_epochs, expected
     LastEpochValidationHandler(validator=validator, interval=2, epoch_level=True).attach(trainer)
     trainer.run([0, 1], max_epochs=max_epochs)
     assert validated == expected
+
+
+def test_autocast_takes_the_precision_from_the_engines_amp_kwargs():
+    """AMP on a CUDA engine autocasts in the dtype of ``amp_kwargs`` (bf16 for ALDM's light.json, float16 by
+    default); off, or on the CPU, nothing is autocast."""
+    import warnings
+    from types import SimpleNamespace
+
+    from common.engines.trainers import autocast
+
+    def engine(amp, kwargs, device="cuda"):
+        return SimpleNamespace(amp=amp, amp_kwargs=kwargs, state=SimpleNamespace(device=torch.device(device)))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CUDA is not available": the context is still built with its dtype
+        assert autocast(engine(True, {"dtype": torch.bfloat16})).fast_dtype == torch.bfloat16
+        assert autocast(engine(True, {})).fast_dtype == torch.float16
+    assert not hasattr(autocast(engine(False, {"dtype": torch.bfloat16})), "fast_dtype")
+    assert not hasattr(autocast(engine(True, {"dtype": torch.bfloat16}, "cpu")), "fast_dtype")
+
+
+def test_aldm_precision_defaults_follow_the_spec():
+    """Paper scale: fp32 (AMP off); light.json: bf16 autocast where a GPU is available."""
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    bundle = Path(__file__).resolve().parents[2] / "bundles" / "aldm_translation"
+    for config in ("train_autoencoder.json", "train_spade.json", "train_diffusion.json", "inference.json", "evaluate.json"):
+        for overlays, amp, kwargs in (([], False, {}), (["light.json"], torch.cuda.is_available(), {"dtype": torch.bfloat16})):
+            parser = ConfigParser()
+            parser.read_config([str(bundle / "configs" / c) for c in [config, *overlays]])
+            parser["bundle_root"] = str(bundle)
+            assert parser.get_parsed_content("amp") is amp, (config, overlays)
+            assert parser.get_parsed_content("amp_kwargs") == kwargs, (config, overlays)
+            text = json.dumps(parser.get())
+            assert text.count('"amp_kwargs": "@amp_kwargs"') == text.count('"amp": "@amp"') >= 1, config
