@@ -17,8 +17,8 @@ Stages, as the bundle's configs wire them (``scripts`` of the bundle are not nee
 
 Usage::
 
-    python benchmarks/aldm_activation_memory.py                      # paper and light configurations
-    python benchmarks/aldm_activation_memory.py --roi 160 160 128     # stage 1 on random crops
+    python benchmarks/aldm_activation_memory.py                                # paper and light configurations
+    python benchmarks/aldm_activation_memory.py --stage1-rois 144x144x112     # other stage-1 training volumes
 
 Prints one JSON document and a markdown table.
 """
@@ -112,13 +112,14 @@ class SavedTensorCounter:
         self._alive.clear()
 
 
-def _params_bytes(*modules: torch.nn.Module, trainable_only: bool = True) -> int:
-    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters() if p.requires_grad or not trainable_only)
+def _params_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the trainable parameters (the gradients and each of Adam's two moments take as much again)."""
+    return sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
 
 
 def stage1(scale: str, roi: list[int], disc_channels: int = 32, disc_layers: int = 3, disc_groups: int = 32,
            dtype: torch.dtype = torch.float32) -> dict:
-    from common.networks.discriminators import aldm_discriminator
+    from common.networks.discriminators import aldm_discriminator, disc_logits
     from common.networks.vqgan import VQGAN
 
     with torch.device("meta"):
@@ -131,7 +132,7 @@ def stage1(scale: str, roi: list[int], disc_channels: int = 32, disc_layers: int
     with SavedTensorCounter(units) as c:
         x_hat, vq_loss, _ = net(x)
         logits = disc(x_hat)
-        loss = (x_hat - x).abs().mean() + vq_loss - (logits[-1] if isinstance(logits, (list, tuple)) else logits).mean()
+        loss = (x_hat - x).abs().mean() + vq_loss - disc_logits(logits).mean()
     trainable = _params_bytes(net)
     return {"activations_gib": c.bytes / GiB, "activations_checkpointing_gib": c.checkpointed_bytes / GiB,
             "parameters_gib": trainable / GiB, "adam_state_gib": 3 * trainable / GiB,
@@ -140,7 +141,7 @@ def stage1(scale: str, roi: list[int], disc_channels: int = 32, disc_layers: int
 
 def stage2(scale: str, roi: list[int], modalities: int, spade_nf: int = 64, spade_hidden: int = 64,
            disc_channels: int = 32, disc_layers: int = 3, disc_groups: int = 32, dtype: torch.dtype = torch.float32) -> dict:
-    from common.networks.discriminators import aldm_discriminator
+    from common.networks.discriminators import aldm_discriminator, disc_logits
     from common.networks.spade import MSSPADEGenerator
     from common.networks.vqgan import VQGAN
 
@@ -159,7 +160,7 @@ def stage2(scale: str, roi: list[int], modalities: int, spade_nf: int = 64, spad
         z_t = spade(z, names[1])
         z_back = spade(z_t, names[0])  # the cycle term
         logits = disc(z_t)
-        loss = (z_t - z).abs().mean() + (z_back - z).abs().mean() - (logits[-1] if isinstance(logits, (list, tuple)) else logits).mean()
+        loss = (z_t - z).abs().mean() + (z_back - z).abs().mean() - disc_logits(logits).mean()
     trainable = _params_bytes(spade)
     return {"activations_gib": c.bytes / GiB, "parameters_gib": trainable / GiB, "adam_state_gib": 3 * trainable / GiB,
             "latent": list(z.shape), "loss_shape": list(loss.shape)}
@@ -186,7 +187,6 @@ def stage3(scale: str, ldm_scale: str, roi: list[int], modalities: int, dtype: t
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--roi", type=int, nargs=3, default=None, help="stage-1 training volume (default: each configuration's)")
     ap.add_argument("--modalities", type=int, default=4, help="4: BraTS (t1, t1ce, t2, flair)")
     ap.add_argument("--stage1-rois", type=str, default="192x192x144,160x160x128,96x96x96",
                     help="stage-1 training volumes to count (comma-separated XxYxZ)")

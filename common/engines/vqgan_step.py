@@ -30,13 +30,13 @@ Output (floats, for StatsHandler/MLflow): ``loss`` (total generator loss), ``los
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.engines.trainers import autocast as engine_autocast
 from common.engines.trainers import no_param_grads, unwrap
 from common.losses.adversarial import adaptive_gan_weight, adopt_weight, get_gan_losses
 from common.networks.discriminators import disc_logits, random_slices
@@ -146,10 +146,6 @@ class VQGANTrainingStep(TrainingStep):
         device = engine.state.device
         amp = bool(getattr(engine, "amp", False))
         scaler = getattr(engine, "scaler", None) if amp else None
-        dev_type = torch.device(device).type
-
-        def autocast():  # the engine's amp_kwargs (e.g. {"dtype": torch.bfloat16}) choose the precision
-            return torch.autocast(device_type=dev_type, **(getattr(engine, "amp_kwargs", None) or {})) if amp else nullcontext()
 
         gen = self.generator(step)
 
@@ -168,7 +164,7 @@ class VQGANTrainingStep(TrainingStep):
             d.train()
         self.optimizer_g.zero_grad(set_to_none=True)
         out: dict[str, Any] = {}
-        with no_param_grads(*self.discriminators), autocast():
+        with no_param_grads(*self.discriminators), engine_autocast(engine):
             x_hat, vq_loss, stats = self.network(x)
             loss_rec = F.l1_loss(x_hat.float(), x.float())
             nll = self.rec_weight * loss_rec
@@ -209,7 +205,7 @@ class VQGANTrainingStep(TrainingStep):
         if use_adv:
             self.optimizer_d.zero_grad(set_to_none=True)  # type: ignore[union-attr]
             fake = x_hat.detach()
-            with autocast():
+            with engine_autocast(engine):
                 terms = []
                 for disc, real_v, fake_v, w, kind in zip(
                     self.discriminators, self._disc_views(x, slice_index), self._disc_views(fake, slice_index),
