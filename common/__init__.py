@@ -1,6 +1,6 @@
 """Shared code of the MONAI bundles in this collection.
 
-Subpackages: ``networks``, ``losses``, ``engines`` (Ignite trainers/evaluators and handlers),
+Subpackages: ``bundle`` (datalists, case names, output and checkpoint policies), ``networks``, ``losses``, ``engines`` (Ignite trainers/evaluators and handlers),
 ``inferers`` (samplers), ``schedulers``, ``transforms``, ``metrics``, ``data`` (demo data,
 datalist builders) and ``utils``. A packaged bundle carries a copy of this package next to its
 ``configs/`` folder, so ``import common`` works from the bundle root without this repository.
@@ -15,7 +15,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBPACKAGES = ("data", "engines", "export", "inferers", "losses", "metrics", "networks", "schedulers", "transforms", "utils")
+_SUBPACKAGES = ("bundle", "data", "engines", "export", "inferers", "losses", "metrics", "networks", "schedulers", "transforms", "utils")
 
 
 def __getattr__(name: str):
