@@ -127,7 +127,7 @@ def test_stage1_validates_and_keeps_its_best_checkpoint(trained):
     # and stage 2 can start from it (--autoencoder_ckpt models/autoencoder_best.pt)
     sys.path.insert(0, str(BUNDLE))
     try:
-        from scripts.aldm import load_entry
+        from scripts.networks import load_entry
 
         from common.networks.vqgan import VQGAN
 
@@ -162,6 +162,92 @@ def test_resume_continues_at_the_right_iteration(trained, tmp_path):
     assert state.epoch == 2 and state.iteration == 4
     saved = torch.load(ckpt / "diffusion.pt", map_location="cpu", weights_only=True)
     assert saved["trainer"]["iteration"] == 4 and int(saved["ema"]["num_updates"]) == 4
+
+
+def _error_chain(fn) -> list[BaseException]:
+    """The exception ``fn`` raises and its causes (MONAI wraps errors of config expressions)."""
+    with pytest.raises(Exception) as err:
+        fn()
+    chain, e = [], err.value
+    while e is not None:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return chain
+
+
+def _state(module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+_OPTIMIZER = {"autoencoder": "optimizer_g", "spade": "optimizer_g", "diffusion": "optimizer"}
+
+
+@pytest.mark.parametrize(
+    "stage, source", [("autoencoder", "autoencoder_best.pt"), ("spade", "spade.pt"), ("diffusion", "diffusion.pt")]
+)
+def test_finetune_starts_a_new_run_from_the_trained_model(stage, source, trained, tmp_path):
+    """A ckpt_dir that holds this stage's checkpoints: a run without flags is refused, resume + finetune is
+    refused, and finetune starts a new run (iteration 0, fresh optimiser) whose network, when the first
+    iteration starts, holds the weights of finetune_ckpt (a training checkpoint's entry, or the plain state
+    dict autoencoder_best.pt), not the fresh initialisation; stage 3's EMA restarts from them too."""
+    from ignite.engine import Events
+    from monai.bundle import ConfigWorkflow
+
+    from common.utils.errors import InvalidInputError, OutputExistsError
+    from common.utils.io import CheckpointError
+
+    ckpt = tmp_path / "models"
+    shutil.copytree(trained["ckpt"], ckpt)
+    kw = {**trained["common"], "ckpt_dir": str(ckpt), "output_dir": str(tmp_path / "runs")}
+    config = f"train_{stage}.json"
+    before = {p.name: p.read_bytes() for p in ckpt.glob("*.pt")}
+
+    chain = _error_chain(lambda: _workflow(config, "train", **kw))
+    assert any(isinstance(e, OutputExistsError) and "'finetune'" in str(e) and f"{stage}" in str(e) for e in chain)
+    chain = _error_chain(lambda: _workflow(config, "train", **kw, resume=True, finetune=True))
+    assert any(isinstance(e, InvalidInputError) and "'finetune'" in str(e) for e in chain)
+    other = "spade.pt" if stage == "autoencoder" else "autoencoder.pt"  # another stage's model
+    chain = _error_chain(lambda: _workflow(config, "train", **kw, finetune=True, finetune_ckpt=str(ckpt / other)))
+    assert any(isinstance(e, CheckpointError) and other in str(e) and "'finetune_ckpt'" in str(e) for e in chain)
+    assert {p.name: p.read_bytes() for p in ckpt.glob("*.pt")} == before  # nothing replaced
+
+    trained_ckpt = torch.load(ckpt / source, map_location="cpu", weights_only=True)
+    expected = trained_ckpt.get(stage, trained_ckpt)
+    wf = ConfigWorkflow(
+        config_file=[str(CONFIGS / config), TINY],
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=str(CONFIGS / "logging.conf"),
+        workflow_type="train",
+        bundle_root=str(BUNDLE),
+        **kw,
+        finetune=True,
+        finetune_ckpt=str(ckpt / source),
+    )
+    wf.initialize()
+    net = wf.parser.get_parsed_content("network_def")
+    fresh = _state(net)
+    assert any(not torch.equal(fresh[k], expected[k].cpu()) for k in expected)  # the check below can fail
+    seen = {}
+
+    def _first_iteration(engine):
+        seen["net"] = _state(net)
+        if stage == "diffusion":
+            ema = wf.parser.get_parsed_content("ema")
+            seen["ema"], seen["ema_updates"] = _state(ema.module), int(ema.num_updates)
+
+    wf.parser.get_parsed_content("train#trainer").add_event_handler(Events.ITERATION_STARTED(once=1), _first_iteration)
+    wf.run()
+    wf.finalize()
+
+    assert seen["net"].keys() == expected.keys()
+    assert all(torch.equal(seen["net"][k], expected[k].cpu()) for k in expected)
+    if stage == "diffusion":
+        assert all(torch.equal(seen["ema"][k], expected[k].cpu()) for k in expected) and seen["ema_updates"] == 0
+    saved = torch.load(ckpt / f"{stage}.pt", map_location="cpu", weights_only=True)
+    assert saved["trainer"]["iteration"] == 2  # a new run of 2 iterations, not the earlier run resumed (4)
+    # a fresh optimiser: no parameter has more than this run's 2 steps (a resumed one counts the earlier run's too)
+    assert max(int(s["step"]) for s in saved[_OPTIMIZER[stage]]["state"].values()) <= 2
+    assert any(not torch.equal(saved[stage][k], expected[k].cpu()) for k in expected)  # and it trained
 
 
 def _test_case(demo: Path) -> dict:
@@ -247,6 +333,10 @@ def test_every_config_parses(overlay, bundle_path):
         assert parser.get_parsed_content("modalities")
         if cfg.startswith("train"):
             assert parser.get_parsed_content("max_epochs") >= 1 and "checkpoint_saver" in parser.config
+            # the run policy's keys (CONTRIBUTING.md), and the resume check asks for every entry the saver writes
+            keys = ("resume", "resume_ckpt", "resume_ckpt_sha256", "finetune", "finetune_ckpt", "finetune_ckpt_sha256", "overwrite")
+            assert all(k in parser.config for k in keys) and "finetune_loader" in parser.config
+            assert repr(list(parser.config["checkpoint_saver"]["save_dict"])) in " ".join(parser.config["run"])
     # the sampler of inference/evaluation: official DDIM discretisation (996, 991, ..., 1; alpha_bar_0 last)
     from common.inferers import set_sampling_timesteps
 
@@ -269,7 +359,8 @@ def test_every_config_parses(overlay, bundle_path):
 def test_translation_inferer_modes(bundle_path):
     """One encode, one output channel per target, [0, 1]; spade_only equals the exported network."""
     from monai.networks.schedulers import DDIMScheduler
-    from scripts.aldm import ALDMFirstStage, ALDMTranslationInferer
+    from scripts.inferer import ALDMTranslationInferer
+    from scripts.networks import ALDMFirstStage
 
     from common.engines.ema import EMA
     from common.inferers import LatentDiffusionSampler

@@ -21,11 +21,13 @@ from itertools import permutations
 import numpy as np
 import torch
 
+from common.bundle import case_name, check_outputs, load_datalist
 from common.metrics.image import nmse, psnr, ssim3d
 from common.utils.errors import InvalidInputError
-from common.utils.io import atomic_write, check_writable_dir, refuse_overwrite
+from common.utils.io import atomic_write, refuse_overwrite
 
-from .aldm import _entry_name, load_datalist
+from .data import describe_entry
+from .outputs import translation_outputs
 
 __all__ = ["direction_datalist", "TranslationMetricsSaver", "METRICS"]
 
@@ -51,15 +53,15 @@ def direction_datalist(
     when a case of ``split`` also appears (same ``id``) in ``disjoint_from``, or when a case has
     fewer than two modalities.
     """
-    if not os.path.isfile(datalist):
-        return []  # checked at the start of `run` (scripts.aldm.require_items)
-    with open(datalist) as fh:
-        try:
-            raw = json.load(fh)
-        except ValueError as e:
-            raise InvalidInputError(f"datalist '{datalist}' is not valid JSON: {e}") from e
     cases = load_datalist(datalist, split, dataset_dir, path_keys=[*modalities, "mask"], optional=optional)
-    seen = {str(it.get("id")) for key in disjoint_from for it in raw.get(key, []) if isinstance(it, dict) and it.get("id") is not None}
+    if not cases and not os.path.isfile(str(datalist)):
+        return []  # checked at the start of `run` (common.bundle.require_cases)
+    seen = {
+        str(it["id"])
+        for key in disjoint_from
+        for it in load_datalist(datalist, key, dataset_dir, path_keys=(), optional=True)
+        if it.get("id") is not None
+    }
     leak = sorted({str(c.get("id")) for c in cases} & seen)
     if leak:
         raise InvalidInputError(
@@ -72,7 +74,7 @@ def direction_datalist(
         present = [m for m in modalities if case.get(m)]
         if len(present) < 2:
             raise InvalidInputError(
-                f"{_entry_name(i, case, split, datalist)} has {present or 'none'} of the modalities {list(modalities)} "
+                f"{describe_entry(i, case, split, datalist)} has {present or 'none'} of the modalities {list(modalities)} "
                 f"(config key 'modalities'); expected at least two (a source and a target) to evaluate a translation"
             )
         for s, t in permutations(present, 2):
@@ -129,20 +131,17 @@ class TranslationMetricsSaver:
         self._montages: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, str]] = []
 
     def planned_outputs(self, items: Sequence[dict] = ()) -> list[str]:
-        """The files this evaluation writes (the montages of ``items`` included)."""
+        """The files this evaluation writes (the montages of ``items`` included: ``montage/<case>_<s>2<t>.png``,
+        two directions of the same case name refused)."""
         out = [os.path.join(self.output_dir, f) for f in SUMMARY_FILES]
         if self.montage:
-            for it in items:
-                for t in it["targets"]:
-                    out.append(os.path.join(self.output_dir, "montage", f"{it['id']}_{it['source']}2{t}.png"))
+            out += [str(p) for p in translation_outputs(items, os.path.join(self.output_dir, "montage"), ext=".png")]
         return out
 
     def check_outputs(self, items: Sequence[dict] = ()) -> None:
-        """Before any work: refuse existing outputs (unless ``overwrite``) and an output folder that
-        cannot be written (config key ``output_dir``)."""
-        for path in self.planned_outputs(items):
-            refuse_overwrite(path, self.overwrite)
-        check_writable_dir(self.output_dir, "output folder (config key 'output_dir')")
+        """Before any work: the output folder (config key ``output_dir``) can be written and, unless
+        ``overwrite``, none of this evaluation's files exists (:func:`common.bundle.check_outputs`)."""
+        check_outputs(self.output_dir, self.overwrite, self.planned_outputs(items))
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
@@ -185,7 +184,7 @@ class TranslationMetricsSaver:
             if self.montage:  # the middle axial slices only; written on completion
                 k = source.shape[-1] // 2
                 title = f"{case} {src}->{tgt}  PSNR {row['psnr']:.2f} dB  SSIM {row['ssim']:.3f}"
-                name = os.path.join(self.output_dir, "montage", f"{case}_{src}2{tgt}.png")
+                name = os.path.join(self.output_dir, "montage", f"{case_name({'id': case})}_{src}2{tgt}.png")
                 self._montages.append((name, *(a[..., k : k + 1].copy() for a in (source, pred, target)), title))
 
     def summary(self) -> dict:
