@@ -114,7 +114,7 @@ def test_inference_writes_uint8_labels_with_the_input_geometry(trained, ct_demo,
             dataset_dir=str(ct_demo.parent), data=[{"image": str(image)}], ckpt_dir=str(out / "models"),
             output_dir=str(tmp_path / "pred"),
         )
-    assert isinstance(err.value.__cause__, FileExistsError) and "already holds" in str(err.value.__cause__)
+    assert isinstance(err.value.__cause__, FileExistsError) and "already exists" in str(err.value.__cause__)
 
 
 def test_inference_does_not_depend_on_the_air_around_the_body(trained, ct_demo, tmp_path):

@@ -183,6 +183,98 @@ def test_command_line_finetune_key(existing, ct_demo, tmp_path):
     assert 0.0 < _max_diff(_state(bundle / "models" / "model.pt"), old) < 0.05
 
 
+@pytest.mark.parametrize("source", ["model.pt", "checkpoint.pt"])
+def test_finetune_starts_from_the_checkpoint_weights_with_a_fresh_run(existing, ct_demo, tmp_path, source):
+    """``finetune`` over a ckpt_dir that holds an earlier run: accepted, and the first iteration sees exactly the
+    weights of ``finetune_ckpt`` (the plain best model or the training checkpoint's 'model' entry), not the
+    seed-0 initialisation, with an empty optimiser state and a trainer counting from iteration 1."""
+    from ignite.engine import Events
+    from monai.bundle import ConfigWorkflow
+
+    bundle = _copy_bundle(tmp_path / "diffseg")
+    shutil.copytree(existing / "models", bundle / "models", dirs_exist_ok=True)
+    expected = _state(bundle / "models" / source)
+    sys.path.insert(0, str(bundle))
+    wf = ConfigWorkflow(
+        config_file=[str(bundle / "configs" / f) for f in ("train.json", "tiny.json")],
+        meta_file=str(bundle / "configs" / "metadata.json"), workflow_type="train", bundle_root=str(bundle),
+        dataset_dir=str(ct_demo.parent), datalist=str(ct_demo), output_dir=str(tmp_path / "outputs"),
+        finetune=True, finetune_ckpt=str(bundle / "models" / source),
+    )
+    wf.initialize()
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    network = wf.parser.get_parsed_content("network")
+    optimizer = wf.parser.get_parsed_content("optimizer")
+    fresh = {k: v.clone() for k, v in network.state_dict().items()}  # seed-0 initialisation, before run
+    seen = {}
+
+    def first_iteration(engine):
+        if not seen:
+            seen.update(iteration=engine.state.iteration, optimizer_state=len(optimizer.state),
+                        weights={k: v.detach().cpu().clone() for k, v in network.state_dict().items()})
+
+    trainer.add_event_handler(Events.ITERATION_STARTED, first_iteration)
+    wf.run()
+    assert seen["iteration"] == 1 and seen["optimizer_state"] == 0  # a new run, not a resumed one
+    assert seen["weights"].keys() == expected.keys()
+    assert all(torch.equal(seen["weights"][k], expected[k]) for k in expected)  # exactly the checkpoint's weights
+    assert _max_diff(seen["weights"], fresh) > 0.05  # not the initialisation
+    ckpt = torch.load(bundle / "models" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert ckpt["trainer"]["iteration"] == 2  # the fine-tune run's own 2 iterations (resume would end at 4)
+    wf.finalize()
+
+
+POLICY_KEYS = ("resume", "resume_ckpt", "resume_ckpt_sha256", "finetune", "finetune_ckpt", "finetune_ckpt_sha256",
+               "overwrite")
+
+
+@pytest.mark.parametrize(
+    "overlays",
+    [("tiny.json",), ("train_baseline.json", "tiny.json"), ("demo.json",), ("train_baseline.json", "demo.json")],
+    ids=["diffusion", "baseline", "demo", "baseline-demo"],
+)
+def test_every_training_config_applies_the_same_run_policy(overlays, tmp_path):
+    """train.json with each overlay: the seven policy keys, and the first check of ``run`` refuses a ckpt_dir that
+    holds checkpoints unless resume, finetune (the model must fit) or overwrite; resume + finetune refused."""
+    from monai.bundle import ConfigParser
+
+    from common.utils.errors import OutputExistsError
+
+    if str(BUNDLE) not in sys.path:
+        sys.path.insert(0, str(BUNDLE))
+    files = [str(BUNDLE / "configs" / f) for f in ("train.json", *overlays)]
+    ckpt = tmp_path / "models"
+    ckpt.mkdir()
+    parser = ConfigParser()
+    parser.read_config(files)
+    torch.manual_seed(0)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), ckpt / "model.pt")
+
+    def first_check(**overrides):
+        p = ConfigParser()
+        p.read_config(files)
+        p.update({"bundle_root": str(BUNDLE), "ckpt_dir": str(ckpt), "output_dir": str(tmp_path / "logs"),
+                  "device": torch.device("cpu"), **overrides})
+        assert all(k in p.config for k in POLICY_KEYS)
+        return p.get_parsed_content("run#0")
+
+    assert [parser[k] for k in POLICY_KEYS] == [False, "$@ckpt_dir + '/checkpoint.pt'", None, False,
+                                                "$@ckpt_dir + '/model.pt'", None, False]
+    _expect(OutputExistsError, first_check, "already holds", "'overwrite'", "'resume'", "'finetune'")
+    first_check(overwrite=True)
+    first_check(resume=True)
+    first_check(finetune=True)  # model.pt fits this configuration's network
+    _expect(InvalidInputError, lambda: first_check(finetune=True, resume=True), "set only one")
+
+
+def test_multi_gpu_run_makes_the_same_checks_as_train():
+    """multi_gpu_train.json replaces ``run`` (rank guards): its checks before training are train.json's."""
+    train = json.loads((BUNDLE / "configs" / "train.json").read_text())["run"]
+    multi = json.loads((BUNDLE / "configs" / "multi_gpu_train.json").read_text())["run"]
+    assert multi[:3] == train[:3]
+    assert [x.split(" if dist")[0] for x in multi[3:]] == train[3:]
+
+
 def test_small_training_list_trains_with_a_smaller_batch(ct_demo, tmp_path):
     """2 training cases, batch_size 8 (train.json's) with drop_last: one batch of 2 per epoch, not nothing."""
     from monai.bundle import ConfigWorkflow

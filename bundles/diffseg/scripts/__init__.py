@@ -1,18 +1,18 @@
-"""Glue of the diffseg bundle: validation metric, evaluation writer, datalist loading, label remapping,
-input and output checks, the model-info file beside the checkpoints."""
+"""Glue of the diffseg bundle: validation metric, evaluation writer, label remapping, the checks this
+bundle adds to ``common.bundle`` (MONAI Label fine-tuning, the model-info file beside the checkpoints,
+images matching a glob pattern, small training lists)."""
 
 from .checks import (
     MODEL_INFO_NAME,
     check_model_info,
-    check_outputs,
     check_resume,
     check_train_outputs,
     drop_last_batch,
     model_info_path,
-    require_cases,
+    require_images,
     write_model_info,
 )
-from .evaluation import SegmentationMetricsWriter, class_names, load_datalist
+from .evaluation import SegmentationMetricsWriter
 from .labels import RemapLabelsd, parse_label_mapping
 from .metrics import DiceNoBackgroundMetric
 
@@ -22,14 +22,11 @@ __all__ = [
     "RemapLabelsd",
     "SegmentationMetricsWriter",
     "check_model_info",
-    "check_outputs",
     "check_resume",
     "check_train_outputs",
-    "class_names",
     "drop_last_batch",
-    "load_datalist",
     "model_info_path",
     "parse_label_mapping",
-    "require_cases",
+    "require_images",
     "write_model_info",
 ]

@@ -1,12 +1,14 @@
-"""Checks run before any work: outputs that exist or cannot be written, missing cases, a resume or
-fine-tuning checkpoint that does not fit or was trained for another modality or class set. Each raises a ``common.utils.errors`` user error naming the file and
-the config key, so the command line ends with one ``ERROR: ...`` line and nothing is written."""
+"""What this bundle adds to the run policy of ``common.bundle`` (datalists, outputs, checkpoints; see
+CONTRIBUTING.md, "Runs, outputs and checkpoints"): MONAI Label's ``CheckpointLoader`` counted as
+fine-tuning, the ``model_info.json`` beside the checkpoints (a model trained for another modality or
+class set is refused), inference on a glob pattern that matches nothing, and the batch of a small
+training list. Each raises a ``common.utils.errors`` user error naming the file and the config key, so
+the command line ends with one ``ERROR: ...`` line and nothing is written."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,38 +16,26 @@ from typing import Any
 
 import torch
 
-from common.utils.errors import InputNotFoundError, InvalidInputError, OutputExistsError
-from common.utils.io import atomic_write, check_state_fits, check_writable_dir, load_checkpoint
+from common.bundle import check_checkpoint, check_run_mode, check_training_outputs
+from common.utils.errors import InputNotFoundError, InvalidInputError
+from common.utils.io import atomic_write
 
 __all__ = [
+    "CHECKPOINT_PATTERNS",
     "MODEL_INFO_NAME",
     "check_model_info",
-    "check_outputs",
     "check_resume",
     "check_train_outputs",
     "drop_last_batch",
     "model_info_path",
-    "require_cases",
+    "require_images",
     "write_model_info",
 ]
 
+#: the checkpoints of a training run in ``ckpt_dir`` (model.pt, checkpoint.pt, interval checkpoints)
+CHECKPOINT_PATTERNS = ("*.pt",)
+
 logger = logging.getLogger(__name__)
-
-
-def check_outputs(output_dir: str, overwrite: bool, patterns: str | list[str] = "*_seg.nii.gz") -> str:
-    """Refuse, before any work, an ``output_dir`` that cannot be written or that already holds
-    outputs matching ``patterns`` (predictions, metric tables), unless ``overwrite``."""
-    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-    if os.path.isdir(output_dir):
-        found = sorted({p for pattern in patterns for p in Path(output_dir).rglob(pattern)})
-        if found and not overwrite:
-            raise OutputExistsError(
-                f"output folder '{output_dir}' (key 'output_dir') already holds {len(found)} output(s), e.g. "
-                f"'{found[0]}'; set 'overwrite' to true (--overwrite true) to replace them, "
-                "or choose another output_dir"
-            )
-    check_writable_dir(output_dir, "output folder (key 'output_dir')")
-    return output_dir
 
 
 def check_train_outputs(
@@ -60,56 +50,66 @@ def check_train_outputs(
     network: torch.nn.Module | None = None,
     model_info: Mapping[str, Any] | None = None,
 ) -> None:
-    """Refuse, before training starts, a checkpoint or log folder that cannot be written, and a
-    ``ckpt_dir`` that already holds checkpoints of another run (they would be replaced), unless
-    ``overwrite``, ``resume`` (continuing a run updates its own checkpoints) or fine-tuning.
+    """Before training: the run policy of :mod:`common.bundle.checkpoints` (``resume``, ``finetune``,
+    ``overwrite``; checkpoints ``*.pt`` of ``ckpt_dir``), plus what MONAI Label and this bundle add.
 
-    Fine-tuning trains on from an existing model with a fresh optimiser, schedule and trainer
-    state, and replaces the checkpoints of ``ckpt_dir`` with the new run's. It is asked for in
-    one of two explicit ways:
+    Fine-tuning is asked for in one of two explicit ways:
 
     - ``finetune`` true (command line): the weights of ``finetune_ckpt`` (default
       ``<ckpt_dir>/model.pt``) are loaded by the config's ``finetune_loader``;
     - a ``monai.handlers.CheckpointLoader`` as the first training handler (``first_handler``,
       the config's ``train#handlers#0``): what MONAI Label's bundle train task inserts there,
       with ``load_path`` = ``models/<model_filename>``, when its option ``pretrained`` is true
-      (its default) and that file exists.
+      (its default) and that file exists. It counts as fine-tuning: the checkpoints may be replaced.
 
-    The model fine-tuned from must fit ``network`` and, when its folder records what it was
-    trained for (``model_info.json``), the same ``modality``, ``n_img``, ``num_classes`` and
-    ``diffusion`` as this run (``model_info``); :func:`check_resume` checks a resumed run likewise.
+    The model fine-tuned from must fit ``network`` (:func:`common.bundle.check_checkpoint`) and, when
+    its folder records what it was trained for (``model_info.json``), the same ``modality``, ``n_img``,
+    ``num_classes`` and ``diffusion`` as this run (``model_info``); :func:`check_resume` checks a
+    resumed run likewise.
     """
     from monai.handlers import CheckpointLoader
 
-    if finetune and resume:
-        raise InvalidInputError(
-            "'finetune' and 'resume' are both true; 'resume' continues a run (its optimiser, schedule and "
-            "trainer state), 'finetune' starts a new run from a model's weights: set only one"
-        )
-    sources: list[tuple[str, str | None, str]] = []  # (checkpoint, sha256, what sets it)
+    check_run_mode(resume, finetune)
+    monailabel = isinstance(first_handler, CheckpointLoader) and not finetune
+    sources: list[tuple[str, str | None, str, str]] = []  # (checkpoint, sha256, config key, what sets it)
     if finetune:
-        sources.append((str(finetune_ckpt or Path(ckpt_dir) / "model.pt"), finetune_ckpt_sha256, "key 'finetune_ckpt'"))
-    if isinstance(first_handler, CheckpointLoader) and not finetune:
-        sources.append((str(first_handler.load_path), getattr(first_handler, "sha256", None),
+        sources.append((str(finetune_ckpt or Path(ckpt_dir) / "model.pt"), finetune_ckpt_sha256, "finetune_ckpt",
+                        "config key 'finetune_ckpt'"))
+    if monailabel:
+        sources.append((str(first_handler.load_path), getattr(first_handler, "sha256", None), "train#handlers#0",
                         "the CheckpointLoader of 'train#handlers' (MONAI Label's train task, option 'pretrained')"))
-    if os.path.isdir(ckpt_dir) and not (overwrite or resume or sources):
-        found = sorted(p for p in Path(ckpt_dir).glob("*.pt") if p.is_file())
-        if found:
-            raise OutputExistsError(
-                f"checkpoint folder '{ckpt_dir}' (key 'ckpt_dir') already holds {len(found)} checkpoint(s), e.g. "
-                f"'{found[0]}'; set 'overwrite' to true to replace them, 'resume' to true to continue that run, "
-                "'finetune' to true to train on from its model.pt (replacing the checkpoints), "
-                "or choose another ckpt_dir"
-            )
-    for path, sha256, where in sources:
-        ckpt = load_checkpoint(path, sha256=sha256)
-        state = ckpt.get("model", ckpt)  # models/model.pt is a plain state dict, checkpoint.pt has 'model'
-        if network is not None:
-            check_state_fits(network, state, f"checkpoint '{path}' ({where}) to fine-tune from")
+    for path, sha256, key, where in sources:
+        # models/model.pt is a plain state dict, checkpoint.pt has 'model': either fits
+        check_checkpoint(path, sha256, key, network=network, network_entry="model")
         if model_info is not None:
             check_model_info(path, model_info, where)
-    check_writable_dir(ckpt_dir, "checkpoint folder (key 'ckpt_dir')")
-    check_writable_dir(output_dir, "output folder (key 'output_dir')")
+    # after the models (a refused one leaves no folder behind); MONAI Label's loader replaces the checkpoints
+    # as 'finetune' does
+    check_training_outputs(ckpt_dir, output_dir, CHECKPOINT_PATTERNS, resume, overwrite or monailabel, finetune)
+
+
+def check_resume(
+    resume_ckpt: str, sha256: str | None, network: torch.nn.Module, model_info: Mapping[str, Any] | None = None
+) -> None:
+    """Before the trainer is built: the resume checkpoint exists, matches ``sha256`` (key
+    ``resume_ckpt_sha256``) and its ``model`` entry fits ``network``
+    (:func:`common.bundle.check_checkpoint`; the trainer's ``SafeCheckpointLoader`` checks every entry
+    again when it loads them). With ``model_info``, the run must also be for the modality and class set
+    recorded beside it."""
+    check_checkpoint(resume_ckpt, sha256, "resume_ckpt", entries=("model",), network=network, network_entry="model")
+    if model_info is not None:
+        check_model_info(resume_ckpt, model_info, "config key 'resume_ckpt'")
+
+
+def require_images(data: list, pattern: str, key: str) -> list:
+    """Inference on a glob pattern of images (``data_source``) that matches nothing: refused at run time
+    naming the pattern and its config key (a datalist's cases: :func:`common.bundle.require_cases`)."""
+    if data:
+        return data
+    raise InputNotFoundError(
+        f"no input images: nothing matches '{pattern}' (key '{key}'); expected NIfTI images there, or a list "
+        "of cases in 'data' ([{\"image\": <path>}, ...])"
+    )
 
 
 def drop_last_batch(n_cases: int, batch_size: int) -> bool:
@@ -178,7 +178,7 @@ def write_model_info(ckpt_dir: str, info: Mapping[str, Any]) -> Path:
     return path
 
 
-def check_model_info(ckpt_path: str, info: Mapping[str, Any], key: str = "key 'ckpt_path'") -> dict | None:
+def check_model_info(ckpt_path: str, info: Mapping[str, Any], key: str = "config key 'ckpt_path'") -> dict | None:
     """Refuse a checkpoint trained for another modality, channel count, class set or method than
     this run's ``info``, as recorded in ``model_info.json`` beside it (a CT model used on MR gives a
     plausible-looking but wrong segmentation). Other spacing or HU window: a warning. Without a
@@ -216,45 +216,3 @@ def check_model_info(ckpt_path: str, info: Mapping[str, Any], key: str = "key 'c
             logger.warning(msg)
             warnings.warn(msg, UserWarning, stacklevel=2)
     return saved
-
-
-def require_cases(data: list, source: str, key: str, split: str | None = None) -> list:
-    """Refuse an empty case list at run time, naming where the cases were looked for.
-
-    ``source`` is a datalist JSON (``split`` names its section) or a glob pattern of images;
-    ``key`` is the config key that sets it. Static checks (MONAI Label, ``check_properties``)
-    build the dataset without data, so this runs as the first item of ``run``, not when parsing.
-    """
-    if data:
-        return data
-    if split is not None:
-        if not os.path.isfile(source):
-            raise InputNotFoundError(
-                f"datalist '{source}' (key '{key}') does not exist; expected a Decathlon datalist JSON with a "
-                f"'{split}' list (build it with common.data.seg_datalists, see the model card)"
-            )
-        raise InvalidInputError(f"datalist '{source}' (key '{key}') has no '{split}' cases; expected at least one")
-    raise InputNotFoundError(
-        f"no input images: nothing matches '{source}' (key '{key}'); expected NIfTI images there, or a list "
-        "of cases in 'data' ([{\"image\": <path>}, ...])"
-    )
-
-
-def check_resume(
-    resume_ckpt: str, sha256: str | None, network: torch.nn.Module, model_info: Mapping[str, Any] | None = None
-) -> None:
-    """Before the trainer is built: the resume checkpoint exists, matches ``sha256`` (key
-    ``resume_ckpt_sha256``) and its ``model`` entry fits ``network`` (a checkpoint of another
-    bundle or configuration is refused here, before any log or checkpoint is written; the
-    trainer's ``SafeCheckpointLoader`` checks every entry again when it loads them). With
-    ``model_info``, the run must also be for the modality and class set recorded beside it."""
-    ckpt = load_checkpoint(resume_ckpt, sha256=sha256)
-    if "model" not in ckpt:
-        raise InvalidInputError(
-            f"checkpoint '{resume_ckpt}' (key 'resume_ckpt') has no 'model' entry (it has {sorted(ckpt)[:8]}); "
-            "expected a training checkpoint of this bundle (checkpoint.pt with model, optimizer, lr_scheduler, "
-            "step and trainer)"
-        )
-    check_state_fits(network, ckpt["model"], f"checkpoint '{resume_ckpt}' (key 'resume_ckpt') entry 'model'")
-    if model_info is not None:
-        check_model_info(resume_ckpt, model_info, "key 'resume_ckpt'")

@@ -8,19 +8,18 @@ spacing of that grid, by ``common.metrics.segmentation``: per class c >= 1 Dice,
 from __future__ import annotations
 
 import csv
-import logging
 import math
-import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from common.bundle import case_name
 from common.metrics.segmentation import segmentation_metrics, summarise
-from common.utils.errors import InvalidInputError
 from common.utils.io import atomic_write, check_writable_dir, refuse_overwrite
 
-__all__ = ["SegmentationMetricsWriter", "class_names", "load_datalist"]
+__all__ = ["SegmentationMetricsWriter"]
 
 #: the files metrics are written to, in ``output_dir``
 METRICS_FILES = ("metrics_per_case.csv", "metrics_summary.csv")
@@ -34,19 +33,6 @@ def _spacing(t: torch.Tensor) -> list[float]:
         return [1.0, 1.0, 1.0]
     a = np.asarray(affine, dtype=np.float64)[:3, :3]
     return [float(v) for v in np.sqrt((a**2).sum(axis=0))]
-
-
-def _case_name(item: dict) -> str:
-    for key in ("label", "image", "pred"):
-        t = item.get(key)
-        meta = getattr(t, "meta", None) or {}
-        name = meta.get("filename_or_obj")
-        if name:
-            p = Path(str(name))
-            base = p.name.split(".")[0]
-            # demo and Decathlon layouts: <case>/image.nii.gz or imagesTs/<case>.nii.gz
-            return p.parent.name if base in ("image", "label") and p.parent.name else base
-    return "case"
 
 
 def _fmt(v) -> str:
@@ -69,7 +55,8 @@ class SegmentationMetricsWriter:
     Args:
         output_dir: folder of ``metrics_per_case.csv`` and ``metrics_summary.csv``.
         num_classes: C, background included.
-        class_names: ``{"1": "liver", ...}`` for the ``name`` column (optional).
+        class_names: ``{"1": "liver", ...}`` for the ``name`` column (optional; a datalist's ``labels``
+            entry, anything but a mapping is ignored).
         nsd_tolerance: NSD tolerance in mm (spec: 1 mm).
         overwrite: replace existing CSV files; by default an existing one is refused when the
             engine starts (before any inference) and again before writing.
@@ -85,7 +72,8 @@ class SegmentationMetricsWriter:
     ) -> None:
         self.output_dir = Path(output_dir)
         self.num_classes = int(num_classes)
-        self.class_names = {int(k): v for k, v in (class_names or {}).items()}
+        names = class_names if isinstance(class_names, Mapping) else {}
+        self.class_names = {int(k): v for k, v in names.items()}
         self.nsd_tolerance = float(nsd_tolerance)
         self.overwrite = bool(overwrite)
         self.rows: list[dict] = []
@@ -107,7 +95,8 @@ class SegmentationMetricsWriter:
         outputs = outputs if isinstance(outputs, list) else [outputs]
         for item in outputs:
             pred, label = item["pred"], item["label"]
-            case = _case_name(item)
+            # the file of the label (else image, prediction): <case>/label.nii.gz gives <case>
+            case = case_name(item, image_keys=("label", "image", "pred"))
             rows = segmentation_metrics(
                 pred.detach().cpu().numpy()[0], label.detach().cpu().numpy()[0], self.num_classes,
                 spacing=_spacing(label), nsd_tolerance=self.nsd_tolerance,
@@ -129,51 +118,3 @@ class SegmentationMetricsWriter:
         columns = ["class", "name", "n"] + [k for k in summary[-1] if k not in ("class", "name", "n")]
         _write_csv(self.output_dir / METRICS_FILES[0], self.rows, _CASE_COLUMNS)
         _write_csv(self.output_dir / METRICS_FILES[1], summary, columns)
-
-
-def load_datalist(datalist_file: str, key: str, base_dir: str) -> list[dict]:
-    """``load_decathlon_datalist`` that returns ``[]`` (with a warning) when the JSON does not exist yet.
-
-    Static checks (MONAI Label, ``check_properties``) build the dataset without the data being
-    there; an actual run with an empty list is refused by :func:`scripts.checks.require_cases`. A file that is
-    not a datalist (broken JSON, no ``key`` list) is refused naming the file.
-    """
-    import json
-
-    from monai.data import load_decathlon_datalist
-
-    if not os.path.isfile(datalist_file):
-        logging.getLogger(__name__).warning(
-            "datalist '%s' not found: build it with common.data.seg_datalists (see the model card)", datalist_file
-        )
-        return []
-    try:
-        content = json.loads(Path(datalist_file).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidInputError(f"datalist '{datalist_file}' is not a readable JSON file: {e}") from e
-    if not isinstance(content, dict) or not isinstance(content.get(key, []), list):
-        raise InvalidInputError(
-            f"datalist '{datalist_file}' must be a JSON object whose '{key}' entry is a list of cases"
-        )
-    if key not in content:
-        return []
-    for i, item in enumerate(content[key]):
-        if not isinstance(item, dict) or "image" not in item:
-            raise InvalidInputError(
-                f"datalist '{datalist_file}': case {i} of '{key}' is {item!r}; expected an object with an 'image' path"
-            )
-    return load_decathlon_datalist(datalist_file, is_segmentation=True, data_list_key=key, base_dir=base_dir)
-
-
-def class_names(datalist_file: str) -> dict:
-    """The ``labels`` dictionary of a datalist JSON (``{}`` if absent)."""
-    import json
-
-    if not os.path.isfile(datalist_file):
-        return {}
-    try:
-        content = json.loads(Path(datalist_file).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidInputError(f"datalist '{datalist_file}' is not a readable JSON file: {e}") from e
-    labels = content.get("labels", {}) if isinstance(content, dict) else {}
-    return dict(labels) if isinstance(labels, dict) else {}
