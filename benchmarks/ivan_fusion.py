@@ -319,8 +319,7 @@ def main(argv=None) -> int:
             if task in tasks:
                 results[task] = synthesis(task, inputs, vols_tr, vol_te, args, log)
     if "fusion" in tasks:
-        sys.path.insert(0, str(BUNDLE))
-        from scripts.data import build_fusion_demo
+        from common.data.fusion_demo import build_fusion_demo
 
         fus_json = build_fusion_demo(data_dir, demo_file("spm/avg152T2.nii"), demo_file("spm/TPM.nii"))
         results["fusion"] = fusion(fus_json, args, log)

@@ -51,11 +51,8 @@ def datalists(brain_demo, tmp_path_factory):
     mri = {"training": absify(d["training"][:1]), "validation": absify(d["validation"][:1]), "test": [test]}
     (root / "mri.json").write_text(json.dumps(mri))
 
-    sys.path.insert(0, str(BUNDLE))
-    try:
-        from scripts.data import build_fusion_demo
-    finally:
-        sys.path.remove(str(BUNDLE))
+    from common.data.fusion_demo import build_fusion_demo
+
     fus_json = build_fusion_demo(root, demo_file("spm/avg152T2.nii"), demo_file("spm/TPM.nii"))
     fus = json.loads(fus_json.read_text())
     item = {"id": "icbm152", **{k: str(fus_json.parent / fus["training"][0][k]) for k in ("t2", "ct")}}
@@ -75,17 +72,26 @@ def _workflow(files, wtype, **overrides):
     return wf
 
 
-def _run_in_process(files, wtype, record=False, **overrides):
+def _run_in_process(files, wtype, record=False, start_weights=None, **overrides):
+    """Run a workflow in-process; ``record``: return the training iterations' outputs; ``start_weights``: a dict
+    filled with the network's weights at the first training iteration (after the checkpoint loaders ran)."""
     sys.path.insert(0, str(BUNDLE))
     try:
         wf = _workflow(files, wtype, **overrides)
         wf.initialize()
         losses = []
-        if record:
+        if record or start_weights is not None:
             from ignite.engine import Events
 
             trainer = wf.parser.get_parsed_content("train#trainer")
+        if record:
             trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(dict(e.state.output)))
+        if start_weights is not None:
+            net = wf.parser.get_parsed_content("network")
+            trainer.add_event_handler(
+                Events.ITERATION_STARTED(once=1),
+                lambda e: start_weights.update({k: v.detach().cpu().clone() for k, v in net.state_dict().items()}),
+            )
         wf.run()
         wf.finalize()
         return losses
@@ -265,6 +271,64 @@ def test_resume_continues_at_the_saved_epoch(datalists, trained):
     state = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
     assert state["trainer"]["iteration"] == 16
     assert state["lr_scheduler"]["last_epoch"] == 4
+
+
+def _refused(exc_type, pattern, files, **overrides) -> None:
+    """The in-process run stops with the user error ``exc_type`` (behind MONAI's wrapping) matching ``pattern``."""
+    import re
+
+    from common.utils.errors import find_user_error
+
+    with pytest.raises(Exception) as err:
+        _run_in_process(files, "train", **overrides)
+    e = find_user_error(err.value)
+    assert isinstance(e, exc_type) and re.search(pattern, str(e)), repr(err.value)
+
+
+def test_finetune_starts_from_the_trained_model(datalists, trained):
+    """A new run over a ckpt_dir holding an earlier run's checkpoints is refused without a flag; ``finetune: true``
+    starts from the weights of ``finetune_ckpt`` (default ``<ckpt_dir>/model.pt``), not from a fresh init, with a
+    fresh optimiser, schedule and epoch count; ``overwrite: true`` starts from a fresh init."""
+    import shutil
+
+    from common.utils.errors import OutputExistsError
+
+    ckpt = datalists["root"] / "finetune_models"
+    shutil.copytree(trained["1to1"][0], ckpt)
+    trained_model = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)["model"]
+    files = ["train.json", "task_1to1.json", "tiny.json"]
+    args = dict(datalist=datalists["mri"], output_dir=str(datalists["root"] / "finetune_out"), ckpt_dir=str(ckpt),
+                max_epochs=1, epoch_length=2, val_interval=100, learning_rate=1e-3)
+    _refused(OutputExistsError, r"checkpoint_epoch=3\.pt.*'finetune' to true", files, **args)
+    assert torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)["trainer"]["iteration"] == 12
+
+    start: dict = {}
+    losses = _run_in_process(files, "train", record=True, start_weights=start, finetune=True, **args)
+    assert len(losses) == 2 and set(start) == set(trained_model)
+    for k, v in trained_model.items():
+        torch.testing.assert_close(start[k], v, msg=k)
+    state = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
+    assert state["trainer"]["iteration"] == 2 and state["lr_scheduler"]["last_epoch"] == 1  # a new run
+    assert state["task"]["name"] == "1to1"
+
+    fresh: dict = {}
+    _run_in_process(files, "train", start_weights=fresh, overwrite=True, **args)
+    assert any(not torch.equal(fresh[k], v) for k, v in trained_model.items())  # the check above is not vacuous
+
+
+def test_finetune_refuses_another_task_and_resume_together(datalists, trained):
+    """The synthesis checkpoint (T1 -> T2, same shapes) does not silently fine-tune the fusion task; ``resume`` and
+    ``finetune`` together are refused; nothing is trained."""
+    from common.utils.errors import InvalidInputError
+    from common.utils.io import CheckpointError
+
+    ckpt = datalists["root"] / "finetune_refused"
+    files = ["train.json", "task_fusion.json", "tiny.json"]
+    args = dict(datalist=datalists["fusion"], output_dir=str(datalists["root"] / "finetune_refused_out"),
+                ckpt_dir=str(ckpt), finetune=True, finetune_ckpt=str(trained["1to1"][0] / "model.pt"))
+    _refused(CheckpointError, r"finetune_ckpt.*trained for task '1to1'.*this run is task 'fusion'", files, **args)
+    _refused(InvalidInputError, "'resume' and 'finetune' are both true", files, resume=True, **args)
+    assert not list(ckpt.glob("*.pt"))
 
 
 def test_sources_on_another_grid_are_resampled_to_the_first(datalists, trained):

@@ -1,19 +1,21 @@
-"""Slice serving for 2D training on 3D volumes, checkpoint lookup and the semi-synthetic fusion demo."""
+"""Slice serving for 2D training on 3D volumes, the checks of a datalist's cases and the task a checkpoint records.
+
+Datalists, case names, outputs and the training-checkpoint policy (new run, ``resume``, ``finetune``,
+``overwrite``) are the shared ones of :mod:`common.bundle`; the configs call them directly.
+"""
 
 from __future__ import annotations
 
-import glob
-import json
+import logging
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from common.utils.errors import InputNotFoundError, InvalidInputError, OutputExistsError
+from common.bundle import check_checkpoint, describe_case
+from common.utils.errors import InvalidInputError
 
 __all__ = [
     "SliceDataset",
@@ -21,14 +23,9 @@ __all__ = [
     "TaskRecord",
     "task_record",
     "check_checkpoint_task",
-    "load_datalist",
-    "require_file",
+    "check_train_checkpoint",
     "check_cases",
     "check_options",
-    "check_resume",
-    "refuse_existing_checkpoints",
-    "latest_checkpoint",
-    "build_fusion_demo",
 ]
 
 #: keys the pipeline writes itself: not usable as modality names
@@ -138,60 +135,6 @@ class VolumeBlockSampler(torch.utils.data.Sampler):
             yield from (items[k] for k in torch.randperm(len(items)).tolist())
 
 
-def _join(base: str, value):
-    """``base/value`` for a relative path (or a list of them); other values unchanged."""
-    if isinstance(value, str) and value:
-        return os.path.normpath(os.path.join(base, value))
-    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-        return [os.path.normpath(os.path.join(base, v)) for v in value]
-    return value
-
-
-def load_datalist(path: str, key: str, base_dir: str | None = None, id_key: str = "id") -> list[dict]:
-    """The ``key`` list of a Decathlon-style datalist, every file path joined to ``base_dir`` (default: the
-    JSON's folder); or, when ``path`` does not exist yet, an empty list.
-
-    Building a workflow (e.g. ``check_properties`` of a freshly downloaded bundle) must not need the data;
-    running it does: ``run`` starts with :func:`require_file`. Unlike ``monai.data.load_decathlon_datalist``,
-    which joins a modality path only when the joined file exists, every path is joined, so that a missing
-    file is reported with its full path. Raises :class:`InvalidInputError` for a file that is not JSON, has
-    no ``key`` list, or whose entries are not one dict per case.
-    """
-    if not os.path.isfile(path):
-        return []
-    try:
-        data = json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidInputError(f"datalist '{path}' is not valid JSON ({e}); expected a Decathlon-style JSON") from e
-    if not isinstance(data, dict) or key not in data:
-        have = sorted(k for k, v in data.items() if isinstance(v, list)) if isinstance(data, dict) else []
-        raise InvalidInputError(
-            f"datalist '{path}' has no '{key}' list (its lists: {have}); expected a Decathlon-style JSON with "
-            "'training', 'validation' and 'test' lists of cases"
-        )
-    items = data[key]
-    if not isinstance(items, list) or not all(isinstance(it, dict) for it in items):
-        raise InvalidInputError(
-            f"'{key}' in datalist '{path}' must be a list with one dict per case "
-            "({'id': ..., '<modality>': '<file>'}), got " + type(items).__name__
-        )
-    base = base_dir or os.path.dirname(path)
-    return [{k: (v if k == id_key else _join(base, v)) for k, v in it.items()} for it in items]
-
-
-def require_file(path: str, what: str = "datalist", key: str = "datalist") -> str:
-    """Raise :class:`InputNotFoundError` naming the config key to override when ``path`` is missing."""
-    if not os.path.isfile(path):
-        raise InputNotFoundError(
-            f"{what} '{path}' does not exist: expected a Decathlon-style JSON file; pass --dataset_dir or --{key}"
-        )
-    return path
-
-
-def _case_name(item: Mapping, index: int, id_key: str = "id") -> str:
-    return f"case '{item[id_key]}'" if item.get(id_key) is not None else f"case #{index}"
-
-
 def check_cases(
     items: Sequence[Mapping],
     task: Mapping,
@@ -237,10 +180,10 @@ def check_cases(
                 f"the modalities there: {', '.join(known)}"
             )
     for i, it in enumerate(items):
-        missing = [k for k in keys if it.get(k) in (None, "", [])]
+        who, missing = f"case {describe_case(it, i, id_key, keys)}", [k for k in keys if it.get(k) in (None, "", [])]
         if missing:
             raise InvalidInputError(
-                f"{_case_name(it, i, id_key)} in the '{split}' list of datalist '{datalist}' has no "
+                f"{who} in the '{split}' list of datalist '{datalist}' has no "
                 f"{' and no '.join(repr(m) for m in missing)} image; task '{name}' needs {list(keys)} for every case "
                 f"(it has {sorted(str(k) for k in it if k != id_key)})"
             )
@@ -248,14 +191,14 @@ def check_cases(
             for p in it[k] if isinstance(it[k], list) else [it[k]]:
                 if not isinstance(p, (str, os.PathLike)):
                     raise InvalidInputError(
-                        f"{_case_name(it, i, id_key)} in datalist '{datalist}': '{k}' is {p!r}; expected a file path"
+                        f"{who} in datalist '{datalist}': '{k}' is {p!r}; expected a file path"
                     )
                 check_image_file(p, k)
                 dims = nifti_header_dims(p)  # a 4D series in a later case must stop the run before any output
                 volumes = int(np.prod([d for d in dims[3:] if d > 1])) if dims else 1
                 if volumes > 1:
                     raise InvalidInputError(
-                        f"input file '{p}' (key '{k}', {_case_name(it, i, id_key)} of the '{split}' list of datalist "
+                        f"input file '{p}' (key '{k}', {who} of the '{split}' list of datalist "
                         f"'{datalist}') is a {len(dims)}D image with {volumes} volumes/channels (header dimensions "
                         f"{dims}); expected a 3D image (1 channel) or a 2D slice"
                     )
@@ -288,8 +231,8 @@ def task_record(task: Mapping, augmentation: str, channels: int) -> dict:
 
 class TaskRecord:
     """Checkpoint entry ``task`` (see :func:`task_record`): saved by the training config's checkpoint saver next to
-    the model, checked by :func:`check_checkpoint_task` before inference, evaluation or a resumed training loads
-    the weights. ``load_state_dict`` refuses a record of another task (:class:`CheckpointError`)."""
+    the model, checked (:func:`check_checkpoint_task`, :func:`check_train_checkpoint`) before inference, evaluation,
+    a resumed or a fine-tuned training loads the weights. ``load_state_dict`` refuses another task's record."""
 
     def __init__(self, task: Mapping, augmentation: str = "replicate", channels: int = 2) -> None:
         self.record = task_record(task, augmentation, channels)
@@ -320,109 +263,34 @@ def _compare_task(saved: Mapping, wanted: Mapping, source: str, key: str = "chec
         )
 
 
-def check_checkpoint_task(path: str, task: Mapping, augmentation: str, channels: int,
-                          sha256: str | None = None, key: str = "ckpt_path") -> None:
-    """Before any weight is loaded: the checkpoint ``path`` was trained for this task. Its ``task`` entry (written
-    by this bundle's training) must name the same sources and targets in the same order, the same augmentation and
-    channel count, else :class:`~common.utils.io.CheckpointError` naming both tasks. A checkpoint without the
-    entry (a bare state dict, or one from before the entry existed) is loaded with a warning: it cannot be checked.
-    Raises the errors of :func:`common.utils.io.load_checkpoint` (missing file, sha256 mismatch, unreadable)."""
-    import logging
-
+def check_checkpoint_task(path: str, task: Mapping, augmentation: str, channels: int, sha256: str | None = None,
+                          key: str = "ckpt_path", ckpt: Mapping | None = None) -> None:
+    """Before any weight is loaded: the checkpoint ``path`` (``ckpt`` when already loaded) was trained for this
+    task. Its ``task`` entry (written by this bundle's training) must name the same sources and targets in the same
+    order, the same augmentation and channel count, else :class:`~common.utils.io.CheckpointError` naming both
+    tasks. A checkpoint without the entry (a bare state dict, or one from before the entry existed) is loaded with a
+    warning: it cannot be checked. Raises the errors of :func:`common.utils.io.load_checkpoint` (missing file,
+    sha256 mismatch, unreadable)."""
     from common.utils.io import load_checkpoint
 
-    ckpt = load_checkpoint(path, sha256=sha256)
-    wanted = task_record(task, augmentation, channels)
+    ckpt = load_checkpoint(path, sha256=sha256) if ckpt is None else ckpt
+    wanted, source = task_record(task, augmentation, channels), f"checkpoint '{path}' (config key '{key}')"
     if "task" not in ckpt:
-        logging.getLogger("ivan_fusion").warning(
-            f"checkpoint '{path}' ({key}) records no task: cannot check that it was trained for {_describe(wanted)}"
-        )
+        logging.getLogger("ivan_fusion").warning(f"{source} records no task: cannot check that it was trained for "
+                                                 f"{_describe(wanted)}")
         return
-    _compare_task(ckpt["task"], wanted, f"checkpoint '{path}' ({key})")
+    _compare_task(ckpt["task"], wanted, source)
 
 
-def check_resume(path: str, network: torch.nn.Module, sha256: str | None = None,
-                 entries: Sequence[str] = ("model", "optimizer", "lr_scheduler", "trainer"),
-                 task: Mapping | None = None, augmentation: str = "replicate", channels: int = 2) -> None:
-    """Check the checkpoint a resumed training will load, before the trainer (and its log files) is built:
-    it exists, matches ``sha256`` when given, holds every entry in ``entries``, fits ``network`` and, when it
-    records a task and ``task`` is given, was trained for that task.
-    Raises the errors of :func:`common.utils.io.load_checkpoint` and :class:`~common.utils.io.CheckpointError`."""
-    from common.utils.io import CheckpointError, check_state_fits, load_checkpoint
-
-    ckpt = load_checkpoint(path, sha256=sha256)
-    missing = [k for k in entries if k not in ckpt]
-    if missing:
-        raise CheckpointError(
-            f"checkpoint '{path}' (resume_ckpt) has no entries {missing} (it has {sorted(ckpt)[:8]}); expected a "
-            "training checkpoint of this bundle: is it a checkpoint of another bundle?"
-        )
-    if task is not None and "task" in ckpt:
-        _compare_task(ckpt["task"], task_record(task, augmentation, channels), f"checkpoint '{path}' (resume_ckpt)")
-    check_state_fits(network, ckpt["model"], f"checkpoint '{path}' (resume_ckpt) entry 'model'")
-
-
-def refuse_existing_checkpoints(ckpt_dir: str, resume: bool = False, overwrite: bool = False) -> None:
-    """A new training (``resume`` false) must not replace the checkpoints of an earlier one: raise
-    :class:`OutputExistsError` naming them unless ``overwrite``."""
-    if resume or overwrite or not os.path.isdir(ckpt_dir):
-        return
-    found = sorted(
-        os.path.basename(f) for f in glob.glob(os.path.join(glob.escape(ckpt_dir), "*.pt"))
-        if os.path.basename(f) == "model.pt" or re.search(r"checkpoint_epoch=\d+\.pt$", f)
-    )
-    if found:
-        raise OutputExistsError(
-            f"checkpoint folder '{ckpt_dir}' (ckpt_dir) already holds {found[:4]} of an earlier training; "
-            "set 'resume' to true to continue it, 'overwrite' to true to replace them, or choose another ckpt_dir"
-        )
-
-
-def latest_checkpoint(ckpt_dir: str, default: str = "model.pt") -> str:
-    """Newest ``checkpoint_epoch=N.pt`` in ``ckpt_dir`` (largest ``N``), else ``ckpt_dir/default``."""
-    best, best_epoch = os.path.join(ckpt_dir, default), -1
-    for f in glob.glob(os.path.join(ckpt_dir, "checkpoint_epoch=*.pt")):
-        m = re.search(r"checkpoint_epoch=(\d+)\.pt$", f)
-        if m and int(m.group(1)) > best_epoch:
-            best, best_epoch = f, int(m.group(1))
-    return best
-
-
-# Approximate CT numbers (HU) per SPM tissue class, for a CT-like image of the ICBM-152 head.
-def build_fusion_demo(out_dir: str | os.PathLike, t2_path: str | os.PathLike, tpm_path: str | os.PathLike) -> Path:
-    """Semi-synthetic T2 + CT fusion pair for tests and the benchmark (not for distribution).
-
-    The CT-like image is the SPM tissue-probability map (6 classes incl. bone) weighted by typical HU values and
-    resampled (trilinear) onto the T2 grid; both come from the same ICBM-152 space, so they are co-registered.
-    Writes ``<out_dir>/fusion/{t2,ct}.nii.gz`` and ``datalist.json`` with the pair in training, validation and
-    test (the fusion target is a rule of the two inputs, so this is a smoke test of the pipeline, not a
-    generalisation experiment).
-    """
-    import nibabel as nib
-    from scipy.ndimage import map_coordinates
-
-    from common.data.mri_sim import ct_like
-
-    root = Path(out_dir) / "fusion"
-    root.mkdir(parents=True, exist_ok=True)
-    t2 = nib.load(str(t2_path))
-    tpm = nib.load(str(tpm_path))
-    t2_arr = np.asarray(t2.dataobj, dtype=np.float32)
-    probs = np.asarray(tpm.dataobj, dtype=np.float32)
-    hu = ct_like(probs)  # TPM's classes are in the simulator's tissue order (GM, WM, CSF, bone, soft, air)
-    # voxel coordinates of the T2 grid in the TPM grid
-    ijk = np.stack(np.meshgrid(*[np.arange(s) for s in t2_arr.shape], indexing="ij"), 0).reshape(3, -1)
-    vox = np.linalg.inv(tpm.affine) @ t2.affine @ np.vstack([ijk, np.ones((1, ijk.shape[1]))])
-    ct = map_coordinates(hu, vox[:3], order=1, mode="nearest").reshape(t2_arr.shape).astype(np.float32)
-    nib.Nifti1Image(t2_arr, t2.affine).to_filename(str(root / "t2.nii.gz"))
-    nib.Nifti1Image(ct, t2.affine).to_filename(str(root / "ct.nii.gz"))
-    item = {"id": "icbm152", "t2": "t2.nii.gz", "ct": "ct.nii.gz"}
-    datalist = {
-        "name": "icbm152_t2_ct_fusion_demo",
-        "description": "SPM avg152T2 and a CT-like image from SPM's TPM (HU-weighted tissue classes); GPL-2 derived, local use only",
-        "task": {"inputs": ["t2", "ct"], "target": "fused"},
-        "training": [item], "validation": [item], "test": [item],
-    }
-    path = root / "datalist.json"
-    path.write_text(json.dumps(datalist, indent=1))
-    return path
+def check_train_checkpoint(path: str, network: torch.nn.Module, task: Mapping, augmentation: str, channels: int,
+                           sha256: str | None = None, key: str = "resume_ckpt",
+                           entries: Sequence[str] = ("model", "optimizer", "lr_scheduler", "trainer"),
+                           check_task: bool = True) -> None:
+    """The checkpoint a training resumes (``resume_ckpt``, all of ``entries``) or fine-tunes from (``finetune_ckpt``,
+    ``entries=()``: a training checkpoint or a bare state dict of the network), checked before the trainer (and its
+    log files) is built: :func:`common.bundle.check_checkpoint` (exists, digest, ``entries``, its ``model`` fits
+    ``network``), then, unless ``check_task`` (config key ``check_ckpt_task``) is false, the task it records
+    (:func:`check_checkpoint_task`): a synthesis checkpoint neither resumes nor fine-tunes the fusion task."""
+    ckpt = check_checkpoint(path, sha256, key, entries, network, "model")
+    if check_task:
+        check_checkpoint_task(path, task, augmentation, channels, key=key, ckpt=ckpt)

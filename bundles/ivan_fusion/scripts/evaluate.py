@@ -15,25 +15,15 @@ from common.metrics.image import nmse, pearson_r, psnr, psnr_per_slice, ssim3d, 
 from common.transforms.ivan import average_fusion, laplacian_maxabs_fusion
 from monai.transforms import MapTransform
 
+from common.bundle import case_name
 from common.transforms.validation import describe_source
 from common.utils.errors import InvalidInputError
-from common.utils.io import atomic_write, check_writable_dir, refuse_overwrite
+from common.utils.io import atomic_write, refuse_overwrite
 
-from .io import case_id
+__all__ = ["IVANMetricsHandler", "METRIC_FILES", "CheckSliceSized", "synthesis_rows", "fusion_rows"]
 
-__all__ = ["IVANMetricsHandler", "METRIC_FILES", "check_metric_outputs", "CheckSliceSized", "synthesis_rows", "fusion_rows"]
-
-#: the files evaluation writes into ``output_dir``
+#: the files evaluation writes into ``output_dir`` (refused before any work by ``common.bundle.check_outputs``)
 METRIC_FILES = ("metrics_per_slice.csv", "metrics_per_case.csv", "summary.csv")
-
-
-def check_metric_outputs(output_dir: str, overwrite: bool = False) -> None:
-    """Before any work: ``output_dir`` can be written and, unless ``overwrite``, holds none of the metric files."""
-    import os
-
-    check_writable_dir(output_dir, "output folder (output_dir)")
-    for name in METRIC_FILES:
-        refuse_overwrite(os.path.join(output_dir, name), overwrite)
 
 
 class CheckSliceSized(MapTransform):
@@ -207,7 +197,7 @@ class IVANMetricsHandler:
         if isinstance(output, dict):  # not decollated: one case per batch
             batch, output = [{k: v[0] for k, v in batch.items()}], [{"pred": output["pred"][0]}]
         for b, o in zip(batch, output):
-            case = case_id(b, b.get(self.inputs[0]), self.id_key) if self.id_key in b else f"case_{len(self.case_rows)}"
+            case = case_name(b, len(self.case_rows), self.id_key, self.inputs[:1])
             self.evaluate_case(case, b, o["pred"])
 
     def summary(self) -> list[dict]:

@@ -1,4 +1,9 @@
-"""Writing the inference outputs: one 3D NIfTI per output modality, in the input's geometry."""
+"""Writing the inference outputs: one 3D NIfTI per output modality, in the input's geometry.
+
+Outputs are named ``<case>_<name>.nii.gz`` (:func:`common.bundle.case_name`: the case's ``id``, else its input
+file's stem); inference plans them with :func:`common.bundle.planned_outputs` and refuses existing ones with
+:func:`common.bundle.check_outputs` before any work.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from monai.transforms import MapTransform
 
+from common.bundle import case_name
 from common.utils.errors import InvalidInputError
 
-__all__ = ["output_names", "case_id", "output_files", "check_outputs", "SaveIVANOutputsd"]
+__all__ = ["output_names", "SaveIVANOutputsd"]
 
 
 def output_names(task: str, inputs: Sequence[str], targets: Sequence[str], direction: str) -> list[str]:
@@ -55,7 +61,7 @@ class SaveIVANOutputsd(MapTransform):
             img = d[key]
             if img.shape[0] != len(self.names):
                 raise ValueError(f"{key} has {img.shape[0]} channels, expected {len(self.names)} ({self.names})")
-            case = case_id(d, img, self.id_key)
+            case = case_name(d, None, self.id_key, [key])  # the id, else the stem of the file the input came from
             stems = [os.path.join(self.output_dir, f"{case}_{name}") for name in self.names]
             for stem in stems:  # all or none: refuse before the first file of the case is written
                 refuse_overwrite(stem + ".nii.gz", self.overwrite)
@@ -72,51 +78,3 @@ class SaveIVANOutputsd(MapTransform):
                 files.append(stem + ".nii.gz")
             d[f"{key}_files"] = files
         return d
-
-
-def case_id(d: Mapping, img=None, id_key: str = "id") -> str:
-    """The case name: the datalist ``id`` (its last path part: ``load_decathlon_datalist`` joins ``base_dir`` to
-    any value that names an existing path, e.g. an id equal to the case folder), else the input file stem."""
-    case = d.get(id_key)
-    if case is None:
-        meta = getattr(img, "meta", {}) if img is not None else {}
-        return os.path.basename(str(meta.get("filename_or_obj", "case"))).split(".")[0]
-    return os.path.basename(str(case).rstrip("/\\"))
-
-
-def output_files(
-    items: Sequence[Mapping], names: Sequence[str], output_dir: str, ref_key: str, id_key: str = "id"
-) -> dict[str, str]:
-    """``{output file: case}`` that inference will write for the datalist ``items`` (same naming as
-    :class:`SaveIVANOutputsd`: the case id, else the stem of the ``ref_key`` file)."""
-    out: dict[str, str] = {}
-    for i, it in enumerate(items):
-        if it.get(id_key) is not None:
-            case = os.path.basename(str(it[id_key]).rstrip("/\\"))
-        else:
-            ref = it.get(ref_key)
-            ref = ref[0] if isinstance(ref, list) and ref else ref
-            case = os.path.basename(str(ref)).split(".")[0]
-        for name in names:
-            path = os.path.join(output_dir, f"{case}_{name}.nii.gz")
-            if path in out:
-                raise InvalidInputError(
-                    f"two cases of the datalist ('{out[path]}' and '{case}', #{i}) would both write '{path}'; "
-                    f"expected a distinct '{id_key}' per case"
-                )
-            out[path] = case
-    return out
-
-
-def check_outputs(
-    items: Sequence[Mapping], names: Sequence[str], output_dir: str, ref_key: str, overwrite: bool = False,
-    id_key: str = "id",
-) -> None:
-    """Before any work: the output folder can be written and, unless ``overwrite``, none of the outputs
-    exists yet (:class:`~common.utils.errors.OutputExistsError` naming the first one and the key ``overwrite``)."""
-    from common.utils.io import check_writable_dir, refuse_overwrite
-
-    files = output_files(items, names, output_dir, ref_key, id_key)
-    check_writable_dir(output_dir, "output folder (output_dir)")
-    for path in files:
-        refuse_overwrite(path, overwrite)
