@@ -81,7 +81,7 @@ def _rows(path: Path) -> list[dict]:
 
 
 def test_logits_model_dice_equals_hand_computed(generated_pairs, tmp_path):
-    from scripts.evaluate import label_agreement
+    from scripts.label_agreement import label_agreement
 
     model = _script(BoneLogits(), tmp_path / "bone_logits.pt")
     csv_path = label_agreement(generated_pairs["dir"], model, tmp_path / "eval", label_map={"1": BONE},
@@ -128,7 +128,7 @@ def test_label_id_model_through_evaluate_config(maisi_bundle, ct_demo, generated
 
 def test_maisi_names_and_identity_map(tmp_path):
     """Default label dictionary (MAISI names) and no label map (the model outputs MAISI ids itself)."""
-    from scripts.evaluate import label_agreement
+    from scripts.label_agreement import label_agreement
 
     gen = tmp_path / "gen"
     gen.mkdir()
@@ -154,7 +154,7 @@ def test_maisi_names_and_identity_map(tmp_path):
 
 
 def test_missing_model_is_one_clear_error(maisi_bundle, ct_demo, generated_pairs, tmp_path):
-    from scripts.evaluate import label_agreement
+    from scripts.label_agreement import label_agreement
 
     missing = tmp_path / "no_such_model.pt"
     with pytest.raises(FileNotFoundError, match=r"segmentation_model_path.*no_such_model\.pt"):
@@ -175,7 +175,7 @@ def test_missing_model_is_one_clear_error(maisi_bundle, ct_demo, generated_pairs
 
 
 def test_without_model_nothing_is_written(generated_pairs, tmp_path):
-    from scripts.evaluate import label_agreement
+    from scripts.label_agreement import label_agreement
 
     assert label_agreement(generated_pairs["dir"], None, tmp_path / "eval") is None
     assert not (tmp_path / "eval").exists()

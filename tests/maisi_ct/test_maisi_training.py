@@ -96,3 +96,17 @@ def test_multi_gpu_overlay_wraps_trained_network(maisi_bundle, config):
     # data preparation once (rank 0), weights on every rank, then the trainer
     assert run[0].startswith("$@prepare_data") and "barrier" in run[1] and run[2] == "$@load_weights"
     assert any("gloo" in expr for expr in parser["initialize"])
+
+
+def test_latents_are_named_by_case_and_one_name_twice_is_refused(tmp_path):
+    """Latents carry common.bundle.case_name (the id, else the image's stem); two cases that would write the same
+    latent are refused before any image is read or encoded (the autoencoder is never used)."""
+    from scripts.latents import precompute_latents
+
+    from common.utils.errors import InvalidInputError
+
+    dl = tmp_path / "datalist.json"
+    dl.write_text(json.dumps({"training": [{"image": "a/ct.nii.gz"}], "validation": [{"image": "b/ct.nii.gz"}]}))
+    with pytest.raises(InvalidInputError, match=r"'ct' \(#0\) and 'ct' \(#1\) would both write .*ct_emb\.nii\.gz"):
+        precompute_latents(None, str(dl), str(tmp_path / "latents"))
+    assert not [p for p in (tmp_path / "latents").rglob("*") if p.is_file()]

@@ -3,9 +3,12 @@
 Each CT is loaded, oriented to RAS, optionally resampled to a fixed spacing, mapped from [-1000, 1000] HU to [0, 1], resized (trilinear) so every
 dimension becomes the nearest multiple of ``size_multiple`` (128 officially, at least one multiple), encoded with
 the trained VAE (sampled latent ``mu + sigma * eps``, as the official script) and saved as
-``<id>_emb.nii.gz`` (float32, X x Y x Z x 4) with a JSON sidecar (spacing of the resized image, modality,
+``<case>_emb.nii.gz`` (float32, X x Y x Z x 4) with a JSON sidecar (spacing of the resized image, modality,
 body regions). With labels, the label map is resized the same way (nearest), mapped to MAISI ids by name and
-saved as ``<id>_label.nii.gz``. A new Decathlon datalist ``datalist_latents.json`` lists the outputs.
+saved as ``<case>_label.nii.gz``. A new Decathlon datalist ``datalist_latents.json`` lists the outputs.
+``<case>`` is ``common.bundle.case_name``: the entry's ``id``, else its image file's stem; two cases with one
+name are refused before anything is encoded. Datalists are read by ``common.bundle.load_datalist`` (only the
+:data:`PATH_KEYS` entries are paths).
 """
 
 from __future__ import annotations
@@ -21,15 +24,19 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-from monai.data import load_decathlon_datalist
 from monai.transforms import Compose, EnsureChannelFirstd, Orientationd, Resized, ScaleIntensityRanged, Spacingd
 
+from common.bundle import case_name, load_datalist, planned_outputs, require_file
 from common.transforms.maisi import BODY_LABEL, to_maisi_label, totalsegmentator_to_maisi_lut
 from common.transforms.validation import CheckedLoadImaged, ValidateImaged, ValidateLabeld
-from common.utils.errors import InputNotFoundError, InvalidInputError
+from common.utils.errors import InvalidInputError
 from common.utils.io import atomic_write, check_writable_dir
 
-__all__ = ["target_dims", "precompute_latents", "region_one_hot", "load_datalist"]
+__all__ = ["PATH_KEYS", "target_dims", "precompute_latents", "region_one_hot"]
+
+#: the entries of a maisi_ct datalist (CT or latent) that are file paths, joined to the datalist's folder by
+#: ``common.bundle.load_datalist``; the latent datalist's numbers (spacing, dim, region indices) stay as they are
+PATH_KEYS = ("image", "label")
 
 _REGION_ORDER = ("head", "chest", "abdomen", "pelvis")
 
@@ -86,11 +93,10 @@ def precompute_latents(
     result = out / "datalist_latents.json"
     if result.is_file() and not overwrite:
         return str(result)
-    if not Path(datalist).is_file():
-        raise InputNotFoundError(f"datalist '{datalist}' (config key 'datalist') does not exist")
-    base = os.path.dirname(os.path.abspath(datalist))
+    require_file(datalist, "datalist")
     lut = None if label_names is None else totalsegmentator_to_maisi_lut({int(k): v for k, v in label_names.items()})
     keys = ["image", "label"] if lut is not None else ["image"]
+    cases = _plan_cases(datalist, sections, keys, out)
     checks = [ValidateImaged("image", spatial_dims=3, channels=1, max_abs=max_abs_hu)]
     if lut is not None:
         classes = sorted({0} | {int(k) for k in label_names})
@@ -100,8 +106,8 @@ def precompute_latents(
                     Orientationd(keys, axcodes="RAS")])
     tmp_dir = Path(tempfile.mkdtemp(prefix=".latents.", dir=out))
     try:
-        lists = _encode_all(autoencoder, datalist, base, sections, keys, load, lut, size_multiple, modality, body_region,
-                            target_spacing, device, tmp_dir)
+        lists = _encode_all(autoencoder, cases, keys, load, lut, size_multiple, modality, body_region, target_spacing,
+                            device, tmp_dir)
         for f in sorted(tmp_dir.iterdir()):
             os.replace(f, out / f.name)
     finally:
@@ -111,19 +117,31 @@ def precompute_latents(
     return str(result)
 
 
-@torch.no_grad()
-def _encode_all(autoencoder, datalist, base, sections, keys, load, lut, size_multiple, modality, body_region,
-                target_spacing, device, out: Path) -> dict[str, list[dict[str, Any]]]:
-    """Encode every entry of ``sections`` into ``out``; returns the latent datalist sections."""
-    scale = ScaleIntensityRanged("image", a_min=-1000, a_max=1000, b_min=0.0, b_max=1.0, clip=True)
-    autoencoder.eval()
-    lists: dict[str, list[dict[str, Any]]] = {}
-    for section in sections:
-        entries = []
-        for i, item in enumerate(load_datalist(datalist, section, base, required=True)):
+def _plan_cases(datalist: str, sections: Sequence[str], keys: Sequence[str], out: Path) -> dict[str, list[tuple[str, dict]]]:
+    """``{section: [(case name, item), ...]}``, checked before any image is encoded: every item has ``keys`` and
+    no two cases (of any section) write the same latent (:func:`common.bundle.planned_outputs`)."""
+    lists = {section: load_datalist(datalist, section, path_keys=PATH_KEYS) for section in sections}
+    for section, items in lists.items():
+        for i, item in enumerate(items):
             missing = [k for k in keys if k not in item]
             if missing:
                 raise InvalidInputError(f"datalist '{datalist}' section '{section}' entry {i} has no {missing}")
+    everything = [item for items in lists.values() for item in items]
+    planned_outputs(everything, out, ["emb", "label"][: len(keys)])  # refuses two cases with one name
+    names = iter(case_name(item, i) for i, item in enumerate(everything))
+    return {section: [(next(names), item) for item in items] for section, items in lists.items()}
+
+
+@torch.no_grad()
+def _encode_all(autoencoder, cases, keys, load, lut, size_multiple, modality, body_region, target_spacing, device,
+                out: Path) -> dict[str, list[dict[str, Any]]]:
+    """Encode every case of ``cases`` (:func:`_plan_cases`) into ``out``; returns the latent datalist sections."""
+    scale = ScaleIntensityRanged("image", a_min=-1000, a_max=1000, b_min=0.0, b_max=1.0, clip=True)
+    autoencoder.eval()
+    lists: dict[str, list[dict[str, Any]]] = {}
+    for section, items in cases.items():
+        entries = []
+        for name, item in items:
             d = load({k: item[k] for k in keys})
             if lut is not None:
                 if tuple(d["image"].shape[1:]) != tuple(d["label"].shape[1:]):
@@ -148,8 +166,6 @@ def _encode_all(autoencoder, datalist, base, sections, keys, load, lut, size_mul
             affine = d["image"].affine.numpy()
             spacing = np.linalg.norm(affine[:3, :3], axis=0)
             z = autoencoder.encode_stage_2_inputs(d["image"][None].to(device).float())[0].cpu()
-            # "id" may have been joined to the datalist folder (load_decathlon_datalist joins existing paths)
-            name = Path(str(item["id"])).name if item.get("id") else Path(item["image"]).name.split(".")[0] + f"_{i}"
             latent_affine = affine.copy()
             latent_affine[:3, :3] = affine[:3, :3] * 4  # latent voxels are 4x larger
             _save(out / f"{name}_emb.nii.gz", z.permute(1, 2, 3, 0).numpy(), latent_affine, np.float32)
@@ -171,29 +187,3 @@ def _encode_all(autoencoder, datalist, base, sections, keys, load, lut, size_mul
             entries.append(entry)
         lists[section] = entries
     return lists
-
-
-def load_datalist(datalist_file: str, key: str, base_dir: str | None = None, required: bool = False) -> list[dict[str, Any]]:
-    """``load_decathlon_datalist`` that returns ``[]`` (with a warning) while the JSON does not exist yet.
-
-    The latent datalist is written by ``precompute_latents`` at the start of ``run``; static checks
-    (``check_properties``) build the dataset before that. A real run with an empty list stops at the data loader.
-    ``required``: a missing file is an error too. A file without the section ``key`` is always an error
-    (``InvalidInputError`` naming the file and the section).
-    """
-    if required and not os.path.isfile(datalist_file):
-        raise InputNotFoundError(f"datalist '{datalist_file}' does not exist")
-    if os.path.isfile(datalist_file):
-        try:
-            sections = json.loads(Path(datalist_file).read_text())
-        except json.JSONDecodeError as e:
-            raise InvalidInputError(f"datalist '{datalist_file}' is not valid JSON: {e}") from e
-        if not isinstance(sections, dict) or key not in sections:
-            found = sorted(sections) if isinstance(sections, dict) else type(sections).__name__
-            raise InvalidInputError(f"datalist '{datalist_file}' has no section '{key}' (it has {found})")
-    if not os.path.isfile(datalist_file):
-        import logging
-
-        logging.getLogger(__name__).warning("datalist '%s' not found (yet)", datalist_file)
-        return []
-    return load_decathlon_datalist(datalist_file, True, key, base_dir or os.path.dirname(os.path.abspath(datalist_file)))
