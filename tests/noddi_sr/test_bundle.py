@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,8 @@ from monai.bundle import ConfigWorkflow
 
 from common.data.fetch import demo_file
 from common.data.noddi_phantom import PhantomConfig, build_phantom_cohort, hr_affine
+from common.utils.errors import InvalidInputError, OutputExistsError
+from common.utils.io import CheckpointError
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "noddi_sr"
 CONFIGS = BUNDLE / "configs"
@@ -100,6 +103,81 @@ def test_stage2_resumes_from_its_checkpoint(trained, cohort):
     )
     trainer = wf.parser.get_parsed_content("train#trainer")
     assert trainer.state.epoch == 2 and trainer.state.iteration == 4  # continued after the 2 saved iterations
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    chain, e = [], err
+    while e is not None:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return chain
+
+
+def _raises(exc_type, fragment, run):
+    with pytest.raises(Exception) as err:
+        run()
+    assert any(isinstance(x, exc_type) and fragment in str(x) for x in _chain(err.value)), repr(err.value)
+
+
+#: stage config -> (its best-weights file, the file's entry and the config id of the network it trains)
+STAGES = {
+    "train_vqgan.json": ("vqgan.pt", "vqgan", "network"),
+    "train_cond_encoder.json": ("encoder.pt", "encoder", "network"),
+    "train_diffusion.json": ("diffusion.pt", "unet", "network"),
+}
+
+
+def _state(module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_finetune_starts_from_the_stage_model(stage, trained, cohort, tmp_path):
+    """A stage whose checkpoints exist is refused without 'resume'/'finetune'/'overwrite'; with 'finetune' it trains a
+    new run (fresh trainer) whose network starts from the weights of <ckpt_dir>/<stage>.pt, not from its initialisation
+    (stage 3: its EMA too)."""
+    fname, entry, net_id = STAGES[stage]
+    ckpt = tmp_path / "models"
+    shutil.copytree(trained["ckpt"], ckpt)
+    kw = dict(dataset_dir=str(cohort), ckpt_dir=str(ckpt), output_dir=str(tmp_path / "out"))
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    _raises(OutputExistsError, "'finetune' to true", lambda: _workflow([stage], "train", **kw))
+    _raises(InvalidInputError, "set only one", lambda: _workflow([stage], "train", resume=True, finetune=True, **kw))
+    other = "encoder.pt" if fname != "encoder.pt" else "vqgan.pt"  # another stage's model: refused by name
+    _raises(CheckpointError, "config key 'finetune_ckpt'",
+            lambda: _workflow([stage], "train", finetune=True, finetune_ckpt=str(ckpt / other), **kw))
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before  # refused runs wrote nothing
+
+    saved = torch.load(ckpt / fname, weights_only=True)
+    saved = saved.get(entry, saved)  # a single-network file is a bare state dict
+    sys.path.insert(0, str(BUNDLE))
+    try:
+        wf = ConfigWorkflow(config_file=[str(CONFIGS / stage), str(CONFIGS / "tiny.json")], meta_file=str(CONFIGS / "metadata.json"),
+                            workflow_type="train", bundle_root=str(BUNDLE), finetune=True, **kw)
+        wf.initialize()
+        network, trainer = wf.parser.get_parsed_content(net_id), wf.parser.get_parsed_content("train#trainer")
+        init, start = _state(network), {}
+        ema = wf.parser.get_parsed_content("ema") if stage == "train_diffusion.json" else None
+
+        def snapshot(engine):
+            start["net"] = _state(network)
+            start["ema"] = _state(ema.module) if ema is not None else None
+
+        from ignite.engine import Events
+
+        trainer.add_event_handler(Events.ITERATION_STARTED(once=1), snapshot)
+        wf.run()
+        wf.finalize()
+    finally:
+        sys.path.remove(str(BUNDLE))
+    assert set(start["net"]) == set(saved)
+    assert all(torch.equal(start["net"][k], saved[k].cpu()) for k in saved), "network did not start from the finetune checkpoint"
+    assert any(not torch.equal(init[k], saved[k].cpu()) for k in saved)  # a fresh initialisation would have failed
+    if ema is not None:
+        assert all(torch.equal(start["ema"][k], saved[k].cpu()) for k in saved), "EMA did not start from the finetune checkpoint"
+    assert trainer.state.epoch == 1 and trainer.state.iteration == 2  # a new run, not the saved run continued
+    final = f"checkpoint_{fname}"
+    assert (ckpt / final).read_bytes() != before[final]  # the fine-tune run replaced the stage's checkpoint
 
 
 def test_inference_on_real_dwi_and_phantom(trained, cohort, tmp_path):

@@ -1,36 +1,27 @@
-"""Glue of the noddi_sr bundle: datalists, checkpoint loading across the three stages, outputs and evaluation."""
+"""Glue of the noddi_sr bundle: NODDI case checks, weights across the three stages, output naming and evaluation.
 
-from .checks import (
-    MatchGridd,
-    case_stem,
-    check_cases,
-    check_output_dir,
-    check_resume,
-    montage_names,
-    refuse_existing_checkpoints,
-    refuse_existing_outputs,
-)
-from .data import load_datalist, require_data
-from .evaluation import NODDIEvaluationHandler, write_montage
-from .outputs import AttachStdd, RefuseExistingOutputsd, output_stem
-from .weights import load_inference_weights, load_weights
+Datalists, case names, output and checkpoint policy come from :mod:`common.bundle` (the configs call it directly).
+"""
+
+from .checks import MatchGridd, check_cases
+from .data import COHORT_HINT, ENTRY_MEANING, PATH_KEYS
+from .evaluation import NODDIEvaluationHandler, montage_names, write_montage
+from .outputs import AttachStdd, RefuseExistingOutputsd, planned_files
+from .weights import EMAFromNetwork, load_inference_weights, load_weights
 
 __all__ = [
     "MatchGridd",
-    "case_stem",
     "check_cases",
-    "check_output_dir",
-    "check_resume",
-    "montage_names",
-    "refuse_existing_checkpoints",
-    "refuse_existing_outputs",
-    "load_datalist",
-    "require_data",
+    "COHORT_HINT",
+    "ENTRY_MEANING",
+    "PATH_KEYS",
     "NODDIEvaluationHandler",
+    "montage_names",
     "write_montage",
     "AttachStdd",
     "RefuseExistingOutputsd",
-    "output_stem",
+    "planned_files",
+    "EMAFromNetwork",
     "load_inference_weights",
     "load_weights",
 ]

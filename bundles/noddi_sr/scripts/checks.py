@@ -1,4 +1,7 @@
-"""Checks that run before any work: the cases of a datalist, the output folders and the files a run would write.
+"""NODDI checks that run before any work: the entries, images and gradient tables of every case of a datalist.
+
+Output folders, the files a run would write and training checkpoints are checked by :mod:`common.bundle`
+(``check_outputs``, ``check_training_outputs``, ``check_checkpoint``); a case is named as there (``describe_case``).
 
 Every error is one of the user-error classes of :mod:`common.utils.errors` (``GradientTableError`` for the
 gradient tables) and names the file or config key and what was expected, so on the command line a bad input ends
@@ -21,65 +24,16 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
+from common.bundle import describe_case
 from common.data.dwi import B0_THRESHOLD, GradientTableError, bin_shells, match_shells, read_bvals_bvecs
 from common.transforms.validation import check_image_file, describe_source
-from common.utils.errors import InputNotFoundError, InvalidInputError, OutputExistsError
-from common.utils.io import check_writable_dir
+from common.utils.errors import InputNotFoundError, InvalidInputError
 
-from .outputs import output_stem
+from .data import ENTRY_MEANING
 
-__all__ = [
-    "check_output_dir",
-    "check_cases",
-    "case_stem",
-    "montage_names",
-    "refuse_existing_outputs",
-    "refuse_existing_checkpoints",
-    "check_resume",
-    "MatchGridd",
-]
+__all__ = ["check_cases", "MatchGridd"]
 
-#: what each datalist entry holds, for the error messages
-ENTRY_MEANING = {
-    "dwi": "the path of the low-resolution 4D DWI series (NIfTI)",
-    "bval": "the path of the DWI's FSL bval file",
-    "bvec": "the path of the DWI's FSL bvec file",
-    "mask": "the path of the LR brain mask (3D NIfTI)",
-    "noddi": "the path of the HR reference NODDI maps (4D NIfTI with 3 volumes: NDI, ODI, FWF)",
-    "mask_hr": "the path of the HR brain mask (3D NIfTI)",
-    "wm": "the path of the HR white-matter mask (3D NIfTI)",
-    "gm": "the path of the HR grey-matter mask (3D NIfTI)",
-    "lowres_fit": "the path of the low-resolution fit on the HR grid (4D NIfTI with 3 volumes)",
-}
 _TABLE_KEYS = ("bval", "bvec")
-
-
-def check_output_dir(path: str | os.PathLike, key: str = "output_dir") -> Path:
-    """Create the folder of config key ``key`` if needed and check that it can be written (before any work).
-
-    Raises:
-        OutputNotWritableError: naming the folder and the key (a file in its place, no permission, a full disk).
-    """
-    return check_writable_dir(path, f"output folder (config key '{key}')")
-
-
-def case_stem(case: Mapping, index: int, image_key: str = "dwi", case_key: str = "id") -> str:
-    """The stem of the files a case writes: its ``id`` (last path component) or the stem of its DWI file."""
-    cid = case.get(case_key)
-    if isinstance(cid, str) and cid.strip("/"):
-        return os.path.basename(cid.rstrip("/"))
-    img = case.get(image_key)
-    return output_stem(img) if isinstance(img, (str, os.PathLike)) else f"case_{index:03d}"
-
-
-def _case_name(case: Any, index: int) -> str:
-    if isinstance(case, Mapping):
-        cid = case.get("id")
-        if isinstance(cid, str) and cid.strip("/"):
-            return f"'{os.path.basename(cid.rstrip('/'))}' (#{index})"
-        if isinstance(case.get("dwi"), str):
-            return f"'{output_stem(case['dwi'])}' (#{index})"
-    return f"#{index}"
 
 
 def check_cases(
@@ -109,7 +63,7 @@ def check_cases(
     if not isinstance(data, Sequence) or isinstance(data, (str, bytes)):
         raise InvalidInputError(f"{source} must be a list of cases (dicts), got {type(data).__name__}")
     for i, case in enumerate(data):
-        name = _case_name(case, i)
+        name = describe_case(case, i, image_keys=("dwi",))
         if not isinstance(case, Mapping):
             raise InvalidInputError(
                 f"case {name} of {source} is a {type(case).__name__}; expected a dict with the entries {list(required)}"
@@ -170,81 +124,6 @@ def check_cases(
                 source=f"bval file '{bval}' (key 'bval' of case {name})",
                 key=shells_key,
             )
-
-
-def montage_names(data: Sequence[Mapping], n_montages: int, case_key: str = "id") -> list[str]:
-    """The montage files ``NODDIEvaluationHandler`` writes for the first ``n_montages`` cases."""
-    out = []
-    for i, case in enumerate(list(data)[: max(int(n_montages), 0)]):
-        cid = case.get(case_key, f"case_{i:03d}") if isinstance(case, Mapping) else f"case_{i:03d}"
-        out.append(f"montage_{os.path.basename(str(cid).rstrip('/'))}.png")
-    return out
-
-
-def refuse_existing_outputs(
-    data: Sequence[Mapping],
-    output_dir: str | os.PathLike,
-    postfixes: Sequence[str],
-    overwrite: bool = False,
-    extra: Sequence[str] = (),
-    image_key: str = "dwi",
-    case_key: str = "id",
-) -> list[Path]:
-    """Every file a run would write in ``output_dir``; refuse existing ones unless ``overwrite``, and refuse two
-    cases that would write the same file. Returns the paths."""
-    out_dir = Path(output_dir)
-    paths: dict[Path, str] = {}
-    for i, case in enumerate(data):
-        stem = case_stem(case, i, image_key, case_key) if isinstance(case, Mapping) else f"case_{i:03d}"
-        for p in postfixes:
-            path = out_dir / f"{stem}_{p}.nii.gz"
-            if path in paths:
-                raise InvalidInputError(
-                    f"cases {paths[path]} and {_case_name(case, i)} would both write '{path}'; expected a distinct "
-                    f"'{case_key}' (or DWI file name) per case"
-                )
-            paths[path] = _case_name(case, i)
-    for name in extra:
-        paths.setdefault(out_dir / name, "")
-    if not overwrite:
-        for path in paths:
-            if path.exists():
-                raise OutputExistsError(f"output '{path}' already exists; set 'overwrite' to true to replace it")
-    return list(paths)
-
-
-def refuse_existing_checkpoints(ckpt_dir: str | os.PathLike, stage: str, allowed: bool = False) -> None:
-    """Refuse to start a fresh training stage over the checkpoints of an earlier run of that stage.
-
-    ``<stage>.pt`` (best weights), ``checkpoint_<stage>.pt`` (final state) and ``<stage>_checkpoint*.pt`` (interval
-    states) in ``ckpt_dir`` would be replaced; ``allowed`` (config ``overwrite`` or ``resume``) lets the run go on.
-    """
-    if allowed:
-        return
-    d = Path(ckpt_dir)
-    found = [p for p in (d / f"{stage}.pt", d / f"checkpoint_{stage}.pt") if p.exists()]
-    found += sorted(d.glob(f"{stage}_checkpoint*.pt")) if d.is_dir() else []
-    if found:
-        raise OutputExistsError(
-            f"checkpoint '{found[0]}' of an earlier '{stage}' run already exists (config key 'ckpt_dir'); "
-            "set 'resume' to true to continue that run, or 'overwrite' to true to train from scratch and replace it"
-        )
-
-
-def check_resume(path: str | os.PathLike, sha256: str | None = None, resume: bool = True) -> None:
-    """With ``resume``: the checkpoint of config key ``resume_ckpt`` exists and, when ``resume_sha256`` is given, has
-    that digest (checked before any handler of the run writes anything; the loader reads it at the start)."""
-    if not resume:
-        return
-    path = Path(path)
-    if not path.is_file():
-        raise InputNotFoundError(f"checkpoint '{path}' (config key 'resume_ckpt') does not exist; expected the checkpoint to resume from")
-    if sha256:
-        from common.data.fetch import HashMismatchError, sha256sum
-
-        got = sha256sum(path)
-        if got.lower() != str(sha256).lower():
-            raise HashMismatchError(f"checkpoint '{path}' has sha256 {got}, expected {sha256} (config key 'resume_sha256')")
 
 
 def _spatial(img: Any) -> tuple[int, ...]:

@@ -1,40 +1,33 @@
-"""Datalist loading that lets the configs be parsed (and their properties checked) before the data exist."""
+"""What a noddi_sr datalist holds: the meaning of each entry, which entries are file paths, how to make one.
+
+Datalists are read by :func:`common.bundle.load_datalist` (every path entry joined to ``dataset_dir``, a missing
+datalist gives ``[]`` so that a config parses before the data exist) and a run starts with
+:func:`common.bundle.require_cases` (``hint=COHORT_HINT``).
+"""
 
 from __future__ import annotations
 
-import logging
-import os
-from pathlib import Path
+__all__ = ["ENTRY_MEANING", "PATH_KEYS", "COHORT_HINT"]
 
-from monai.data import load_decathlon_datalist
+#: what each datalist entry holds, for the error messages
+ENTRY_MEANING = {
+    "dwi": "the path of the low-resolution 4D DWI series (NIfTI)",
+    "bval": "the path of the DWI's FSL bval file",
+    "bvec": "the path of the DWI's FSL bvec file",
+    "mask": "the path of the LR brain mask (3D NIfTI)",
+    "noddi": "the path of the HR reference NODDI maps (4D NIfTI with 3 volumes: NDI, ODI, FWF)",
+    "mask_hr": "the path of the HR brain mask (3D NIfTI)",
+    "wm": "the path of the HR white-matter mask (3D NIfTI)",
+    "gm": "the path of the HR grey-matter mask (3D NIfTI)",
+    "lowres_fit": "the path of the low-resolution fit on the HR grid (4D NIfTI with 3 volumes)",
+    "dwi_hr": "the path of the phantom's HR DWI series (written on request, not read by the bundle)",
+}
 
-from common.utils.errors import InputNotFoundError, InvalidInputError
+#: the entries that are file paths (joined to ``dataset_dir``); ``id`` and any other entry are kept as they are
+PATH_KEYS = tuple(ENTRY_MEANING)
 
-__all__ = ["load_datalist", "require_data"]
-
-logger = logging.getLogger(__name__)
-
-
-def load_datalist(path: str | os.PathLike, key: str, base_dir: str | os.PathLike) -> list[dict]:
-    """``load_decathlon_datalist`` when ``path`` exists, otherwise an empty list (``require_data`` fails at run time)."""
-    path = Path(path)
-    if not path.is_file():
-        logger.warning("datalist '%s' not found; no '%s' cases", path, key)
-        return []
-    try:
-        data = load_decathlon_datalist(str(path), data_list_key=key, base_dir=str(base_dir))
-    except (ValueError, TypeError, AttributeError) as e:  # malformed JSON (JSONDecodeError is a ValueError), missing section
-        raise InvalidInputError(
-            f"datalist '{path}' cannot be used: {e}; expected a Decathlon-style JSON with a '{key}' list of cases"
-        ) from e
-    return data
-
-
-def require_data(data: list, datalist: str | os.PathLike, key: str) -> None:
-    """Fail with a clear message before a run starts on an empty list of cases."""
-    if not data:
-        raise InputNotFoundError(
-            f"no '{key}' cases: datalist '{datalist}' is missing or empty. Build a phantom cohort "
-            f"(python -m common.data.noddi_phantom <dataset_dir>) or an HCP datalist (common.data.hcp_datalist), "
-            f"and pass --dataset_dir"
-        )
+#: how to make a cohort, appended to the error of a run without cases
+COHORT_HINT = (
+    "build a phantom cohort (python -m common.data.noddi_phantom <dataset_dir>) or an HCP datalist "
+    "(common.data.hcp_datalist), and pass --dataset_dir"
+)

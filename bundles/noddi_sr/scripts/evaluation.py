@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.bundle import case_name
 from common.metrics.image import flat_ssim, mae, psnr, ssim3d
 from common.utils.io import atomic_write, refuse_overwrite
 
-__all__ = ["MAP_NAMES", "case_metrics", "NODDIEvaluationHandler", "write_montage", "COLUMNS"]
+__all__ = ["MAP_NAMES", "case_metrics", "NODDIEvaluationHandler", "write_montage", "montage_names", "COLUMNS"]
 
 MAP_NAMES = ("NDI", "ODI", "FWF")
 COLUMNS = ["case", "method", "map", "mask", "psnr", "ssim", "mae", "n_voxels"]
@@ -109,6 +110,16 @@ def write_montage(path: str | os.PathLike, columns: dict[str, np.ndarray], axis:
     return path
 
 
+#: the image a case is named after when it has no id: the datalist's DWI, or the loaded series (``image``)
+_CASE_IMAGES = ("dwi", "image")
+
+
+def montage_names(data: list, n_montages: int, case_key: str = "id") -> list[str]:
+    """The montage files :class:`NODDIEvaluationHandler` writes for the first ``n_montages`` cases."""
+    cases = list(data)[: max(int(n_montages), 0)]
+    return [f"montage_{case_name(c, i, id_key=case_key, image_keys=_CASE_IMAGES)}.png" for i, c in enumerate(cases)]
+
+
 class NODDIEvaluationHandler:
     """Collect per-case metrics during an evaluator run; write CSV, summary and montages when it completes.
 
@@ -160,8 +171,7 @@ class NODDIEvaluationHandler:
         for name in ("wm", "gm"):
             if k[name] in item and not isinstance(item[k[name]], str):
                 masks[name] = _np(item[k[name]])[0] > 0
-        # load_decathlon_datalist joins an id that names an existing folder to base_dir: keep the last component
-        case = os.path.basename(str(item.get(k["case"], f"case_{self._n:03d}")).rstrip("/"))
+        case = case_name(item, self._n, id_key=k["case"], image_keys=_CASE_IMAGES)
         self.rows += case_metrics(pred, ref, masks, case, self.method)
         if self._n < self.n_montages:
             cols = {}

@@ -1,4 +1,5 @@
-"""Output-file safety of the inference and evaluation configs."""
+"""Output-file safety of the inference and evaluation configs: the files a run writes, named as
+:func:`common.bundle.case_name` names a case (its ``id``, else the stem of its DWI file)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,18 @@ from typing import Any
 
 from monai.transforms import MapTransform
 
-from common.utils.io import refuse_overwrite
+from common.bundle import check_outputs, planned_outputs
 
-__all__ = ["output_stem", "RefuseExistingOutputsd"]
+__all__ = ["planned_files", "RefuseExistingOutputsd", "AttachStdd"]
 
 
-def output_stem(filename: str) -> str:
-    """``<dir>/case.nii.gz`` → ``case`` (the stem ``SaveImaged`` uses)."""
-    name = os.path.basename(str(filename))
-    for ext in (".nii.gz", ".nii", ".gz"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return os.path.splitext(name)[0]
+def planned_files(
+    data: Sequence[Mapping], output_dir: str | os.PathLike, postfixes: Sequence[str], extra: Sequence[str] = ()
+) -> list[Path]:
+    """Every file a run writes in ``output_dir``: ``<case>_<postfix>.nii.gz`` per case (two cases writing the same
+    file are refused, :func:`common.bundle.planned_outputs`) and the run-wide files ``extra`` (metrics, montages)."""
+    files = list(planned_outputs(data, output_dir, postfixes, image_keys=("dwi",)))
+    return files + [Path(output_dir) / name for name in extra if Path(output_dir) / name not in files]
 
 
 class RefuseExistingOutputsd(MapTransform):
@@ -29,7 +30,8 @@ class RefuseExistingOutputsd(MapTransform):
     The names are those ``SaveImaged(output_dir, output_postfix=p, separate_folder=False)`` will use:
     ``<output_dir>/<stem>_<p>.nii.gz`` for every postfix, with the stem of the case id (``case_key``) or of the
     input file (as :class:`common.transforms.dwi.HRMapsd` names the maps). Placed in the preprocessing, it fails
-    before any sampling is spent.
+    before any sampling is spent (the run's first items checked every case already: this catches a file written
+    since).
     """
 
     def __init__(self, keys: str, output_dir: str, postfixes: Sequence[str], overwrite: bool = False, case_key: str = "id") -> None:
@@ -40,13 +42,8 @@ class RefuseExistingOutputsd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            case = d.get(self.case_key)
-            if isinstance(case, str):
-                stem = os.path.basename(case.rstrip("/"))
-            else:
-                stem = output_stem(d[key].meta.get("filename_or_obj", key))
-            for p in self.postfixes:
-                refuse_overwrite(self.output_dir / f"{stem}_{p}.nii.gz", self.overwrite)
+            planned = planned_outputs([d], self.output_dir, self.postfixes, id_key=self.case_key, image_keys=(key,))
+            check_outputs(self.output_dir, self.overwrite, planned)
         return d
 
 

@@ -16,7 +16,7 @@ import torch
 from common.utils.errors import InputNotFoundError, InvalidInputError
 from common.utils.io import CheckpointError, check_state_fits, load_checkpoint, load_state_into
 
-__all__ = ["load_weights", "load_inference_weights", "STAGE_FILES"]
+__all__ = ["load_weights", "load_inference_weights", "EMAFromNetwork", "STAGE_FILES"]
 
 #: stage files of inference: file name -> (entry, config that trains it)
 STAGE_FILES = {
@@ -111,3 +111,25 @@ def load_inference_weights(
     for module, state, source in parts:
         load_state_into(module, state, source)
     return model
+
+
+class EMAFromNetwork:
+    """Stage 3 fine-tuning: the EMA of the UNet starts from the fine-tuned weights, not from the fresh initialisation.
+
+    The EMA (``common.engines.ema.EMA``) copies the network when it is built, before ``finetune_loader`` loads
+    ``finetune_ckpt`` into the network (at ``STARTED``); this handler copies the loaded weights into it when the first
+    epoch starts, so that an EMA update (``ema_start`` reached) averages towards the fine-tuned model.
+    """
+
+    def __init__(self, ema: torch.nn.Module, network: torch.nn.Module) -> None:
+        self.ema, self.network = ema, network
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED(once=1), self)
+
+    def __call__(self, engine=None) -> None:
+        net = self.network.module if isinstance(self.network, torch.nn.parallel.DistributedDataParallel) else self.network
+        with torch.no_grad():
+            self.ema.module.load_state_dict(net.state_dict())
