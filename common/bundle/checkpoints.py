@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from common.data.fetch import HashMismatchError
 from common.utils.errors import InputNotFoundError, InvalidInputError, OutputExistsError
 from common.utils.io import CheckpointError, check_state_fits, check_writable_dir, load_checkpoint
 
@@ -56,10 +57,12 @@ def refuse_existing_checkpoints(ckpt_dir: str | os.PathLike, patterns: Sequence[
         return
     found = sorted({p for pattern in patterns for p in Path(ckpt_dir).glob(pattern) if p.is_file()})
     if found:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
         raise OutputExistsError(
             f"checkpoint folder '{ckpt_dir}' (config key 'ckpt_dir') already holds {len(found)} checkpoint(s) of an "
-            f"earlier run, e.g. '{found[0]}'; set 'resume' to true to continue that run, 'finetune' to true to train "
-            "on from its model, 'overwrite' to true to start again and replace them, or choose another ckpt_dir"
+            f"earlier run: '{found[0]}'{more} already exists; set 'overwrite' to true to start again and replace "
+            "them, 'resume' to true to continue that run, 'finetune' to true to train on from its model, or choose "
+            "another ckpt_dir"
         )
 
 
@@ -98,7 +101,10 @@ def check_checkpoint(
     """
     if not path or not Path(path).is_file():
         raise InputNotFoundError(f"checkpoint '{path}' (config key '{key}') does not exist; expected the checkpoint to load")
-    ckpt = load_checkpoint(path, sha256=sha256 or None)
+    try:
+        ckpt = load_checkpoint(path, sha256=sha256 or None)
+    except HashMismatchError as e:
+        raise HashMismatchError(f"{e} (config key '{key}_sha256')") from e
     missing = [e for e in entries if e not in ckpt]
     if missing:
         raise CheckpointError(

@@ -2,12 +2,15 @@
 failed cleanly: one clear error naming the file or key, nothing half-written, nothing overwritten.
 
 Used by every ``tests/robustness/test_<bundle>.py``. Each bundle test lists the kinds it tries in a
-module-level ``KINDS`` tuple; ``tests/robustness/test_coverage.py`` counts them for the README.
+module-level ``KINDS`` tuple (``kinds_tried``: all but those that do not apply to the bundle);
+``tests/robustness/test_coverage.py`` counts them for the README. The shared set-up of those tests is here too:
+the user errors, ``write_datalist`` and ``expect_refused`` (one user error, nothing written).
 """
 
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -16,7 +19,19 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from common.utils.errors import InputNotFoundError, InvalidInputError, find_user_error
+from common.data.fetch import HashMismatchError
+from common.utils.errors import (
+    InputNotFoundError,
+    InvalidInputError,
+    OutputExistsError,
+    OutputNotWritableError,
+    find_user_error,
+)
+from common.utils.io import CheckpointError
+
+#: the user errors a refused run raises, importable from here with the fault makers
+USER_ERRORS = (CheckpointError, HashMismatchError, InputNotFoundError, InvalidInputError, OutputExistsError,
+               OutputNotWritableError)
 
 #: the bad-input kinds of the issue, with the names the bundle tests use in ``KINDS``
 ALL_KINDS = {
@@ -53,6 +68,13 @@ ALL_KINDS = {
 
 #: the held-out-style kinds of ``ALL_KINDS``, made by :func:`make_held_out_input`
 HELD_OUT_KINDS = ("nrrd", "dicom_series", "single_slice", "clinical_7mm")
+
+
+def kinds_tried(*not_applicable: str) -> tuple[str, ...]:
+    """A bundle test's ``KINDS``: every kind of ``ALL_KINDS`` (in its order) but the ``not_applicable`` ones."""
+    unknown = set(not_applicable) - set(ALL_KINDS)
+    assert not unknown, f"unknown kinds {sorted(unknown)}"
+    return tuple(k for k in ALL_KINDS if k not in not_applicable)
 
 
 # ------------------------------------------------------------------------------ bad files
@@ -261,13 +283,13 @@ def make_unwritable_dir(path: str | os.PathLike) -> Path:
 #: ``make_bad_nifti`` (``nan``: its 4^3 block; ``inf``: its one voxel): error class and message regex
 GUARD_ERRORS = {
     "missing_file": (InputNotFoundError, r"does not exist"),
-    "truncated_gzip": (InvalidInputError, r"truncated gzip"),
+    "truncated_gzip": (InvalidInputError, r"truncated gzip file"),
     "corrupt_header": (InvalidInputError, r"corrupt NIfTI header.*sizeof_hdr.*expected 348"),
-    "two_d": (InvalidInputError, r"holds a 2D image.*expected a 3D image"),
-    "four_d": (InvalidInputError, r"4D image with 3 volumes/channels.*expected a 3D image \(1 channel\)"),
-    "nan": (InvalidInputError, r"64 NaN and 0 Inf voxels.*expected finite values"),
-    "inf": (InvalidInputError, r"0 NaN and 1 Inf voxels.*expected finite values"),
-    "all_zero": (InvalidInputError, r"is all-zero.*expected an image with contrast"),
+    "two_d": (InvalidInputError, r"holds a 2D image .*expected a 3D image"),
+    "four_d": (InvalidInputError, r"4D image with 3 volumes/channels .*expected a 3D image \(1 channel\)"),
+    "nan": (InvalidInputError, r"has 64 NaN and 0 Inf voxels .*expected finite values"),
+    "inf": (InvalidInputError, r"has 0 NaN and 1 Inf voxels .*expected finite values"),
+    "all_zero": (InvalidInputError, r"is all-zero: an empty volume; expected an image with contrast"),
 }
 
 
@@ -333,6 +355,30 @@ def assert_nothing_written(before: dict, *roots: str | os.PathLike, allow: Itera
     changed = sorted(p for p in set(after) & set(before) if after[p] != before[p] and not ok(p))
     parts = sorted(p for p in after if ".part" in Path(p).name)
     assert not (new or gone or changed or parts), f"new {new}, removed {gone}, changed {changed}, temporary {parts}"
+
+
+def expect_refused(run: Callable[[], object], *patterns: str, exc_type: type | tuple = Exception,
+                   roots: Iterable[str | os.PathLike] = (), allow: Iterable[str] = ()) -> BaseException:
+    """:func:`expect_user_error` on ``run`` and no file written, changed or removed under ``roots`` meanwhile
+    (:func:`assert_nothing_written`, ``allow`` as there). Returns the user error."""
+    roots = tuple(roots)
+    before = snapshot(*roots)
+    err = expect_user_error(run, *patterns, exc_type=exc_type)
+    assert_nothing_written(before, *roots, allow=allow)
+    return err
+
+
+def write_datalist(folder: str | os.PathLike, test=None, train=None, val=None, labels=None,
+                   name: str = "datalist.json") -> str:
+    """A datalist JSON ``folder/name`` with absolute paths; each split (``test``, ``training``, ``validation``) is one
+    case (a dict), several (a list) or none; ``labels`` (the class names) only where given. Returns its path."""
+    lists = {k: (v if isinstance(v, list) else [v] if v else []) for k, v in (("test", test), ("training", train),
+                                                                             ("validation", val))}
+    if labels is not None:
+        lists["labels"] = labels
+    path = Path(folder) / name
+    path.write_text(json.dumps(lists))
+    return str(path)
 
 
 def expect_user_error(run: Callable[[], object], *patterns: str, exc_type: type | tuple = Exception) -> BaseException:

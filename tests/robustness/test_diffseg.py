@@ -24,51 +24,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_quiet_streams, run_bundle, run_bundle_cli
-from faults import (
-    HELD_OUT_KINDS,
-    assert_in_input_geometry,
-    make_bad_labels,
-    make_held_out_input,
-    ALL_KINDS,
-    assert_nothing_written,
-    expect_user_error,
-    make_bad_nifti,
-    make_unwritable_dir,
-    snapshot,
-)
-
-from common.data.fetch import HashMismatchError
-from common.utils.errors import InputNotFoundError, InvalidInputError, OutputExistsError, OutputNotWritableError
-from common.utils.io import CheckpointError
+from faults import (GUARD_ERRORS, HELD_OUT_KINDS, CheckpointError, HashMismatchError, InputNotFoundError,
+                    InvalidInputError, OutputExistsError, OutputNotWritableError, assert_in_input_geometry,
+                    assert_nothing_written, expect_user_error, kinds_tried, make_bad_labels, make_bad_nifti,
+                    make_held_out_input, make_unwritable_dir, snapshot)
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "diffseg"
-KINDS = (
-    "missing_file",
-    "truncated_gzip",
-    "corrupt_header",
-    "two_d",
-    "four_d",
-    "wrong_channels",
-    "unknown_modality",
-    "nan",
-    "inf",
-    "all_zero",
-    "extreme_intensity",
-    "oblique_anisotropic",
-    "too_small",
-    "labels_outside_set",
-    "foreign_checkpoint",
-    "mismatched_checkpoint",
-    "hash_mismatch",
-    "unwritable_output",
-    "existing_output",
-    "nrrd",
-    "dicom_series",
-    "single_slice",
-    "clinical_7mm",
-    "multi_case_bad_last",
-)
-assert set(KINDS) <= set(ALL_KINDS)
+KINDS = kinds_tried("three_d_dwi", "bval_bvec_mismatch", "no_overlap", "wrong_task_checkpoint")
 
 INFER = ("inference.json", "tiny.json")
 EVAL = ("inference.json", "evaluate.json", "tiny.json")
@@ -169,14 +131,7 @@ def _assert_input_geometry(pred: Path, image: Path) -> np.ndarray:
 # ------------------------------------------------------------------------------ inference: bad files
 
 FILE_KINDS = {
-    "missing_file": (InputNotFoundError, r"does not exist"),
-    "truncated_gzip": (InvalidInputError, r"truncated gzip file"),
-    "corrupt_header": (InvalidInputError, r"corrupt NIfTI header.*sizeof_hdr.*expected 348"),
-    "two_d": (InvalidInputError, r"holds a 2D image .*expected a 3D image"),
-    "four_d": (InvalidInputError, r"4D image with 3 volumes/channels .*expected a 3D image \(1 channel\)"),
-    "nan": (InvalidInputError, r"has 64 NaN and 0 Inf voxels .*expected finite values"),
-    "inf": (InvalidInputError, r"has 0 NaN and 1 Inf voxels .*expected finite values"),
-    "all_zero": (InvalidInputError, r"is all-zero: an empty volume; expected an image with contrast"),
+    **GUARD_ERRORS,  # the shared guards' messages
     # CT is expected in HU: a wrong scaling is refused (ValidateImaged max_abs = 1e5 for CT)
     "extreme_intensity": (
         InvalidInputError, r"voxels with \|value\| > 100000 .*expected intensities within that bound"
@@ -359,7 +314,7 @@ def test_unwritable_output_folder_refused_before_any_work(data, tmp_path):
     out = make_unwritable_dir(tmp_path / "out")
     before = snapshot(tmp_path, data["ckpt_dir"])
     expect_user_error(
-        lambda: _infer(data, data["ct"], out), r"output folder \(key 'output_dir'\)", re.escape(str(out)),
+        lambda: _infer(data, data["ct"], out), r"output folder \(config key 'output_dir'\)", re.escape(str(out)),
         r"cannot be written", exc_type=OutputNotWritableError,
     )
     assert_nothing_written(before, tmp_path, data["ckpt_dir"])
@@ -427,7 +382,7 @@ def test_evaluate_refuses_missing_datalist_and_existing_metrics(data, tmp_path):
     before = snapshot(tmp_path, data["ckpt_dir"])
     expect_user_error(
         lambda: _evaluate(data, missing, tmp_path / "out"), re.escape(str(missing)), r"key 'datalist_file'",
-        r"does not exist; expected a Decathlon datalist JSON with a 'test' list", exc_type=InputNotFoundError,
+        r"does not exist; expected a Decathlon-style datalist JSON with a 'test' list", exc_type=InputNotFoundError,
     )
     assert_nothing_written(before, tmp_path, data["ckpt_dir"])
     # metric tables of an earlier evaluation are not replaced silently
@@ -470,11 +425,11 @@ TRAIN_FAULTS = {
     "foreign_checkpoint": (CheckpointError, r"'resume_ckpt'.*does not fit DiffSegUNet: .*missing keys"),
     "mismatched_checkpoint": (CheckpointError, r"'resume_ckpt'.*does not fit DiffSegUNet: \d+ shape mismatches"),
     "hash_mismatch": (HashMismatchError, r"has sha256 [0-9a-f]{64}, expected 0{64}"),
-    "unwritable_output": (OutputNotWritableError, r"checkpoint folder \(key 'ckpt_dir'\) .* cannot be written"),
+    "unwritable_output": (OutputNotWritableError, r"checkpoint folder \(config key 'ckpt_dir'\) .* cannot be written"),
     "existing_output": (
-        OutputExistsError, r"\(key 'ckpt_dir'\) already holds 1 checkpoint.*model\.pt.*'overwrite'.*'resume'"
+        OutputExistsError, r"\(config key 'ckpt_dir'\) already holds 1 checkpoint.*model\.pt.*'overwrite'.*'resume'"
     ),
-    "missing_file": (InputNotFoundError, r"datalist .*no_datalist\.json' \(key 'datalist'\) does not exist"),
+    "missing_file": (InputNotFoundError, r"datalist .*no_datalist\.json' \(config key 'datalist'\) does not exist"),
 }
 
 

@@ -25,53 +25,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_quiet_streams, run_bundle, run_bundle_cli
-from faults import (
-    ALL_KINDS,
-    GUARD_ERRORS,
-    HELD_OUT_KINDS,
-    assert_in_input_geometry,
-    make_held_out_input,
-    assert_nothing_written,
-    expect_user_error,
-    forget_bundle,
-    make_bad_nifti,
-    make_unwritable_dir,
-    snapshot,
-)
+from faults import (GUARD_ERRORS, HELD_OUT_KINDS, CheckpointError, HashMismatchError, InputNotFoundError,
+                    InvalidInputError, OutputExistsError, OutputNotWritableError, assert_in_input_geometry,
+                    assert_nothing_written, expect_refused, forget_bundle, kinds_tried, make_bad_nifti,
+                    make_held_out_input, make_unwritable_dir, snapshot, write_datalist)
 
-from common.data.fetch import HashMismatchError, demo_file
-from common.utils.errors import InputNotFoundError, InvalidInputError, OutputExistsError, OutputNotWritableError
-from common.utils.io import CheckpointError
+from common.data.fetch import demo_file
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "ivan_fusion"
-KINDS = (
-    "missing_file",
-    "truncated_gzip",
-    "corrupt_header",
-    "two_d",
-    "four_d",
-    "wrong_channels",
-    "unknown_modality",
-    "nan",
-    "inf",
-    "all_zero",
-    "extreme_intensity",
-    "oblique_anisotropic",
-    "too_small",
-    "no_overlap",
-    "foreign_checkpoint",
-    "wrong_task_checkpoint",
-    "mismatched_checkpoint",
-    "hash_mismatch",
-    "unwritable_output",
-    "existing_output",
-    "nrrd",
-    "dicom_series",
-    "single_slice",
-    "clinical_7mm",
-    "multi_case_bad_last",
-)
-assert set(KINDS) <= set(ALL_KINDS)
+KINDS = kinds_tried("three_d_dwi", "bval_bvec_mismatch", "labels_outside_set")
 
 # real avg152 / sim voxels, cropped (affine shifted accordingly): 40 x 48 x 12
 CROP = (slice(20, 60), slice(30, 78), slice(38, 50))
@@ -101,7 +63,9 @@ def data(brain_demo, tmp_path_factory):
     ]
     sys.path.insert(0, str(BUNDLE))
     try:
-        from scripts.data import build_fusion_demo, task_record
+        from scripts.data import task_record
+
+        from common.data.fusion_demo import build_fusion_demo
 
         fus = build_fusion_demo(root, demo_file("spm/avg152T2.nii"), demo_file("spm/TPM.nii")).parent
     finally:
@@ -127,23 +91,10 @@ def data(brain_demo, tmp_path_factory):
             "other": other}
 
 
-def _datalist(tmp: Path, test=None, train=None, val=None, name: str = "datalist.json") -> str:
-    """A datalist with absolute paths; each split is one case (a dict), several (a list) or none."""
-    lists = {k: (v if isinstance(v, list) else [v] if v else []) for k, v in (("test", test), ("training", train),
-                                                                             ("validation", val))}
-    path = tmp / name
-    path.write_text(json.dumps(lists))
-    return str(path)
-
-
 def _check_refused(data, tmp: Path, run, exc_type, *patterns) -> BaseException:
     """``run()`` fails with one user error matching ``patterns``; nothing is written in the test's folder (inputs,
     outputs, checkpoints) nor next to the shared inputs and checkpoint."""
-    roots = (tmp, data["root"])
-    before = snapshot(*roots)
-    err = expect_user_error(run, *patterns, exc_type=exc_type)
-    assert_nothing_written(before, *roots)
-    return err
+    return expect_refused(run, *patterns, exc_type=exc_type, roots=(tmp, data["root"]))
 
 
 def _bad_input(data, tmp: Path, kind: str, key: str = "t1", case: str = "test", **kw) -> tuple[dict, Path]:
@@ -180,7 +131,7 @@ def test_inference_refuses_bad_source(data, tmp_path, kind):
     exc, pattern = FILE_KINDS[kind]
     task, key = ("2to1", "pd") if kind in ("nan", "truncated_gzip") else ("1to1", "t1")
     item, bad = _bad_input(data, tmp_path, kind, key)
-    dl = _datalist(tmp_path, test=item)
+    dl = write_datalist(tmp_path, test=item)
     out = tmp_path / "out"
     _check_refused(data, tmp_path, partial(_infer, data, dl, out, task), exc, re.escape(bad.name), pattern, f"'{key}'")
 
@@ -191,7 +142,7 @@ def test_multi_case_run_refuses_a_4d_last_case_before_the_first_output(data, tmp
     run stops naming that file and nothing of the good cases is written."""
     good = [dict(data["test"], id=f"good{i}") for i in range(2)]
     bad_case, bad = _bad_input(data, tmp_path, "four_d", "t1")
-    dl = _datalist(tmp_path, test=good + [dict(bad_case, id="bad")])
+    dl = write_datalist(tmp_path, test=good + [dict(bad_case, id="bad")])
     _check_refused(data, tmp_path, partial(run, data, dl, tmp_path / "out"), InvalidInputError, re.escape(bad.name),
                    r"key 't1', case 'bad'", r"4D image with 3 volumes/channels .*expected a 3D image \(1 channel\)")
 
@@ -201,7 +152,7 @@ def test_training_refuses_bad_training_case(data, tmp_path, kind):
     """A broken training volume stops training before any checkpoint or log file is written."""
     exc, pattern = FILE_KINDS[kind]
     item, bad = _bad_input(data, tmp_path, kind, "t2", case="train")
-    dl = _datalist(tmp_path, train=item, val=data["val"])
+    dl = write_datalist(tmp_path, train=item, val=data["val"])
     run = partial(_train, dl, tmp_path / "out", tmp_path / "models")
     _check_refused(data, tmp_path, run, exc, re.escape(bad.name), pattern)
 
@@ -209,7 +160,7 @@ def test_training_refuses_bad_training_case(data, tmp_path, kind):
 def test_inference_refuses_reverse_target_missing(data, tmp_path):
     """Reverse inference loads the targets: a missing target file is the one named."""
     item, bad = _bad_input(data, tmp_path, "missing_file", "t2")
-    dl = _datalist(tmp_path, test=item)
+    dl = write_datalist(tmp_path, test=item)
     run = partial(_infer, data, dl, tmp_path / "out", direction="reverse")
     _check_refused(data, tmp_path, run, InputNotFoundError, re.escape(bad.name), "does not exist")
 
@@ -223,7 +174,7 @@ def test_wrong_channels_multichannel_source(data, tmp_path):
     bad = tmp_path / "inputs" / "t1_pd_stacked.nii.gz"
     bad.parent.mkdir()
     nib.save(nib.Nifti1Image(np.stack([t1, pd], -1), nib.load(data["test"]["t1"]).affine), str(bad))
-    dl = _datalist(tmp_path, test={**data["test"], "t1": str(bad)})
+    dl = write_datalist(tmp_path, test={**data["test"], "t1": str(bad)})
     _check_refused(data, tmp_path, partial(_infer, data, dl, tmp_path / "out"), InvalidInputError,
                    re.escape(bad.name), r"2 volumes/channels.*expected a 3D image \(1 channel\)")
 
@@ -234,17 +185,17 @@ def test_wrong_channels_missing_modality(data, tmp_path, entry):
     found before the complete case listed first is processed."""
     if entry == "inference_2to1":
         item = {**{k: v for k, v in data["test"].items() if k != "pd"}, "id": "second"}
-        dl = _datalist(tmp_path, test=[data["test"], item])
+        dl = write_datalist(tmp_path, test=[data["test"], item])
         run = partial(_infer, data, dl, tmp_path / "out", "2to1")
         missing, split = "pd", "test"
     elif entry == "evaluate_1to1":
         item = {**{k: v for k, v in data["test"].items() if k != "t2"}, "id": "second"}
-        dl = _datalist(tmp_path, test=[data["test"], item])
+        dl = write_datalist(tmp_path, test=[data["test"], item])
         run = partial(_evaluate, data, dl, tmp_path / "out")
         missing, split = "t2", "test"
     else:
         item = {k: v for k, v in data["val"].items() if k != "pd"}
-        dl = _datalist(tmp_path, train=data["train"], val=[data["train"], item])
+        dl = write_datalist(tmp_path, train=data["train"], val=[data["train"], item])
         run = partial(_train, dl, tmp_path / "out", tmp_path / "models", "2to1")
         missing, split = "pd", "validation"
     _check_refused(data, tmp_path, run, InvalidInputError, rf"case '{item['id']}'", f"'{split}' list",
@@ -256,11 +207,11 @@ def test_unknown_modality(data, tmp_path, entry):
     """A modality name the datalist does not have (here a capitalised 'T1') is named with the config key and the
     modalities that exist."""
     if entry == "inference":
-        dl = _datalist(tmp_path, test=data["test"])
+        dl = write_datalist(tmp_path, test=data["test"])
         run = partial(_infer, data, dl, tmp_path / "out", **{"task#inputs": ["T1"]})
         key, split = "task#inputs", "test"
     else:
-        dl = _datalist(tmp_path, train=data["train"], val=data["val"])
+        dl = write_datalist(tmp_path, train=data["train"], val=data["val"])
         run = partial(_train, dl, tmp_path / "out", tmp_path / "models", **{"task#targets": ["T2"]})
         key, split = "task#targets", "training"
     _check_refused(data, tmp_path, run, InvalidInputError, r"modality 'T[12]'", "unknown modality name", re.escape(key),
@@ -279,12 +230,12 @@ def _pred(out: Path, name: str) -> nib.Nifti1Image:
 def test_extreme_mr_intensity_gives_the_unscaled_output(data, tmp_path):
     """MR is normalised per volume by percentiles: values x 1e7 (raw scanner units, a wrong scale slope) give the
     same output as the original."""
-    dl_good = _datalist(tmp_path, test=data["test"], name="good.json")
+    dl_good = write_datalist(tmp_path, test=data["test"], name="good.json")
     _infer(data, dl_good, tmp_path / "good")
     item, _ = _bad_input(data, tmp_path, "extreme_intensity", "t1")
     peak = [np.abs(np.asarray(nib.load(f).dataobj)).max() for f in (data["test"]["t1"], item["t1"])]
     assert peak[1] >= 1e6 * peak[0]
-    _infer(data, _datalist(tmp_path, test=item, name="scaled.json"), tmp_path / "scaled")
+    _infer(data, write_datalist(tmp_path, test=item, name="scaled.json"), tmp_path / "scaled")
     good, scaled = _pred(tmp_path / "good", "1to1"), _pred(tmp_path / "scaled", "1to1")
     assert good.get_fdata().std() > 0
     np.testing.assert_allclose(scaled.get_fdata(), good.get_fdata(), atol=1e-4)
@@ -294,7 +245,7 @@ def test_extreme_mr_intensity_gives_the_unscaled_output(data, tmp_path):
 def test_extreme_ct_intensity_refused(data, tmp_path):
     """CT is expected in HU (window [-1000, 2000]): values beyond ct_max_abs are a wrong scaling, refused."""
     item, bad = _bad_input(data, tmp_path, "extreme_intensity", "ct", case="fusion")
-    dl = _datalist(tmp_path, test=item)
+    dl = write_datalist(tmp_path, test=item)
     _check_refused(data, tmp_path, partial(_infer, data, dl, tmp_path / "out", "fusion"), InvalidInputError,
                    re.escape(bad.name), r"'ct'", r"\|value\| > 100000", "expected intensities within that bound")
 
@@ -304,7 +255,7 @@ def test_oblique_anisotropic_input_works_in_input_geometry(data, tmp_path, direc
     item, bad = _bad_input(data, tmp_path, "oblique_anisotropic", "t1")
     ref = nib.load(str(bad))
     assert not np.allclose(ref.affine[:3, :3], np.diag(np.diag(ref.affine[:3, :3])))  # oblique
-    _infer(data, _datalist(tmp_path, test=item), tmp_path / "out", direction=direction)
+    _infer(data, write_datalist(tmp_path, test=item), tmp_path / "out", direction=direction)
     names = ["1to1"] + (["rev_t1"] if direction == "both" else [])
     for name in names:
         pred = _pred(tmp_path / "out", name)
@@ -319,7 +270,7 @@ def test_too_small_volume_inference_works_in_input_geometry(data, tmp_path):
     item, bad = _bad_input(data, tmp_path, "too_small", "t1")
     ref = nib.load(str(bad))
     assert ref.shape == (8, 8, 8)
-    _infer(data, _datalist(tmp_path, test=item), tmp_path / "out")
+    _infer(data, write_datalist(tmp_path, test=item), tmp_path / "out")
     pred = _pred(tmp_path / "out", "1to1")
     assert pred.shape == ref.shape
     np.testing.assert_allclose(pred.affine, ref.affine, atol=1e-5)
@@ -328,7 +279,7 @@ def test_too_small_volume_inference_works_in_input_geometry(data, tmp_path):
 def test_too_small_volume_refused_by_evaluation(data, tmp_path):
     """Per-slice SSIM needs 7 x 7 voxels per slice: a 6^3 volume is refused before any metric file is written."""
     item, bad = _bad_input(data, tmp_path, "too_small", "t1", size=6)
-    dl = _datalist(tmp_path, test=item)
+    dl = write_datalist(tmp_path, test=item)
     run = partial(_evaluate, data, dl, tmp_path / "out")
     _check_refused(data, tmp_path, run, InvalidInputError, re.escape(bad.name), r"slices of 6x6 voxels",
                    r"at least 7x7")
@@ -339,7 +290,7 @@ def test_two_d_source_works_as_a_single_slice(data, tmp_path, task):
     """The network is 2D: a 2D NIfTI source (the middle axial slice) gives a 2D output in the slice's geometry; with 2 -> 1 the second source (a volume) is resampled onto that slice."""
     item, bad = _bad_input(data, tmp_path, "two_d", "t1")
     assert nib.load(str(bad)).ndim == 2
-    _infer(data, _datalist(tmp_path, test=item), tmp_path / "out", task)
+    _infer(data, write_datalist(tmp_path, test=item), tmp_path / "out", task)
     pred = _pred(tmp_path / "out", task)
     assert pred.shape == nib.load(str(bad)).shape  # a 2D NIfTI in, a 2D NIfTI out
     np.testing.assert_allclose(pred.affine, nib.load(str(bad)).affine, atol=1e-5)
@@ -354,7 +305,7 @@ def test_held_out_source_works_in_input_geometry(data, tmp_path, kind):
     item = dict(data["test"])
     src = make_held_out_input(kind, item["t1"], tmp_path / "inputs" / "case_t1.nii.gz")
     item["t1"] = str(src)
-    _infer(data, _datalist(tmp_path, test=item), tmp_path / "out", direction="both")
+    _infer(data, write_datalist(tmp_path, test=item), tmp_path / "out", direction="both")
     for name in ("1to1", "rev_t1"):
         p = assert_in_input_geometry(_pred(tmp_path / "out", name).get_filename(), src).astype(np.float32)
         assert np.isfinite(p).all() and p.std() > 0
@@ -366,7 +317,7 @@ def test_two_sources_in_two_held_out_formats(data, tmp_path):
     item = dict(data["test"])
     item["t1"] = str(make_held_out_input("dicom_series", item["t1"], tmp_path / "inputs" / "case_t1"))
     item["pd"] = str(make_held_out_input("nrrd", item["pd"], tmp_path / "inputs" / "case_pd.nii.gz"))
-    _infer(data, _datalist(tmp_path, test=item), tmp_path / "out", "2to1")
+    _infer(data, write_datalist(tmp_path, test=item), tmp_path / "out", "2to1")
     p = assert_in_input_geometry(_pred(tmp_path / "out", "2to1").get_filename(), item["t1"]).astype(np.float32)
     assert np.isfinite(p).all() and p.std() > 0
 
@@ -377,15 +328,15 @@ def test_no_overlap_refused(data, tmp_path, entry):
     refused before resampling would fill the grid with edge values; nothing is written."""
     if entry == "inference_2to1":
         item, bad = _bad_input(data, tmp_path, "no_overlap", "pd")
-        run = partial(_infer, data, _datalist(tmp_path, test=item), tmp_path / "out", "2to1")
+        run = partial(_infer, data, write_datalist(tmp_path, test=item), tmp_path / "out", "2to1")
         key, ref = "pd", "t1"
     elif entry == "inference_fusion":
         item, bad = _bad_input(data, tmp_path, "no_overlap", "ct", case="fusion")
-        run = partial(_infer, data, _datalist(tmp_path, test=item), tmp_path / "out", "fusion")
+        run = partial(_infer, data, write_datalist(tmp_path, test=item), tmp_path / "out", "fusion")
         key, ref = "ct", "t2"
     else:
         item, bad = _bad_input(data, tmp_path, "no_overlap", "ct", case="fusion")
-        dl = _datalist(tmp_path, train=item, val=data["fusion"])
+        dl = write_datalist(tmp_path, train=item, val=data["fusion"])
         run = partial(_train, dl, tmp_path / "out", tmp_path / "models", "fusion")
         key, ref = "ct", "t2"
     _check_refused(data, tmp_path, run, InvalidInputError, re.escape(bad.name), rf"\(key '{key}'\) covers 0\.0 %",
@@ -395,7 +346,7 @@ def test_no_overlap_refused(data, tmp_path, entry):
 def test_partial_overlap_above_the_threshold_works(data, tmp_path):
     """A CT-like image moved by a quarter of the field of view still covers 75 % of the T2: fused, in T2 geometry."""
     item, bad = _bad_input(data, tmp_path, "no_overlap", "ct", case="fusion", shift=0.25)
-    _infer(data, _datalist(tmp_path, test=item), tmp_path / "out", "fusion")
+    _infer(data, write_datalist(tmp_path, test=item), tmp_path / "out", "fusion")
     pred = _pred(tmp_path / "out", "fusion")
     ref = nib.load(data["fusion"]["t2"])
     assert pred.shape == ref.shape
@@ -421,7 +372,7 @@ def _ckpt_case(data, kind: str) -> tuple[Path, type, list[str], dict]:
 @pytest.mark.parametrize("entry", ["inference", "evaluate"])
 def test_bad_checkpoint_refused(data, tmp_path, kind, entry):
     _, exc, patterns, overrides = _ckpt_case(data, kind)
-    dl = _datalist(tmp_path, test=data["test"])
+    dl = write_datalist(tmp_path, test=data["test"])
     run = partial(_evaluate if entry == "evaluate" else _infer, data, dl, tmp_path / "out", **overrides)
     _check_refused(data, tmp_path, run, exc, *patterns)
 
@@ -443,9 +394,9 @@ def test_bad_resume_checkpoint_refused(data, tmp_path, kind):
         exc, patterns = CheckpointError, [r"checkpoint_epoch=2\.pt", r"shape mismatches"]
     else:
         exc, patterns = HashMismatchError, [r"checkpoint_epoch=2\.pt", "expected f{64}"]
-    dl = _datalist(tmp_path, train=data["train"], val=data["val"])
+    dl = write_datalist(tmp_path, train=data["train"], val=data["val"])
     run = partial(_train, dl, tmp_path / "out", ckpt_dir, resume=True,
-                  resume_sha256="f" * 64 if kind == "hash_mismatch" else None)
+                  resume_ckpt_sha256="f" * 64 if kind == "hash_mismatch" else None)
     _check_refused(data, tmp_path, run, exc, *patterns)
 
 
@@ -461,10 +412,10 @@ def test_wrong_task_checkpoint_refused(data, tmp_path, entry):
         ckpt_dir.mkdir()
         state = torch.load(src, weights_only=True)
         torch.save({**state, "optimizer": {}, "lr_scheduler": {}, "trainer": {}}, ckpt_dir / "checkpoint_epoch=2.pt")
-        dl = _datalist(tmp_path, train=data["fusion"], val=data["fusion"])
+        dl = write_datalist(tmp_path, train=data["fusion"], val=data["fusion"])
         run = partial(_train, dl, tmp_path / "out", ckpt_dir, "fusion", resume=True)
     else:
-        dl = _datalist(tmp_path, test=data["fusion"])
+        dl = write_datalist(tmp_path, test=data["fusion"])
         run = partial(_evaluate if entry == "evaluate" else _infer, data, dl, tmp_path / "out", "fusion",
                       ckpt_path=str(src))
     _check_refused(data, tmp_path, run, CheckpointError, *patterns)
@@ -476,14 +427,14 @@ def test_wrong_task_checkpoint_refused(data, tmp_path, entry):
 @pytest.mark.parametrize("entry", ["inference", "evaluate", "train_output_dir", "train_ckpt_dir"])
 def test_unwritable_output_refused_up_front(data, tmp_path, entry):
     bad = make_unwritable_dir(tmp_path / "blocked")
-    dl = _datalist(tmp_path, test=data["test"], train=data["train"], val=data["val"])
+    dl = write_datalist(tmp_path, test=data["test"], train=data["train"], val=data["val"])
     run, key = {
         "inference": (partial(_infer, data, dl, bad), "output_dir"),
         "evaluate": (partial(_evaluate, data, dl, bad), "output_dir"),
         "train_output_dir": (partial(_train, dl, bad, tmp_path / "models"), "output_dir"),
         "train_ckpt_dir": (partial(_train, dl, tmp_path / "out", bad), "ckpt_dir"),
     }[entry]
-    _check_refused(data, tmp_path, run, OutputNotWritableError, re.escape(str(bad)), rf"\({key}\)", "cannot be written")
+    _check_refused(data, tmp_path, run, OutputNotWritableError, re.escape(str(bad)), rf"\(config key '{key}'\)", "cannot be written")
 
 
 def test_existing_inference_output_kept_unless_overwrite(data, tmp_path):
@@ -492,7 +443,7 @@ def test_existing_inference_output_kept_unless_overwrite(data, tmp_path):
     out.mkdir()
     existing = out / "avg152_1to2_pd.nii.gz"
     existing.write_bytes(b"an earlier result")
-    dl = _datalist(tmp_path, test=data["test"])
+    dl = write_datalist(tmp_path, test=data["test"])
     _check_refused(data, tmp_path, partial(_infer, data, dl, out, "1to2"), OutputExistsError,
                    re.escape(existing.name), "already exists", "'overwrite'")
     assert existing.read_bytes() == b"an earlier result"
@@ -505,7 +456,7 @@ def test_existing_metric_file_refused(data, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "summary.csv").write_text("metric,level,mean\n")
-    dl = _datalist(tmp_path, test=data["test"])
+    dl = write_datalist(tmp_path, test=data["test"])
     run = partial(_evaluate, data, dl, out)
     _check_refused(data, tmp_path, run, OutputExistsError, r"summary\.csv", "already exists", "'overwrite'")
 
@@ -514,9 +465,9 @@ def test_existing_checkpoints_refused_unless_resume_or_overwrite(data, tmp_path)
     ckpt_dir = tmp_path / "models"
     ckpt_dir.mkdir()
     (ckpt_dir / "model.pt").write_bytes((data["ckpt_dir"] / "model.pt").read_bytes())
-    dl = _datalist(tmp_path, train=data["train"], val=data["val"])
+    dl = write_datalist(tmp_path, train=data["train"], val=data["val"])
     run = partial(_train, dl, tmp_path / "out", ckpt_dir)
-    _check_refused(data, tmp_path, run, OutputExistsError, re.escape(str(ckpt_dir)), r"model\.pt", r"\(ckpt_dir\)",
+    _check_refused(data, tmp_path, run, OutputExistsError, re.escape(str(ckpt_dir)), r"model\.pt", r"\(config key 'ckpt_dir'\)",
                    "'resume'", "'overwrite'")
 
 
@@ -525,7 +476,7 @@ def test_existing_checkpoints_refused_unless_resume_or_overwrite(data, tmp_path)
 
 def test_cli_missing_source_one_error_line(data, tmp_path):
     item, bad = _bad_input(data, tmp_path, "missing_file", "t1")
-    dl = _datalist(tmp_path, test=item)
+    dl = write_datalist(tmp_path, test=item)
     roots = (tmp_path, data["root"])
     before = snapshot(*roots)
     res = run_bundle_cli(BUNDLE, ["inference.json", "task_1to1.json", "tiny.json"], datalist=dl,

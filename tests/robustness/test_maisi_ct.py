@@ -24,50 +24,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_quiet_streams, run_bundle, run_bundle_cli
-from faults import (
-    ALL_KINDS,
-    GUARD_ERRORS,
-    make_held_out_input,
-    assert_nothing_written,
-    expect_user_error,
-    make_bad_labels,
-    make_bad_nifti,
-    make_unwritable_dir,
-    snapshot,
-)
-
-from common.data.fetch import HashMismatchError
-from common.utils.errors import InputNotFoundError, InvalidInputError, OutputExistsError, OutputNotWritableError
-from common.utils.io import CheckpointError
+from faults import (GUARD_ERRORS, CheckpointError, HashMismatchError, InputNotFoundError, InvalidInputError,
+                    OutputExistsError, OutputNotWritableError, assert_nothing_written, expect_refused, kinds_tried,
+                    make_bad_labels, make_bad_nifti, make_held_out_input, make_unwritable_dir, snapshot, write_datalist)
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "maisi_ct"
-KINDS = (
-    "missing_file",
-    "truncated_gzip",
-    "corrupt_header",
-    "two_d",
-    "four_d",
-    "wrong_channels",
-    "unknown_modality",
-    "nan",
-    "inf",
-    "all_zero",
-    "extreme_intensity",
-    "oblique_anisotropic",
-    "too_small",
-    "labels_outside_set",
-    "foreign_checkpoint",
-    "mismatched_checkpoint",
-    "hash_mismatch",
-    "unwritable_output",
-    "existing_output",
-    "nrrd",
-    "dicom_series",
-    "single_slice",
-    "clinical_7mm",
-    "multi_case_bad_last",
-)
-assert set(KINDS) <= set(ALL_KINDS)
+KINDS = kinds_tried("three_d_dwi", "bval_bvec_mismatch", "no_overlap", "wrong_task_checkpoint")
 
 TINY = "tiny.json"
 GRID = 64  # tiny output_size per axis
@@ -122,23 +84,9 @@ def data(ct_demo, tmp_path_factory):
             "labels": ct["labels"], "ckpt_dir": ckpt, "other": other}
 
 
-def _datalist(tmp: Path, test=None, train=None, val=None, labels=None, name: str = "datalist.json") -> str:
-    lists = {k: (v if isinstance(v, list) else [v] if v else []) for k, v in (("test", test), ("training", train),
-                                                                             ("validation", val))}
-    if labels is not None:
-        lists["labels"] = labels
-    path = tmp / name
-    path.write_text(json.dumps(lists))
-    return str(path)
-
-
 def _check_refused(data, tmp: Path, run, exc_type, *patterns, allow=()) -> BaseException:
     """``run()`` fails with one user error matching ``patterns``; nothing is written anywhere."""
-    roots = (tmp, data["root"])
-    before = snapshot(*roots)
-    err = expect_user_error(run, *patterns, exc_type=exc_type)
-    assert_nothing_written(before, *roots, allow=allow)
-    return err
+    return expect_refused(run, *patterns, exc_type=exc_type, roots=(tmp, data["root"]), allow=allow)
 
 
 def _infer(data, out: Path, **overrides) -> None:
@@ -180,7 +128,7 @@ def test_inference_refuses_bad_user_mask(data, tmp_path, kind):
 def test_evaluate_refuses_bad_ct(data, tmp_path, kind):
     exc, pattern = FILE_KINDS[kind]
     bad = make_bad_nifti(kind, data["small_ct"], tmp_path / "inputs" / f"{kind}_ct.nii.gz")
-    dl = _datalist(tmp_path, test={"image": str(bad)})
+    dl = write_datalist(tmp_path, test={"image": str(bad)})
     _check_refused(data, tmp_path, lambda: _evaluate(data, dl, tmp_path / "out"), exc, re.escape(bad.name), pattern,
                    r"'image'")
 
@@ -190,7 +138,7 @@ def test_autoencoder_training_refuses_bad_ct(data, tmp_path, kind):
     """A broken training CT stops the VAE stage before any checkpoint is written."""
     exc, pattern = FILE_KINDS[kind]
     bad = make_bad_nifti(kind, data["train"][0]["image"], tmp_path / "inputs" / f"{kind}_ct.nii.gz")
-    dl = _datalist(tmp_path, train={"image": str(bad)}, val={"image": data["small_ct"]})
+    dl = write_datalist(tmp_path, train={"image": str(bad)}, val={"image": data["small_ct"]})
     _check_refused(data, tmp_path, lambda: _train(data, "autoencoder", dl, tmp_path), exc, re.escape(bad.name), pattern,
                    allow=LOG)
 
@@ -218,7 +166,7 @@ def test_evaluate_refuses_bad_generated_samples(data, tmp_path, fault):
     else:
         patterns = [r"sample_1_image\.nii\.gz", r"shape \(8, 8, 8\)", r"\(64, 64, 64\)", "expected the same grid"]
         exc = InvalidInputError
-    dl = _datalist(tmp_path, test={"image": data["small_ct"]})
+    dl = write_datalist(tmp_path, test={"image": data["small_ct"]})
     run = lambda: _evaluate(data, dl, tmp_path / "out", generated_dir=str(gen))  # noqa: E731
     _check_refused(data, tmp_path, run, exc, *patterns)
 
@@ -247,7 +195,7 @@ def test_training_refuses_labels_outside_datalist_classes(data, tmp_path):
     while the latents are prepared; no latent is left behind."""
     item = dict(data["train"][0])
     bad = make_bad_labels(item["label"], tmp_path / "inputs" / "label_99.nii.gz", value=99)
-    dl = _datalist(tmp_path, train={**item, "label": str(bad)}, labels=data["labels"])
+    dl = write_datalist(tmp_path, train={**item, "label": str(bad)}, labels=data["labels"])
     run = lambda: _train(data, "controlnet", dl, tmp_path)  # noqa: E731
     _check_refused(data, tmp_path, run, InvalidInputError, re.escape(bad.name), r"outside the class set",
                    r"\{0, \.\.\., 6\}", r"99 \(5 voxels\)")
@@ -269,7 +217,7 @@ def test_diffusion_training_refuses_latents_with_wrong_channel_count(data, tmp_p
     entry = {"image": "case_emb.nii.gz", "spacing": [12.0, 12.0, 12.0], "modality": 1, "dim": [48, 48, 48],
              "top_region_index": [0, 0, 1, 0], "bottom_region_index": [0, 0, 1, 0]}
     (latents / "datalist_latents.json").write_text(json.dumps({"training": [entry], "validation": []}))
-    dl = _datalist(tmp_path, train=data["train"][0], labels=data["labels"])
+    dl = write_datalist(tmp_path, train=data["train"][0], labels=data["labels"])
     run = lambda: _train(data, "diffusion", dl, tmp_path, latent_dir=str(latents))  # noqa: E731
     _check_refused(data, tmp_path, run, InvalidInputError, r"case_emb\.nii\.gz", r"has 3 channels.*expected 4",
                    allow=LOG)
@@ -283,7 +231,7 @@ def test_extreme_ct_intensity_refused(data, tmp_path):
     latent preparation of the diffusion stage (instead of being clipped to a white volume)."""
     bad = make_bad_nifti("extreme_intensity", data["test_ct"], tmp_path / "inputs" / "ct_scaled.nii.gz")
     patterns = [re.escape(bad.name), r"\|value\| > 100000", "expected intensities within that bound"]
-    dl = _datalist(tmp_path, test={"image": str(bad)}, train={"image": str(bad)}, labels=None)
+    dl = write_datalist(tmp_path, test={"image": str(bad)}, train={"image": str(bad)}, labels=None)
     _check_refused(data, tmp_path, lambda: _evaluate(data, dl, tmp_path / "out"), InvalidInputError, *patterns)
     _check_refused(data, tmp_path, lambda: _train(data, "diffusion", dl, tmp_path), InvalidInputError, *patterns)
 
@@ -334,16 +282,20 @@ def test_too_small_mask_is_padded(data, tmp_path):
 def test_too_small_ct_refused_by_evaluation(data, tmp_path):
     """SSIM needs an 11^3 window inside the body: an 8^3 CT is refused (min_spatial_size) before any metric file."""
     bad = make_bad_nifti("too_small", data["test_ct"], tmp_path / "inputs" / "ct_small8.nii.gz")
-    dl = _datalist(tmp_path, test={"image": str(bad)})
+    dl = write_datalist(tmp_path, test={"image": str(bad)})
     _check_refused(data, tmp_path, lambda: _evaluate(data, dl, tmp_path / "out"), InvalidInputError,
                    re.escape(bad.name), r"spatial size \(8, 8, 8\), smaller than the minimum \(16, 16, 16\)")
 
 
+def _evaluate_one(data, tmp: Path, image: Path) -> dict:
+    """Evaluation of the one CT ``image``: its reconstruction summary."""
+    _evaluate(data, write_datalist(tmp, test={"image": str(image)}), tmp / "out")
+    return json.loads((tmp / "out" / "reconstruction_summary.json").read_text())
+
+
 def test_oblique_anisotropic_ct_evaluated(data, tmp_path):
     bad = make_bad_nifti("oblique_anisotropic", data["small_ct"], tmp_path / "inputs" / "ct_oblique.nii.gz")
-    dl = _datalist(tmp_path, test={"image": str(bad)})
-    _evaluate(data, dl, tmp_path / "out")
-    summary = json.loads((tmp_path / "out" / "reconstruction_summary.json").read_text())
+    summary = _evaluate_one(data, tmp_path, bad)
     assert summary["n"] == 1 and np.isfinite(summary["psnr"])
 
 
@@ -384,16 +336,14 @@ def test_single_slice_mask_is_refused(data, tmp_path):
 def test_held_out_ct_is_evaluated(data, tmp_path, kind):
     """The VAE's reconstruction metrics of a CT given as NRRD, a DICOM series folder or with 7 mm slices."""
     src = make_held_out_input(kind, data["small_ct"], tmp_path / "inputs" / "ct.nii.gz")
-    dl = _datalist(tmp_path, test={"image": str(src)})
-    _evaluate(data, dl, tmp_path / "out")
-    summary = json.loads((tmp_path / "out" / "reconstruction_summary.json").read_text())
+    summary = _evaluate_one(data, tmp_path, src)
     assert summary["n"] == 1 and np.isfinite(summary["psnr"])
 
 
 def test_multi_case_evaluation_refuses_a_bad_last_case_before_the_first_output(data, tmp_path):
     """Two good CTs and a 4D series last: refused naming that file, no metric of the good cases written."""
     bad = make_bad_nifti("four_d", data["small_ct"], tmp_path / "inputs" / "ct_last.nii.gz")
-    dl = _datalist(tmp_path, test=[{"image": data["small_ct"]}, {"image": data["small_ct"]}, {"image": str(bad)}])
+    dl = write_datalist(tmp_path, test=[{"image": data["small_ct"]}, {"image": data["small_ct"]}, {"image": str(bad)}])
     _check_refused(data, tmp_path, lambda: _evaluate(data, dl, tmp_path / "out"), InvalidInputError,
                    re.escape(bad.name), r"4D image with 3 volumes/channels .*expected a 3D image \(1 channel\)")
 
@@ -421,10 +371,10 @@ def test_bad_checkpoint_refused(data, tmp_path, kind, entry):
     if entry == "inference":
         run = lambda: _infer(data, tmp_path / "out", ckpt_dir=str(ckpt))  # noqa: E731
     elif entry == "evaluate":
-        dl = _datalist(tmp_path, test={"image": data["small_ct"]})
+        dl = write_datalist(tmp_path, test={"image": data["small_ct"]})
         run = lambda: _evaluate(data, dl, tmp_path / "out", ckpt_dir=str(ckpt))  # noqa: E731
     else:
-        dl = _datalist(tmp_path, train=data["train"][0], labels=data["labels"])
+        dl = write_datalist(tmp_path, train=data["train"][0], labels=data["labels"])
         run = lambda: _train(data, "diffusion", dl, tmp_path, ckpt_dir=str(ckpt))  # noqa: E731
     _check_refused(data, tmp_path, run, exc, *patterns)
 
@@ -434,7 +384,7 @@ def test_foreign_resume_checkpoint_refused(data, tmp_path):
     ckpt = tmp_path / "models"
     ckpt.mkdir()
     shutil.copy(data["other"] / "diffseg.pt", ckpt / "autoencoder_checkpoint.pt")
-    dl = _datalist(tmp_path, train={"image": data["small_ct"]}, val={"image": data["small_ct"]})
+    dl = write_datalist(tmp_path, train={"image": data["small_ct"]}, val={"image": data["small_ct"]})
     run = lambda: _train(data, "autoencoder", dl, tmp_path, ckpt_dir=str(ckpt), resume=True)  # noqa: E731
     _check_refused(data, tmp_path, run, CheckpointError, r"autoencoder_checkpoint\.pt",
                    r"no entries \['autoencoder', 'discriminator'", "another bundle", allow=LOG)
@@ -459,7 +409,7 @@ def test_hash_mismatch_refused(data, tmp_path):
     ckpt = tmp_path / "train_models"
     ckpt.mkdir()
     shutil.copy(data["ckpt_dir"] / "autoencoder_v1.pt", ckpt / "autoencoder_checkpoint.pt")
-    dl = _datalist(tmp_path, train={"image": data["small_ct"]}, val={"image": data["small_ct"]})
+    dl = write_datalist(tmp_path, train={"image": data["small_ct"]}, val={"image": data["small_ct"]})
     run = lambda: _train(data, "autoencoder", dl, tmp_path, ckpt_dir=str(ckpt), resume=True,  # noqa: E731
                          resume_ckpt_sha256="f" * 64)
     _check_refused(data, tmp_path, run, HashMismatchError, r"autoencoder_checkpoint\.pt", "expected f{64}", allow=LOG)
@@ -471,7 +421,7 @@ def test_hash_mismatch_refused(data, tmp_path):
 @pytest.mark.parametrize("entry", ["inference", "evaluate", "train_output_dir", "train_ckpt_dir"])
 def test_unwritable_output_refused_up_front(data, tmp_path, entry):
     bad = make_unwritable_dir(tmp_path / "blocked")
-    dl = _datalist(tmp_path, test={"image": data["small_ct"]}, train={"image": data["small_ct"]},
+    dl = write_datalist(tmp_path, test={"image": data["small_ct"]}, train={"image": data["small_ct"]},
                    val={"image": data["small_ct"]})
     key = "output_dir"
     if entry == "inference":
@@ -493,7 +443,7 @@ def test_existing_outputs_refused_unless_overwrite(data, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "reconstruction_metrics.csv").write_text("an earlier result\n")
-    dl = _datalist(tmp_path, test={"image": data["small_ct"]}, train={"image": data["small_ct"]},
+    dl = write_datalist(tmp_path, test={"image": data["small_ct"]}, train={"image": data["small_ct"]},
                    val={"image": data["small_ct"]})
     _check_refused(data, tmp_path, lambda: _evaluate(data, dl, out), OutputExistsError,
                    r"reconstruction_metrics\.csv", "already exists", "'overwrite'")
