@@ -169,7 +169,7 @@ def test_new_run_refuses_an_earlier_runs_checkpoints(tmp_path):
     (ckpt / "encoder.pt").write_text("x")  # another stage's file is not this stage's
     check_training_outputs(ckpt, None, ["vqgan*.pt"])
     (ckpt / "vqgan_checkpoint_5.pt").write_text("x")
-    with pytest.raises(OutputExistsError, match=r"vqgan_checkpoint_5\.pt.*'resume'.*'finetune'.*'overwrite'"):
+    with pytest.raises(OutputExistsError, match=r"vqgan_checkpoint_5\.pt' already exists.*'overwrite'.*'resume'.*'finetune'"):
         check_training_outputs(ckpt, None, ["vqgan*.pt"])
     for flags in ({"resume": True}, {"overwrite": True}, {"finetune": True}):
         check_training_outputs(ckpt, None, ["vqgan*.pt"], **flags)
@@ -191,7 +191,7 @@ def test_check_checkpoint(tmp_path):
     assert set(ckpt) == {"model", "optimizer"}
     with pytest.raises(InputNotFoundError, match=r"missing\.pt.*config key 'finetune_ckpt'"):
         check_checkpoint(tmp_path / "missing.pt", key="finetune_ckpt")
-    with pytest.raises(HashMismatchError):
+    with pytest.raises(HashMismatchError, match=r"config key 'resume_ckpt_sha256'"):
         check_checkpoint(path, "0" * 64)
     with pytest.raises(CheckpointError, match=r"no entries \['trainer'\]"):
         check_checkpoint(path, entries=["model", "trainer"])
