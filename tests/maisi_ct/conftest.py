@@ -82,3 +82,24 @@ def tiny_ckpt_dir(tmp_path_factory) -> Path:
                out / "diff_unet_3d_rflow-ct.pt")
     torch.save({"controlnet_state_dict": maisi_controlnet(tiny=True, device="cpu").state_dict()}, out / "controlnet_3d_rflow-ct.pt")
     return out
+
+
+@pytest.fixture
+def tiny_train_workflow(maisi_bundle):
+    """``make(config, **overrides)``: an initialised train ``ConfigWorkflow`` of a maisi_ct stage with the tiny
+    overlay (the training and fine-tuning tests build their runs this one way)."""
+    from monai.bundle import ConfigWorkflow
+
+    def make(config: str, **overrides) -> ConfigWorkflow:
+        wf = ConfigWorkflow(
+            config_file=[str(maisi_bundle / "configs" / config), str(maisi_bundle / "configs" / "tiny.json")],
+            meta_file=str(maisi_bundle / "configs" / "metadata.json"),
+            logging_file=str(maisi_bundle / "configs" / "logging.conf"),
+            workflow_type="train",
+            bundle_root=str(maisi_bundle),
+            **overrides,
+        )
+        wf.initialize()
+        return wf
+
+    return make

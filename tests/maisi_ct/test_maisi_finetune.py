@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Events
-from monai.bundle import ConfigWorkflow
 
 from common.utils.errors import OutputExistsError, find_user_error
 
@@ -43,22 +42,9 @@ def _latents(folder):
     (folder / "datalist_latents.json").write_text(json.dumps({"training": [entry], "validation": []}))
 
 
-def _workflow(bundle, config, **overrides):
-    wf = ConfigWorkflow(
-        config_file=[str(bundle / "configs" / config), str(bundle / "configs" / "tiny.json")],
-        meta_file=str(bundle / "configs" / "metadata.json"),
-        logging_file=str(bundle / "configs" / "logging.conf"),
-        workflow_type="train",
-        bundle_root=str(bundle),
-        **overrides,
-    )
-    wf.initialize()
-    return wf
-
-
-def _run(bundle, config, **overrides):
+def _run(make_workflow, config, **overrides):
     """Run a stage; returns (its network's weights at the first iteration, the trainer's final state)."""
-    wf = _workflow(bundle, config, **overrides)
+    wf = make_workflow(config, **overrides)
     trainer = wf.parser.get_parsed_content("train#trainer")
     net = wf.parser.get_parsed_content("trained_network")
     start: dict[str, torch.Tensor] = {}
@@ -76,8 +62,8 @@ def _equal(a, b):
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_finetune_starts_from_the_checkpoint_and_existing_runs_are_refused(stage, maisi_bundle, ct_demo, tiny_ckpt_dir,
-                                                                           tmp_path):
+def test_finetune_starts_from_the_checkpoint_and_existing_runs_are_refused(stage, tiny_train_workflow, ct_demo,
+                                                                           tiny_ckpt_dir, tmp_path):
     config, entry, final = STAGES[stage]
     ckpt_dir = tmp_path / "models"
     shutil.copytree(tiny_ckpt_dir, ckpt_dir)
@@ -88,7 +74,7 @@ def test_finetune_starts_from_the_checkpoint_and_existing_runs_are_refused(stage
         _latents(tmp_path / "latents")
         common["latent_dir"] = str(tmp_path / "latents")
 
-    start_new, _ = _run(maisi_bundle, config, output_dir=str(tmp_path / "run1"), **common)
+    start_new, _ = _run(tiny_train_workflow, config, output_dir=str(tmp_path / "run1"), **common)
     saved = ckpt_dir / final
     assert saved.is_file() and sorted(ckpt_dir.glob("*_checkpoint_epoch=*.pt"))  # final and interval checkpoints
     before = saved.read_bytes()
@@ -97,26 +83,26 @@ def test_finetune_starts_from_the_checkpoint_and_existing_runs_are_refused(stage
 
     # a new run over this stage's checkpoints is refused before anything is written
     with pytest.raises(Exception) as err:
-        _workflow(maisi_bundle, config, output_dir=str(tmp_path / "run2"), **common).run()
+        tiny_train_workflow(config, output_dir=str(tmp_path / "run2"), **common).run()
     user = find_user_error(err.value)
     assert isinstance(user, OutputExistsError), err.value
     assert str(ckpt_dir) in str(user) and "'finetune'" in str(user) and "'resume'" in str(user) and "'overwrite'" in str(user)
     assert saved.read_bytes() == before and not (tmp_path / "run2").exists()
 
     # fine-tuning: the network starts from finetune_ckpt (default: the stage's final checkpoint), the trainer anew
-    start_ft, state = _run(maisi_bundle, config, output_dir=str(tmp_path / "run3"), finetune=True, **common)
+    start_ft, state = _run(tiny_train_workflow, config, output_dir=str(tmp_path / "run3"), finetune=True, **common)
     assert _equal(start_ft, trained)
     assert state.epoch == 1 and state.iteration == 2  # a new run (resume would continue at iteration 2)
     assert saved.read_bytes() != before  # the stage's checkpoint is replaced by the fine-tuned run's
 
     if stage == "autoencoder":  # a plain state dict (the official autoencoder_v1.pt layout) fine-tunes too
         official = ckpt_dir / "autoencoder_v1.pt"
-        start_off, _ = _run(maisi_bundle, config, output_dir=str(tmp_path / "run4"), finetune=True,
+        start_off, _ = _run(tiny_train_workflow, config, output_dir=str(tmp_path / "run4"), finetune=True,
                             finetune_ckpt=str(official), **common)
         assert _equal(start_off, torch.load(official, map_location="cpu", weights_only=True))
 
 
-def test_finetune_checkpoint_is_checked_before_training(maisi_bundle, ct_demo, tiny_ckpt_dir, tmp_path):
+def test_finetune_checkpoint_is_checked_before_training(tiny_train_workflow, ct_demo, tiny_ckpt_dir, tmp_path):
     """A finetune_ckpt of another stage (the diffusion UNet for the VAE) is refused naming the key, nothing written."""
     from common.utils.io import CheckpointError
 
@@ -124,7 +110,7 @@ def test_finetune_checkpoint_is_checked_before_training(maisi_bundle, ct_demo, t
     shutil.copytree(tiny_ckpt_dir, ckpt_dir)
     wrong = ckpt_dir / "diff_unet_3d_rflow-ct.pt"
     with pytest.raises(Exception) as err:
-        _workflow(maisi_bundle, "train_autoencoder.json", datalist=str(ct_demo), ckpt_dir=str(ckpt_dir),
+        tiny_train_workflow("train_autoencoder.json", datalist=str(ct_demo), ckpt_dir=str(ckpt_dir),
                   output_dir=str(tmp_path / "runs"), finetune=True, finetune_ckpt=str(wrong)).run()
     user = find_user_error(err.value)
     assert isinstance(user, CheckpointError) and "'finetune_ckpt'" in str(user) and wrong.name in str(user), err.value

@@ -11,21 +11,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow
 
 from common.networks.maisi import read_scale_factor
 
 
-def _train(bundle, config, **overrides):
-    wf = ConfigWorkflow(
-        config_file=[str(bundle / "configs" / config), str(bundle / "configs" / "tiny.json")],
-        meta_file=str(bundle / "configs" / "metadata.json"),
-        logging_file=str(bundle / "configs" / "logging.conf"),
-        workflow_type="train",
-        bundle_root=str(bundle),
-        **overrides,
-    )
-    wf.initialize()
+def _train(make_workflow, config, **overrides):
+    wf = make_workflow(config, **overrides)
     wf.run()
     assert not wf.check_properties()
     return wf
@@ -47,12 +38,12 @@ def test_autoencoder_stage_through_bundle_run(maisi_bundle, bundle_env, ct_demo,
     assert "loss_adv_g" in proc.stdout + proc.stderr and "val_psnr" in proc.stdout + proc.stderr
 
 
-def test_diffusion_resume_and_controlnet(maisi_bundle, ct_demo, tiny_ckpt_dir, tmp_path):
+def test_diffusion_resume_and_controlnet(tiny_train_workflow, ct_demo, tiny_ckpt_dir, tmp_path):
     ckpt_dir = tmp_path / "models"
     shutil.copytree(tiny_ckpt_dir, ckpt_dir)
     common = {"datalist": str(ct_demo), "ckpt_dir": str(ckpt_dir), "latent_dir": str(tmp_path / "latents")}
 
-    wf = _train(maisi_bundle, "train_diffusion.json", output_dir=str(tmp_path / "dm"), **common)
+    wf = _train(tiny_train_workflow, "train_diffusion.json", output_dir=str(tmp_path / "dm"), **common)
     out = wf.parser.get_parsed_content("train#trainer").state.output
     assert {"loss", "loss_l1"} <= set(out)
     saved = ckpt_dir / "diffusion_unet_checkpoint.pt"
@@ -66,7 +57,7 @@ def test_diffusion_resume_and_controlnet(maisi_bundle, ct_demo, tiny_ckpt_dir, t
     assert min(abs(scale - c) for c in candidates) < 1e-4 * scale
 
     # resume: epoch, iteration, LR schedule and scale factor continue from the checkpoint
-    wf2 = _train(maisi_bundle, "train_diffusion.json", output_dir=str(tmp_path / "dm2"), resume=True, max_epochs=2, **common)
+    wf2 = _train(tiny_train_workflow, "train_diffusion.json", output_dir=str(tmp_path / "dm2"), resume=True, max_epochs=2, **common)
     state = wf2.parser.get_parsed_content("train#trainer").state
     assert state.epoch == 2 and state.iteration == 4
     assert wf2.parser.get_parsed_content("lr_scheduler").last_epoch == 4
@@ -74,7 +65,7 @@ def test_diffusion_resume_and_controlnet(maisi_bundle, ct_demo, tiny_ckpt_dir, t
 
     # ControlNet on the trained UNet: the UNet stays bit-identical, the loss weights liver voxels
     unet_before = {k: v.clone() for k, v in torch.load(saved, map_location="cpu", weights_only=True)["unet"].items()}
-    wf3 = _train(maisi_bundle, "train_controlnet.json", output_dir=str(tmp_path / "cn"), diffusion_unet_path=str(saved),
+    wf3 = _train(tiny_train_workflow, "train_controlnet.json", output_dir=str(tmp_path / "cn"), diffusion_unet_path=str(saved),
                  weighted_loss_label=[1], **common)
     unet_after = wf3.parser.get_parsed_content("unet").state_dict()
     assert all(torch.equal(unet_before[k], unet_after[k].cpu()) for k in unet_before)
