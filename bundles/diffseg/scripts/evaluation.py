@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.bundle import case_name
+from common.bundle import case_name, check_outputs
 from common.metrics.segmentation import segmentation_metrics, summarise
-from common.utils.io import atomic_write, check_writable_dir, refuse_overwrite
+from common.utils.io import atomic_write
 
 __all__ = ["SegmentationMetricsWriter"]
 
@@ -85,10 +85,14 @@ class SegmentationMetricsWriter:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.on_iteration)
         engine.add_event_handler(Events.COMPLETED, self.on_completed)
 
+    def check_outputs(self) -> None:
+        """The metric tables are not there yet (unless ``overwrite``) and their folder can be written: checked
+        when the evaluation starts and again before they are written (another run may have written them since)."""
+        check_outputs(self.output_dir, self.overwrite, [self.output_dir / name for name in METRICS_FILES])
+
     def on_started(self, engine) -> None:
         self.rows.clear()
-        for name in METRICS_FILES:
-            refuse_overwrite(self.output_dir / name, self.overwrite)
+        self.check_outputs()
 
     def on_iteration(self, engine) -> None:
         outputs = engine.state.output
@@ -109,9 +113,7 @@ class SegmentationMetricsWriter:
         rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
         if not rank0:
             return
-        check_writable_dir(self.output_dir, "output folder (key 'output_dir')")
-        for name in METRICS_FILES:
-            refuse_overwrite(self.output_dir / name, self.overwrite)
+        self.check_outputs()
         summary = summarise(self.rows)
         for s in summary:
             s["name"] = self.class_names.get(s["class"], "") if s["class"] != "overall" else "mean over classes >= 1"
