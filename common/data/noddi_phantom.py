@@ -66,6 +66,9 @@ class PhantomConfig:
             field of view (trimmed to even sizes).
         scheme: acquisition scheme name (module docstring).
         snr: LR signal-to-noise ratio; σ = 700 / snr. 0 or None = no noise.
+        snr_range: (low, high): each subject draws its SNR uniformly from this range instead (a cohort that covers
+            the noise levels of real scanners); drawn from its own stream, so the other random fields of a subject
+            do not change with it.
         deform: random elastic deformation per subject (off for a subject that should match the template).
         deform_sigma_mm, deform_magnitude_mm: ranges of the smoothing and peak displacement.
         jitter: relative uniform jitter of the tissue values per subject.
@@ -78,6 +81,7 @@ class PhantomConfig:
     hr_shape: tuple[int, int, int] | None = None
     scheme: str = "default"
     snr: float | None = 30.0
+    snr_range: tuple[float, float] | None = None
     deform: bool = True
     deform_sigma_mm: tuple[float, float] = (6.0, 8.0)
     deform_magnitude_mm: tuple[float, float] = (2.0, 4.0)
@@ -195,6 +199,16 @@ def _hr_grid(priors: np.ndarray, affine: np.ndarray, cfg: PhantomConfig):
     return grid.astype(np.float32), aff, src_spacing
 
 
+def subject_snr(index: int, seed: int, cfg: PhantomConfig) -> float | None:
+    """The SNR of subject ``index``: ``cfg.snr``, or a uniform draw from ``cfg.snr_range`` (own random stream)."""
+    if cfg.snr_range is None:
+        return cfg.snr
+    lo, hi = (float(v) for v in cfg.snr_range)
+    if not 0 < lo <= hi:
+        raise ValueError(f"snr_range {cfg.snr_range} must be two positive numbers, low <= high")
+    return float(np.random.default_rng([int(seed), int(index), 1]).uniform(lo, hi))
+
+
 def make_subject(index: int, seed: int = 0, cfg: PhantomConfig | None = None, priors=None) -> dict[str, np.ndarray]:
     """One synthetic subject: HR maps, masks, fibre field, HR and LR DWI, gradient table and affines.
 
@@ -246,7 +260,8 @@ def make_subject(index: int, seed: int = 0, cfg: PhantomConfig | None = None, pr
         att = model(ndi.reshape(-1)[chunk], odi.reshape(-1)[chunk], fwf.reshape(-1)[chunk], mu.reshape(3, -1)[:, chunk].T)
         flat[:, chunk] = (s0.reshape(-1)[chunk][:, None] * att).T
     dwi_lr = block_average(dwi_hr.astype(np.float64), 2)
-    sigma = 0.0 if not cfg.snr else 700.0 / float(cfg.snr)
+    snr = subject_snr(index, seed, cfg)
+    sigma = 0.0 if not snr else 700.0 / float(snr)
     if sigma > 0:
         n1 = rng.standard_normal(dwi_lr.shape)
         n2 = rng.standard_normal(dwi_lr.shape)
@@ -266,6 +281,7 @@ def make_subject(index: int, seed: int = 0, cfg: PhantomConfig | None = None, pr
         "affine_hr": aff_hr,
         "affine_lr": lr_affine(aff_hr, 2),
         "sigma": np.float64(sigma),
+        "snr": np.float64(snr or 0.0),
     }
 
 
@@ -308,6 +324,11 @@ def write_subject(subject: dict[str, np.ndarray], folder: str | os.PathLike, wri
     return entry
 
 
+def _write_one(index: int, seed: int, cfg: PhantomConfig, folder: Path) -> tuple[dict[str, str], float]:
+    subject = make_subject(index, seed=seed, cfg=cfg)
+    return write_subject(subject, folder, write_hr_dwi=cfg.write_hr_dwi), float(subject["snr"])
+
+
 def build_phantom_cohort(
     out_dir: str | os.PathLike,
     n_train: int = 8,
@@ -316,25 +337,37 @@ def build_phantom_cohort(
     seed: int = 0,
     cfg: PhantomConfig | None = None,
     datalist_name: str = "datalist.json",
+    n_jobs: int = 1,
 ) -> Path:
     """Write a phantom cohort and its Decathlon datalist; returns the datalist path.
 
     Subjects ``phantom_000`` … are split in order into ``training``, ``validation`` and ``test`` (the held-out
-    phantoms). ``testing`` lists the test subjects in the inference format (dwi, bval, bvec, mask).
+    phantoms). ``testing`` lists the test subjects in the inference format (dwi, bval, bvec, mask). Each subject
+    is a function of (seed, index) only, so ``n_jobs`` worker processes write the same files as one.
     """
     cfg = cfg or PhantomConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    priors = load_priors(cfg.priors)
-    entries = []
-    for i in range(n_train + n_val + n_test):
-        subject = make_subject(i, seed=seed, cfg=cfg, priors=priors)
-        entries.append(write_subject(subject, out / f"phantom_{i:03d}", write_hr_dwi=cfg.write_hr_dwi))
+    n = n_train + n_val + n_test
+    folders = [out / f"phantom_{i:03d}" for i in range(n)]
+    if n_jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(n_jobs) as pool:
+            written = list(pool.map(_write_one, range(n), [seed] * n, [cfg] * n, folders))
+    else:
+        priors = load_priors(cfg.priors)
+        written = []
+        for i in range(n):
+            subject = make_subject(i, seed=seed, cfg=cfg, priors=priors)
+            written.append((write_subject(subject, folders[i], write_hr_dwi=cfg.write_hr_dwi), float(subject["snr"])))
+    entries = [e for e, _ in written]
     test = entries[n_train + n_val :]
     datalist = {
         "description": "semi-synthetic NODDI phantom cohort (common.data.noddi_phantom)",
         "phantom_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         "seed": int(seed),
+        "subject_snr": {e["id"]: snr for e, snr in written},
         "training": entries[:n_train],
         "validation": entries[n_train : n_train + n_val],
         "test": test,
@@ -361,7 +394,10 @@ if __name__ == "__main__":  # pragma: no cover - CLI
     ap.add_argument("--hr_shape", type=int, nargs=3, default=None)
     ap.add_argument("--scheme", default="default")
     ap.add_argument("--snr", type=float, default=30.0)
+    ap.add_argument("--snr_range", type=float, nargs=2, default=None, help="per-subject SNR drawn from [low, high]")
+    ap.add_argument("--deform_magnitude_mm", type=float, nargs=2, default=None, help="peak displacement range (mm)")
     ap.add_argument("--write_hr_dwi", action="store_true")
+    ap.add_argument("--n_jobs", type=int, default=1, help="worker processes (same files as one)")
     a = ap.parse_args()
     c = PhantomConfig(
         priors=a.priors,
@@ -369,6 +405,8 @@ if __name__ == "__main__":  # pragma: no cover - CLI
         hr_shape=tuple(a.hr_shape) if a.hr_shape else None,
         scheme=a.scheme,
         snr=a.snr,
+        snr_range=tuple(a.snr_range) if a.snr_range else None,
         write_hr_dwi=a.write_hr_dwi,
+        **({"deform_magnitude_mm": tuple(a.deform_magnitude_mm)} if a.deform_magnitude_mm else {}),
     )
-    print(build_phantom_cohort(a.out_dir, a.n_train, a.n_val, a.n_test, a.seed, c))
+    print(build_phantom_cohort(a.out_dir, a.n_train, a.n_val, a.n_test, a.seed, c, n_jobs=a.n_jobs))

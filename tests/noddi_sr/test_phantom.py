@@ -15,6 +15,7 @@ from common.data.noddi_phantom import (
     load_priors,
     lr_affine,
     make_subject,
+    subject_snr,
 )
 
 TINY = PhantomConfig(hr_spacing=5.0, hr_shape=(32, 32, 32), scheme="dipy_small_101D")
@@ -88,3 +89,29 @@ def test_cohort_files_and_datalist(tmp_path, priors):
     np.testing.assert_array_equal(
         nib.load(again.parent / entry["dwi"]).get_fdata(), dwi.get_fdata()
     )
+
+
+def test_snr_range_per_subject_and_other_fields_unchanged(priors):
+    ranged = PhantomConfig(**{**TINY.__dict__, "snr_range": (15.0, 40.0)})
+    snrs = [subject_snr(i, 0, ranged) for i in range(8)]
+    assert all(15.0 <= s <= 40.0 for s in snrs) and len(set(snrs)) == 8  # one draw per subject
+    assert subject_snr(3, 0, ranged) == snrs[3]  # a function of (seed, index)
+    a = make_subject(3, seed=0, cfg=ranged, priors=priors)
+    b = make_subject(3, seed=0, cfg=PhantomConfig(**{**TINY.__dict__, "snr": snrs[3]}), priors=priors)
+    # the SNR has its own stream: maps, fibres and noise equal those of the fixed-SNR subject with that SNR
+    for k in ("noddi_hr", "fibre_dir_hr", "dwi_lr"):
+        np.testing.assert_array_equal(a[k], b[k])
+    assert float(a["sigma"]) == pytest.approx(700.0 / snrs[3]) and float(a["snr"]) == snrs[3]
+    with pytest.raises(ValueError, match="snr_range"):
+        subject_snr(0, 0, PhantomConfig(snr_range=(40.0, 15.0)))
+
+
+def test_cohort_workers_write_the_same_files(tmp_path):
+    cfg = PhantomConfig(**{**TINY.__dict__, "snr_range": (15.0, 40.0)})
+    one = build_phantom_cohort(tmp_path / "one", n_train=1, n_val=0, n_test=1, seed=2, cfg=cfg)
+    two = build_phantom_cohort(tmp_path / "two", n_train=1, n_val=0, n_test=1, seed=2, cfg=cfg, n_jobs=2)
+    d1, d2 = json.loads(one.read_text()), json.loads(two.read_text())
+    assert d1["training"] == d2["training"] and d1["subject_snr"] == d2["subject_snr"]
+    assert set(d1["subject_snr"]) == {"phantom_000", "phantom_001"}
+    for e in d1["training"] + d1["test"]:
+        np.testing.assert_array_equal(nib.load(one.parent / e["dwi"]).get_fdata(), nib.load(two.parent / e["dwi"]).get_fdata())
