@@ -25,6 +25,7 @@ from monai.networks.schedulers import DDPMScheduler, RFlowScheduler, Scheduler
 from monai.utils import optional_import
 
 from common.networks.maisi import clamp_num_splits, load_pretrained, read_scale_factor, set_num_splits
+from common.networks.maisi_streaming_decoder import streaming_decode, supports_streaming
 from common.transforms.maisi import (
     MAISI_LABELS,
     apply_body_mask,
@@ -146,6 +147,13 @@ class MaisiInferer(Inferer):
             voxels are decoded in one pass.
         decode_overlap: sliding-window overlap.
         decode_num_splits: tensor-splitting parallelism of the VAE; clamped so every split keeps >= 3 voxels.
+        decode_mode: ``"streaming"``: the whole latent decoded at once by
+            :func:`common.networks.maisi_streaming_decoder.streaming_decode` (equal to the whole-volume decode up to
+            float32 rounding, memory bounded by one residual block's input and output; ``decode_roi_size``,
+            ``decode_overlap`` and ``decode_num_splits`` unused); ``"sliding_window"``: the official path above;
+            ``"auto"``: streaming where the decoder supports it (float32 normalisation: on a CPU), else sliding
+            window.
+        decode_chunk: slab thickness of the streaming decode (voxels of each layer, last axis).
         quality_statistics: ``image_median_statistics.json`` table; ``None`` disables the quality check.
         max_try: samples drawn per mask until one passes the quality check (the last is kept either way); the
             mask-database path uses 1 and moves to the next mask instead (official).
@@ -170,6 +178,8 @@ class MaisiInferer(Inferer):
         decode_roi_size: Sequence[int] = (48, 48, 48),
         decode_overlap: float = 0.6666,
         decode_num_splits: int = 4,
+        decode_mode: str = "auto",
+        decode_chunk: int = 8,
         quality_statistics: Mapping[str, Mapping[str, float]] | None = None,
         max_try: int = 2,
         seed: int = 0,
@@ -192,6 +202,15 @@ class MaisiInferer(Inferer):
         self.decode_roi_size = tuple(int(r) for r in decode_roi_size)
         self.decode_overlap = float(decode_overlap)
         self.decode_num_splits = int(decode_num_splits)
+        if decode_mode not in ("auto", "streaming", "sliding_window"):
+            raise ValueError(f"decode_mode must be 'auto', 'streaming' or 'sliding_window', got {decode_mode!r}")
+        if decode_mode == "streaming" and not supports_streaming(autoencoder):
+            raise ValueError(
+                "decode_mode 'streaming' needs a decoder with float32 normalisation and no transposed convolutions "
+                "or non-local attention (the official CT VAE on a CPU); use 'sliding_window' or 'auto'"
+            )
+        self.decode_mode = decode_mode
+        self.decode_chunk = int(decode_chunk)
         self.quality_statistics = quality_statistics
         self.max_try = max(1, int(max_try))
         self.generator = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -335,6 +354,9 @@ class MaisiInferer(Inferer):
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """VAE decode of ``latent / scale_factor`` -> image in [0, 1] scale (N, 1, 4x, 4y, 4z), returned on the CPU."""
         z = latent / self.scale_factor
+        if self.decode_mode == "streaming" or (self.decode_mode == "auto" and supports_streaming(self.autoencoder)):
+            with torch.autocast("cuda", enabled=False):
+                return streaming_decode(self.autoencoder, z, chunk=self.decode_chunk).float().cpu()
         roi = self.decode_roi_size
         direct = math.prod(z.shape[2:]) <= math.prod(roi)
         # MaisiConvolution splits along dim_split (axis 1 = y of the official config); keep >= 3 voxels per split

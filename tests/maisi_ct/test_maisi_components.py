@@ -129,11 +129,13 @@ def test_tsp_decode_splits_agree_and_sliding_window_shape():
     s = rflow()
     outs = []
     for splits in (1, 2, 4):
-        inf = MaisiInferer(s, vae, None, decode_roi_size=(16, 16, 16), decode_num_splits=splits, progress=False)
+        inf = MaisiInferer(s, vae, None, decode_roi_size=(16, 16, 16), decode_num_splits=splits, progress=False,
+                           decode_mode="sliding_window")
         outs.append(inf.decode(z))  # direct path: latent numel == prod(ROI)
     assert outs[0].shape == (1, 1, 64, 64, 64)
     assert float((outs[0] - outs[1]).abs().max()) < 1e-4 and float((outs[0] - outs[2]).abs().max()) < 1e-4
-    sw = MaisiInferer(s, vae, None, decode_roi_size=(16, 16, 8), decode_overlap=0.25, decode_num_splits=1, progress=False)
+    sw = MaisiInferer(s, vae, None, decode_roi_size=(16, 16, 8), decode_overlap=0.25, decode_num_splits=1, progress=False,
+                      decode_mode="sliding_window")
     z2 = torch.randn(1, 4, 16, 16, 12)
     assert sw.decode(z2).shape == (1, 1, 64, 64, 48)  # sliding window on the latent: output = 4x latent
 

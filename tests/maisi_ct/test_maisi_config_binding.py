@@ -9,7 +9,7 @@
   what the VAE decodes with: two checkpoints that differ only in it give latents that differ by exactly that ratio;
 * ``decode_num_splits`` splits every VAE decoder convolution into that many pieces along ``dim_split`` of the
   config (seen on the pieces the convolution receives), clamped so a piece keeps >= 3 latent voxels in a
-  sliding window.
+  sliding window (``decode_mode: sliding_window``, the official path; the CPU default ``auto`` decodes by slabs).
 """
 
 from __future__ import annotations
@@ -193,24 +193,29 @@ def _ckpt_dir_with_scale(src: Path, dst: Path, scale: float) -> Path:
     return dst
 
 
-def _run_recording_decode(bundle, ckpt_dir, out_dir, mask, **overrides) -> tuple[list[torch.Tensor], object]:
+def _run_recording_decode(bundle, ckpt_dir, out_dir, mask, monkeypatch, **overrides) -> tuple[list[torch.Tensor], object]:
+    """Run inference, recording every latent the VAE decodes, on either decode path (streaming is the CPU default)."""
+    import common.inferers.maisi as MI
+
     wf = _workflow(bundle, ckpt_dir, out_dir, label_path=str(mask), quality_check=False, **overrides)
     inferer = wf.parser.get_parsed_content("inferer")
     vae = inferer.autoencoder
     assert vae is wf.parser.get_parsed_content("autoencoder")
     seen: list[torch.Tensor] = []
+    stream = MI.streaming_decode
+    monkeypatch.setattr(MI, "streaming_decode", lambda ae, z, **kw: (seen.append(z.detach().clone()), stream(ae, z, **kw))[1])
     original = vae.decode_stage_2_outputs
     vae.decode_stage_2_outputs = lambda z: (seen.append(z.detach().clone()), original(z))[1]
     wf.run()
     return seen, inferer
 
 
-def test_checkpoint_scale_factor_is_what_the_vae_decodes_with(maisi_bundle, tiny_ckpt_dir, maisi_masks, tmp_path):
+def test_checkpoint_scale_factor_is_what_the_vae_decodes_with(maisi_bundle, tiny_ckpt_dir, maisi_masks, tmp_path, monkeypatch):
     decoded, images = {}, {}
     for scale in (1.25, 0.5):
         ckpt = _ckpt_dir_with_scale(tiny_ckpt_dir, tmp_path / f"models_{scale}", scale)
         out = tmp_path / f"out_{scale}"
-        seen, inferer = _run_recording_decode(maisi_bundle, ckpt, out, maisi_masks["grid"])
+        seen, inferer = _run_recording_decode(maisi_bundle, ckpt, out, maisi_masks["grid"], monkeypatch)
         assert inferer.scale_factor == pytest.approx(scale) and len(seen) == 1  # one sample, one whole-volume decode
         decoded[scale] = seen[0]
         images[scale] = np.asarray(nib.load(str(next(out.glob("sample_*_image.nii.gz")))).dataobj)
@@ -254,7 +259,7 @@ def test_decode_num_splits_splits_every_decoder_convolution(maisi_bundle, tiny_c
     images = {}
     for n in (1, 4):
         wf = _workflow(maisi_bundle, tiny_ckpt_dir, tmp_path / f"out{n}", label_path=str(maisi_masks["grid"]),
-                       quality_check=False, decode_num_splits=n)
+                       quality_check=False, decode_num_splits=n, decode_mode="sliding_window")
         calls = _record_splits(wf.parser.get_parsed_content("autoencoder"))
         wf.run()
         _assert_split(calls, n, axis)
@@ -267,7 +272,7 @@ def test_splits_clamped_in_a_thin_sliding_window(maisi_bundle, tiny_ckpt_dir, ma
     """An 8^3 latent window leaves 8 voxels along y: 4 splits would be 2 voxels thin, so 2 are used."""
     axis = 2 + _config_args(maisi_bundle, "autoencoder_def")["dim_split"]
     wf = _workflow(maisi_bundle, tiny_ckpt_dir, tmp_path / "out", label_path=str(maisi_masks["grid"]), quality_check=False,
-                   decode_num_splits=4, decode_roi_size=[8, 8, 8], decode_overlap=0.5)
+                   decode_num_splits=4, decode_roi_size=[8, 8, 8], decode_overlap=0.5, decode_mode="sliding_window")
     calls = _record_splits(wf.parser.get_parsed_content("autoencoder"))
     wf.run()
     assert M.clamp_num_splits(4, 8) == 2

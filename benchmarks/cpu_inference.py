@@ -1,0 +1,233 @@
+#!/usr/bin/env python
+"""CPU inference cost of a bundle's sampler against its network-pass floor, and the levers that lower it.
+
+Cases are ``<kind>_<lever>``; each runs in its own process (peak RSS per case), ``--repeats`` times.
+
+**MAISI VAE decode** (``maisi_decode_<mode>``): the official CT VAE configuration (``maisi_autoencoder()``, random
+weights: the cost does not depend on them) decodes one 4 x 64 x 64 x 32 latent into the 256 x 256 x 128 CT the
+issue names, with ``whole`` (``decode_stage_2_outputs`` on the whole latent, no tensor splitting: the reference
+time), ``streaming`` (:func:`common.networks.maisi_streaming_decoder.streaming_decode`, the CPU default) and
+``sliding`` (the official sliding window over 48^3 latent windows, overlap 0.6666, 4 tensor splits). Every mode
+decodes the same seeded latent; the child writes its output so the parent reports the largest difference to
+``whole``.
+
+**diffseg** (paper network ``DiffSegUNet`` 32-64-128-256, 5 steps, paper spacing 1.5 x 1.5 x 5 mm, window
+192 x 128 x 128, overlap 0.25, ``sw_batch_size`` 4; random weights, since no trained model ships) on the
+held-out demo CT (the TotalSegmentator example, 122 x 101 x 112 at 3 mm) preprocessed by the bundle's own
+``inference.json``:
+
+* ``floor_<lever>``: one network forward of one window, timed alone (after a warm-up forward); the floor of
+  the sampler is steps x windows x that forward (the sampler batches ``sw_batch_size`` windows per forward);
+* ``sampler_<lever>``: the whole ``DiffSegInferer`` call on the preprocessed volume (noise, windows,
+  stitching, scheduler steps);
+
+with the levers ``fp32`` (``torch.no_grad``, as the bundle runs today), ``im`` (``torch.inference_mode``),
+``cl`` (channels-last 3D memory format for the network and its input, exact), ``bf16`` (bfloat16 autocast,
+not exact) and ``cl_bf16``. Each case runs in its own process (peak RSS per case), ``--repeats`` times; the
+table gives medians, the ratio sampler / floor, the peak RSS, ``torch.get_num_threads()`` and the 1-minute
+load average after the case (other jobs on the machine inflate CPU times).
+
+Usage (from the repository root)::
+
+    python benchmarks/cpu_inference.py --out runs/cpu_inference --cases floor_fp32 floor_cl sampler_fp32 sampler_cl
+    python benchmarks/cpu_inference.py --out runs/maisi_decode --repeats 3 \
+        --cases maisi_decode_whole maisi_decode_streaming maisi_decode_sliding
+
+Writes ``<out>/results.json`` and prints one JSON line per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+BUNDLE = REPO / "bundles" / "diffseg"
+LEVERS = ("fp32", "im", "cl", "bf16", "cl_bf16")
+DECODE_MODES = ("whole", "streaming", "sliding")
+MAISI_LATENT = (1, 4, 64, 64, 32)
+
+
+def _peak_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _test_ct() -> str:
+    from common.data import demo
+    from common.data.fetch import cache_dir
+
+    root = cache_dir() / "cpu-inference"
+    root.mkdir(parents=True, exist_ok=True)
+    datalist = json.loads(Path(demo.build_ct_demo(root, n_train=1, n_val=1, seed=0)).read_text())
+    return str(Path(root) / "ct" / datalist["test"][0]["image"])
+
+
+def _diffseg_inputs():
+    """The paper-configuration network, inferer and preprocessed test CT of diffseg's inference.json."""
+    from monai.bundle import ConfigWorkflow
+
+    sys.path.insert(0, str(BUNDLE))
+    wf = ConfigWorkflow(
+        config_file=str(BUNDLE / "configs" / "inference.json"), meta_file=str(BUNDLE / "configs" / "metadata.json"),
+        workflow_type="infer", bundle_root=str(BUNDLE), input_image=_test_ct(), output_dir="/tmp/cpu-inference-unused",
+    )
+    wf.initialize()
+    item = wf.parser.get_parsed_content("preprocessing")({"image": wf.parser["input_image"]})
+    torch.manual_seed(0)
+    network = wf.parser.get_parsed_content("network").eval()
+    inferer = wf.parser.get_parsed_content("inferer")
+    return network, inferer, item["image"].as_tensor()[None]
+
+
+def _windows(inferer, shape) -> int:
+    from monai.data.utils import dense_patch_slices
+    from monai.utils import ensure_tuple_rep, fall_back_tuple
+
+    from monai.inferers.utils import _get_scan_interval
+
+    roi = fall_back_tuple(ensure_tuple_rep(inferer.roi_size, len(shape)), shape)
+    padded = [max(r, s) for r, s in zip(roi, shape)]  # DiffSegInferer pads the volume up to one window
+    interval = _get_scan_interval(padded, roi, len(shape), ensure_tuple_rep(inferer.sw_kwargs["overlap"], len(shape)))
+    return len(dense_patch_slices(padded, roi, interval))
+
+
+def run_maisi_decode(mode: str, out: str | None, latent=MAISI_LATENT) -> dict:
+    from common.networks.maisi import maisi_autoencoder, set_num_splits
+    from common.networks.maisi_streaming_decoder import streaming_decode
+
+    torch.manual_seed(0)
+    vae = maisi_autoencoder(device="cpu").eval()
+    z = torch.randn(tuple(latent))
+    start = time.perf_counter()
+    with torch.no_grad():
+        if mode == "whole":
+            image = set_num_splits(vae, 1).decode_stage_2_outputs(z)
+        elif mode == "streaming":
+            image = streaming_decode(vae, z, chunk=8)
+        else:
+            from monai.inferers import SlidingWindowInferer
+
+            set_num_splits(vae, 4)
+            image = SlidingWindowInferer((48, 48, 48), 1, 0.6666, mode="gaussian")(z, vae.decode_stage_2_outputs)
+    seconds = time.perf_counter() - start
+    if out:
+        torch.save(image.float(), out)
+    return {"case": f"maisi_decode_{mode}", "seconds": round(seconds, 2), "latent": list(latent),
+            "output": list(image.shape), "peak_gib": round(_peak_gib(), 2), "threads": torch.get_num_threads()}
+
+
+def run_case(case: str, out: str | None = None, latent=MAISI_LATENT) -> dict:
+    if case.startswith("maisi_decode_"):
+        return run_maisi_decode(case[len("maisi_decode_"):], out, latent)
+    kind, lever = case.split("_", 1)
+    network, inferer, image = _diffseg_inputs()
+    if lever in ("cl", "cl_bf16"):
+        network = network.to(memory_format=torch.channels_last_3d)
+    grad_off = torch.inference_mode if lever == "im" else torch.no_grad
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled="bf16" in lever)
+    windows = _windows(inferer, list(image.shape[2:]))
+    batch = min(inferer.sw_kwargs["sw_batch_size"], windows)
+    steps = inferer.scheduler.num_timesteps
+    with grad_off(), autocast:
+        if kind == "floor":
+            x = torch.randn(1, image.shape[1] + inferer.num_classes, *inferer.roi_size)
+            if lever in ("cl", "cl_bf16"):
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+            network(x, 1)  # warm-up: oneDNN primitive creation
+            start = time.perf_counter()
+            network(x, 1)
+            seconds = time.perf_counter() - start
+        else:
+            if lever in ("cl", "cl_bf16"):
+                image = image.contiguous(memory_format=torch.channels_last_3d)
+            start = time.perf_counter()
+            logits = inferer(image, network)
+            seconds = time.perf_counter() - start
+            assert logits.shape[2:] == image.shape[2:]
+    return {
+        "case": case, "seconds": round(seconds, 2), "volume": list(image.shape[2:]), "windows": windows,
+        "batch": batch, "steps": steps, "peak_gib": round(_peak_gib(), 2), "threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", nargs="+", default=[f"{k}_{lv}" for k in ("floor", "sampler") for lv in ("fp32", "cl")])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="runs/cpu_inference")
+    ap.add_argument("--case", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--save", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--maisi-latent", type=int, nargs=5, default=list(MAISI_LATENT), help="latent shape of the decode cases")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.case:  # child process: one run of one case
+        print(json.dumps(run_case(args.case, args.save, args.maisi_latent)))
+        return
+    runs, saved = [], {}
+    work = Path(args.out or "runs/cpu_inference")
+    work.mkdir(parents=True, exist_ok=True)
+    for case in args.cases:
+        if case.startswith("maisi_decode_"):
+            if case[len("maisi_decode_"):] not in DECODE_MODES:
+                raise SystemExit(f"unknown decode mode in case {case!r}; expected maisi_decode_ + one of {DECODE_MODES}")
+        elif case.split("_", 1)[1] not in LEVERS:
+            raise SystemExit(f"unknown lever in case {case!r}; expected floor_/sampler_ + one of {LEVERS}")
+        for rep in range(args.repeats):
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+            cmd = [sys.executable, __file__, "--case", case, "--threads", str(args.threads),
+                   "--maisi-latent", *map(str, args.maisi_latent)]
+            if case.startswith("maisi_decode_") and rep == 0:
+                saved[case] = work / f"{case}.pt"
+                cmd += ["--save", str(saved[case])]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode:
+                raise SystemExit(f"case {case} failed:\n{proc.stderr[-3000:]}")
+            run = json.loads(proc.stdout.strip().splitlines()[-1])
+            run["load_average_1min_after"] = round(os.getloadavg()[0], 2)
+            runs.append(run)
+            print(json.dumps(run), flush=True)
+    table = []
+    for case in args.cases:
+        rs = [r for r in runs if r["case"] == case]
+        row = {"case": case, "median_s": statistics.median(r["seconds"] for r in rs), "runs": len(rs),
+               "peak_gib": max(r["peak_gib"] for r in rs), "load_max": max(r["load_average_1min_after"] for r in rs)}
+        if case.startswith("floor"):
+            r0 = rs[0]
+            row["floor_s"] = round(row["median_s"] * r0["steps"] * r0["windows"], 2)
+        table.append(row)
+    for row in table:
+        if row["case"].startswith("sampler"):
+            floor = next((f for f in table if f["case"] == "floor_" + row["case"].split("_", 1)[1]), None)
+            if floor:
+                row["ratio_to_floor"] = round(row["median_s"] / floor["floor_s"], 3)
+    whole = saved.get("maisi_decode_whole")
+    for row in table:
+        if row["case"] in saved and whole is not None and row["case"] != "maisi_decode_whole":
+            ref, got = torch.load(whole), torch.load(saved[row["case"]])
+            row["max_abs_diff_to_whole"] = float((got - ref).abs().max())
+            row["ref_max_abs"] = float(ref.abs().max())
+        ref_row = next((r for r in table if r["case"] == "maisi_decode_whole"), None)
+        if ref_row and row["case"].startswith("maisi_decode_"):
+            row["time_ratio_to_whole"] = round(row["median_s"] / ref_row["median_s"], 3)
+    for path in saved.values():
+        path.unlink(missing_ok=True)
+    for row in table:
+        print(json.dumps(row))
+    meta = {"command": "python benchmarks/cpu_inference.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d %H:%M"),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__}
+    (work / "results.json").write_text(json.dumps({"meta": meta, "runs": runs, "table": table}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
