@@ -84,6 +84,32 @@ def _upsample_dwi(dwi_path: Path, out_path: Path) -> Path:
     return out_path
 
 
+def b2_unet(n_feat: int) -> torch.nn.Module:
+    """B2: MONAI ``BasicUNet(3, n_feat, 3)`` with GroupNorm 8 (BasicUNet's InstanceNorm fails on small patches:
+    a 16^3 patch reaches 1^3 at the bottleneck)."""
+    from monai.networks.nets import BasicUNet
+
+    return BasicUNet(spatial_dims=3, in_channels=n_feat, out_channels=3, norm=("group", {"num_groups": 8}))
+
+
+def b2_train_step(unet: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict) -> float:
+    """One B2 step: LR features upsampled x2 (trilinear), sigmoid, L1 to the HR maps; returns the loss."""
+    f = torch.nn.functional.interpolate(batch["image"].float(), scale_factor=2, mode="trilinear", align_corners=False)
+    loss = torch.nn.functional.l1_loss(torch.sigmoid(unet(f)), batch["label"].float())
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def b2_predict(unet: torch.nn.Module, feats: torch.Tensor, roi_lr, overlap: float, sw_batch_size: int = 4) -> torch.Tensor:
+    """B2 maps of LR features (1, C, x, y, z): sliding window on the x2 grid with HR windows of 2 x ``roi_lr``."""
+    from monai.inferers import sliding_window_inference
+
+    up = torch.nn.functional.interpolate(feats.float(), scale_factor=2, mode="trilinear", align_corners=False)
+    return torch.sigmoid(sliding_window_inference(up, [2 * r for r in roi_lr], sw_batch_size, unet, overlap=overlap, mode="constant"))
+
+
 def _amico_maps(dwi, bval, bvec, mask, out_dir) -> np.ndarray:
     sys.path.insert(0, str(BUNDLE))
     from scripts.fit_noddi_amico import fit_noddi
@@ -125,9 +151,6 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     sys.path.insert(0, str(BUNDLE))
-    from monai.inferers import sliding_window_inference
-    from monai.networks.nets import BasicUNet
-
     from common.data.noddi_phantom import PhantomConfig, build_phantom_cohort
     from scripts.evaluation import case_metrics
 
@@ -149,18 +172,13 @@ def main(argv=None) -> dict:
 
     # B2: direct regression UNet on the same patches, budget = all three stages' iterations
     loader = enc_wf.parser.get_parsed_content("train#dataloader")
-    # GroupNorm instead of BasicUNet's InstanceNorm: a tiny 16^3 patch reaches 1^3 at the bottleneck
-    unet = BasicUNet(spatial_dims=3, in_channels=2 * len(enc_wf.parser["shells"]), out_channels=3, norm=("group", {"num_groups": 8}))
+    unet = b2_unet(2 * len(enc_wf.parser["shells"]))
     opt = torch.optim.Adam(unet.parameters(), lr=args.lr)
     it, t_b2 = 0, time.perf_counter()
     unet.train()
     while it < 3 * args.iters:
         for batch in loader:
-            f = torch.nn.functional.interpolate(batch["image"].float(), scale_factor=2, mode="trilinear", align_corners=False)
-            loss = torch.nn.functional.l1_loss(torch.sigmoid(unet(f)), batch["label"].float())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            b2_train_step(unet, opt, batch)
             it += 1
             if it >= 3 * args.iters:
                 break
@@ -206,8 +224,7 @@ def main(argv=None) -> dict:
             pred = NODDISRInferer(roi_size=inferer.roi_size, sampler=None)(feats, net)
         rows += case_metrics(finish(pred), truth, masks, entry["id"], "noddi_sr_encoder")
         with torch.no_grad():
-            up = torch.nn.functional.interpolate(feats, scale_factor=2, mode="trilinear", align_corners=False)
-            pred = torch.sigmoid(sliding_window_inference(up, [2 * r for r in inferer.roi_size], 1, unet, overlap=0.4375, mode="constant"))
+            pred = b2_predict(unet, feats, inferer.roi_size, overlap=0.4375, sw_batch_size=1)
         rows += case_metrics(finish(pred), truth, masks, entry["id"], "unet")
         if not args.no_amico:
             case_dir = out / "amico" / entry["id"]

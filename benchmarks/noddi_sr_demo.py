@@ -47,6 +47,8 @@ for _p in (str(REPO), str(BUNDLE)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from benchmarks.noddi_sr import _amico_maps, _upsample_dwi, b2_predict, b2_train_step, b2_unet  # noqa: E402
+
 STAGES = {"vqgan": "train_vqgan.json", "cond_encoder": "train_cond_encoder.json", "diffusion": "train_diffusion.json"}
 STEPS = (100, 50, 25, 10)
 
@@ -125,20 +127,6 @@ def cmd_train(args) -> None:
         print(f"[{stage}] done: {c['wall_s']:.0f} s, best val PSNR {c['best_val_psnr']}", flush=True)
 
 
-def _b2_unet(n_feat: int):
-    from monai.networks.nets import BasicUNet
-
-    # GroupNorm instead of BasicUNet's InstanceNorm: statistics of small patches
-    return BasicUNet(spatial_dims=3, in_channels=n_feat, out_channels=3, norm=("group", {"num_groups": 8}))
-
-
-def _b2_predict(unet, feats: torch.Tensor, roi_lr, overlap: float) -> torch.Tensor:
-    from monai.inferers import sliding_window_inference
-
-    up = torch.nn.functional.interpolate(feats.float(), scale_factor=2, mode="trilinear", align_corners=False)
-    return torch.sigmoid(sliding_window_inference(up, [2 * r for r in roi_lr], 4, unet, overlap=overlap, mode="constant"))
-
-
 def cmd_baseline(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -150,7 +138,7 @@ def cmd_baseline(args) -> None:
     post = p.get_parsed_content("validate#postprocessing")
     roi, lr, n_feat = p.get_parsed_content("lr_patch"), float(p.get_parsed_content("learning_rate")), int(p.get_parsed_content("n_feat"))
     torch.manual_seed(0)
-    unet = _b2_unet(n_feat)
+    unet = b2_unet(n_feat)
     opt = torch.optim.Adam(unet.parameters(), lr=lr)
     curve = {"iteration": [], "loss": [], "seconds": [], "val_iteration": [], "val_psnr": [], "val_seconds": []}
     best, it, t0, losses = -np.inf, 0, time.perf_counter(), []
@@ -160,7 +148,7 @@ def cmd_baseline(args) -> None:
         vals = []
         with torch.no_grad():
             for batch in val_loader:
-                pred = _b2_predict(unet, batch["image"], roi, float(p["val_overlap"]))
+                pred = b2_predict(unet, batch["image"], roi, float(p["val_overlap"]))
                 d = post({"pred": pred[0], "image": batch["image"][0], "mask_hr": batch["mask_hr"][0]})
                 mse = torch.mean((d["pred"].float() - batch["label"][0].float()) ** 2)
                 vals.append(float(10 * torch.log10(1.0 / mse)))
@@ -170,13 +158,8 @@ def cmd_baseline(args) -> None:
     done = False
     while not done:
         for batch in loader:
-            f = torch.nn.functional.interpolate(batch["image"].float(), scale_factor=2, mode="trilinear", align_corners=False)
-            loss = torch.nn.functional.l1_loss(torch.sigmoid(unet(f)), batch["label"].float())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            losses.append(b2_train_step(unet, opt, batch))
             it += 1
-            losses.append(float(loss.detach()))
             if it % 10 == 0:
                 curve["iteration"].append(it)
                 curve["loss"].append(float(np.mean(losses[-10:])))
@@ -201,8 +184,6 @@ def cmd_baseline(args) -> None:
 
 def _amico_b1(entry: dict, data: Path, work: Path) -> np.ndarray:
     import nibabel as nib
-
-    from benchmarks.noddi_sr import _amico_maps, _upsample_dwi
 
     work.mkdir(parents=True, exist_ok=True)
     up = _upsample_dwi(data / entry["dwi"], work / "dwi_up.nii.gz")
@@ -251,17 +232,17 @@ def cmd_evaluate(args) -> None:
     unet = None
     if args.unet:
         ck = torch.load(args.unet, weights_only=True)
-        unet = _b2_unet(int(ck["n_feat"]))
+        unet = b2_unet(int(ck["n_feat"]))
         unet.load_state_dict(ck["unet"])
         unet.eval()
         results["b2_iteration"] = int(ck["iteration"])
     for entry in datalist["test"]:
-        ref = np.stack([np.moveaxis(nib.load(data / entry["noddi"]).get_fdata(), -1, 0)])[0]
+        ref = np.moveaxis(nib.load(data / entry["noddi"]).get_fdata(), -1, 0)
         masks = {k: nib.load(data / entry[e]).get_fdata() > 0 for k, e in (("brain", "mask_hr"), ("wm", "wm"), ("gm", "gm"))}
         if unet is not None:
             item = pre({k: (v if k == "id" else str(data / v)) for k, v in entry.items()})
             with torch.no_grad():
-                pred = _b2_predict(unet, item["image"][None], roi, overlap)
+                pred = b2_predict(unet, item["image"][None], roi, overlap)
             hr = torch.as_tensor(masks["brain"][None].astype(np.float32))
             post = HRMapsd("pred", ref_key="image", mask_key=None, hr_mask_key="mask_hr")({"pred": pred[0], "image": item["image"], "mask_hr": hr})
             rows += case_metrics(np.asarray(post["pred"], dtype=np.float64), ref, masks, entry["id"], "b2_unet")
