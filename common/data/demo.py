@@ -380,9 +380,11 @@ def build_ct_demo(out_dir: str | os.PathLike, n_train: int = 8, n_val: int = 2, 
 
     Returns:
         Path of ``<out_dir>/ct/datalist.json``. Entries ``{"id", "image", "label"}``: float32 HU
-        images and uint8 labels with ids of :data:`CT_LABELS`, 122x101x112 at 3 mm (RAS). The
-        ``test`` entry is the original scan with ``label`` (merged) and ``label_total`` (the 61
-        TotalSegmentator classes present, names in the top-level ``total_labels``).
+        images and uint8 labels with ids of :data:`CT_LABELS`, 122x101x112 at 3 mm (RAS). Every
+        entry, the ``test`` one (the original scan) included, has ``label`` (merged) and
+        ``label_total`` (the 61 TotalSegmentator classes present, deformed like ``label``; names
+        in the top-level ``total_labels``). ``datalist_total.json`` beside it lists the same cases
+        with ``label_total`` as ``label`` (and ``label_merged``) and ``total_labels`` as ``labels``.
     """
     train_ids, val_ids = _split_ids("ct", n_train, n_val)
     args = {"n_train": n_train, "n_val": n_val, "seed": seed}
@@ -404,9 +406,13 @@ def build_ct_demo(out_dir: str | os.PathLike, n_train: int = 8, n_val: int = 2, 
             deformation = random_deformation(rng, hu.shape, affine, _CT_DEFORM)
             image = _ct_intensity(rng, deformation.apply(hu, order=1, cval=air))
             label = deformation.apply(merged, order=0, cval=0)
+            # the TotalSegmentator classes under the same deformation: what maisi_ct maps to MAISI ids by name
+            label_total = deformation.apply(total, order=0, cval=0)
             save_nifti(work / sid / "image.nii.gz", image, affine, np.float32)
             save_nifti(work / sid / "label.nii.gz", label, affine, np.uint8)
-            entries.append({"id": sid, "image": f"{sid}/image.nii.gz", "label": f"{sid}/label.nii.gz"})
+            save_nifti(work / sid / "label_total.nii.gz", label_total, affine, np.uint8)
+            entries.append({"id": sid, "image": f"{sid}/image.nii.gz", "label": f"{sid}/label.nii.gz",
+                            "label_total": f"{sid}/label_total.nii.gz"})
 
         save_nifti(work / "example" / "image.nii.gz", hu, affine, np.float32)
         save_nifti(work / "example" / "label.nii.gz", merged, affine, np.uint8)
@@ -443,6 +449,18 @@ def build_ct_demo(out_dir: str | os.PathLike, n_train: int = 8, n_val: int = 2, 
             ],
         }
         _write_json(work / "datalist.json", datalist)
+        # The same cases with the TotalSegmentator classes as "label" and their names as "labels": the datalist
+        # maisi_ct trains on (its labels are mapped to MAISI ids by name, and the merged classes have no MAISI names)
+        total_list = {
+            **datalist,
+            "name": "ct_demo_total",
+            "labels": datalist["total_labels"],
+            **{
+                section: [{**e, "label": e["label_total"], "label_merged": e["label"]} for e in datalist[section]]
+                for section in ("training", "validation", "test")
+            },
+        }
+        _write_json(work / "datalist_total.json", total_list)
 
     return _build_cohort(out_dir, "ct", "datalist.json", args, fill)
 

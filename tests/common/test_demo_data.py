@@ -277,7 +277,7 @@ def test_ct_datalist_and_volumes(ct_demo: Path, demo_sizes: dict) -> None:
     assert dl["labels"] == {str(k): v for k, v in demo.CT_LABELS.items()}
     assert len(dl["training"]) == demo_sizes["n_train"] and len(dl["validation"]) == demo_sizes["n_val"]
     for e in dl["training"] + dl["validation"]:
-        assert set(e) == {"id", "image", "label"}
+        assert set(e) == {"id", "image", "label", "label_total"}
     (test,) = dl["test"]
     assert test == {
         "id": "example",
@@ -305,10 +305,23 @@ def test_ct_datalist_and_volumes(ct_demo: Path, demo_sizes: dict) -> None:
                 counts = np.bincount(data.ravel(), minlength=len(allowed))
                 assert (counts[1:] > 500).all(), (e["id"], counts)  # every merged class is present
             else:
-                assert data.dtype == np.uint8
+                assert data.dtype == np.uint8 and set(np.unique(data).tolist()) <= {int(k) for k in dl["total_labels"]}
+                # the TotalSegmentator classes moved with the merged ones: merging them gives the merged label
+                merged = np.asarray(_load(root / e["label"]).dataobj)
+                np.testing.assert_array_equal(demo.merge_total_labels(data), merged)
     for i in range(len(images)):  # deformation and intensity variation make every copy different
         for j in range(i):
             assert not np.array_equal(images[i], images[j])
+
+
+def test_ct_total_datalist_lists_the_same_cases_with_totalsegmentator_classes(ct_demo: Path) -> None:
+    dl = json.loads(ct_demo.read_text())
+    total = json.loads((ct_demo.parent / "datalist_total.json").read_text())
+    assert total["labels"] == dl["total_labels"]
+    for section in ("training", "validation", "test"):
+        assert [e["id"] for e in total[section]] == [e["id"] for e in dl[section]]
+        for e, f in zip(total[section], dl[section]):
+            assert e["image"] == f["image"] and e["label"] == f["label_total"] and e["label_merged"] == f["label"]
 
 
 def test_ct_labels_merge_and_total_names(ct_demo: Path) -> None:
