@@ -47,6 +47,7 @@ for _p in (str(REPO), str(BUNDLE)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from benchmarks.demo_training import bundle_workflow, train_stage  # noqa: E402
 from benchmarks.noddi_sr import _amico_maps, _upsample_dwi, b2_predict, b2_train_step, b2_unet  # noqa: E402
 
 STAGES = {"vqgan": "train_vqgan.json", "cond_encoder": "train_cond_encoder.json", "diffusion": "train_diffusion.json"}
@@ -54,67 +55,7 @@ STEPS = (100, 50, 25, 10)
 
 
 def _workflow(files, wtype, **overrides):
-    from monai.bundle import ConfigWorkflow
-
-    wf = ConfigWorkflow(
-        config_file=[str(BUNDLE / "configs" / f) for f in files],
-        meta_file=str(BUNDLE / "configs" / "metadata.json"),
-        workflow_type=wtype,
-        bundle_root=str(BUNDLE),
-        **overrides,
-    )
-    wf.initialize()
-    return wf
-
-
-def _loss_value(output) -> float:
-    if isinstance(output, dict):
-        output = output.get("loss", next(iter(output.values())))
-    if isinstance(output, (list, tuple)):
-        output = output[0]
-        if isinstance(output, dict):
-            output = output.get("loss")
-    return float(output)
-
-
-def train_stage(stage: str, data: Path, out: Path, budget_s: float, **overrides) -> dict:
-    """One stage with the demo overlay, stopped at the first epoch end after ``budget_s``; its learning curve."""
-    from ignite.engine import Events
-
-    t0 = time.perf_counter()
-    wf = _workflow(
-        [STAGES[stage], "demo.json"], "train", dataset_dir=str(data), ckpt_dir=str(out / "models"),
-        output_dir=str(out / f"out_{stage}"), overwrite=True, **overrides,
-    )
-    trainer = wf.parser.get_parsed_content("train#trainer")
-    evaluator = wf.parser.get_parsed_content("validate#evaluator")
-    curve = {"iteration": [], "loss": [], "seconds": [], "val_iteration": [], "val_psnr": [], "val_seconds": []}
-
-    @trainer.on(Events.ITERATION_COMPLETED(every=10))
-    def _log(engine):
-        curve["iteration"].append(engine.state.iteration)
-        curve["loss"].append(_loss_value(engine.state.output))
-        curve["seconds"].append(time.perf_counter() - t0)
-
-    @trainer.on(Events.EPOCH_COMPLETED)
-    def _budget(engine):  # attached after the config's validation handler, so it sees this epoch's metric
-        psnr = evaluator.state.metrics.get("val_psnr") if evaluator.state else None
-        if psnr is not None:
-            curve["val_iteration"].append(engine.state.iteration)
-            curve["val_psnr"].append(float(psnr))
-            curve["val_seconds"].append(time.perf_counter() - t0)
-        loss = curve["loss"][-1] if curve["loss"] else _loss_value(engine.state.output)
-        print(f"[{stage}] it {engine.state.iteration} loss {loss:.4f} val_psnr {psnr} "
-              f"{time.perf_counter() - t0:.0f}s", flush=True)
-        if time.perf_counter() - t0 >= budget_s:
-            engine.terminate()
-
-    wf.run()
-    wf.finalize()
-    curve["wall_s"] = time.perf_counter() - t0
-    curve["best_val_psnr"] = max(curve["val_psnr"]) if curve["val_psnr"] else None
-    (out / f"curves_{stage}.json").write_text(json.dumps(curve))
-    return curve
+    return bundle_workflow(BUNDLE, files, wtype, **overrides)
 
 
 def cmd_train(args) -> None:
@@ -123,7 +64,8 @@ def cmd_train(args) -> None:
     shares = [float(s) for s in args.shares.split(",")]
     for stage, share in zip(STAGES, shares):
         extra = {} if args.epoch_length is None else {"epoch_length": args.epoch_length}
-        c = train_stage(stage, Path(args.data), out, args.budget_s * share / sum(shares), **extra)
+        c = train_stage(BUNDLE, [STAGES[stage], "demo.json"], stage, out, args.budget_s * share / sum(shares),
+                        dataset_dir=str(args.data), **extra)
         print(f"[{stage}] done: {c['wall_s']:.0f} s, best val PSNR {c['best_val_psnr']}", flush=True)
 
 
