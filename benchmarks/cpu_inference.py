@@ -21,9 +21,17 @@ held-out demo CT (the TotalSegmentator example, 122 x 101 x 112 at 3 mm) preproc
 * ``sampler_<lever>``: the whole ``DiffSegInferer`` call on the preprocessed volume (noise, windows,
   stitching, scheduler steps);
 
-with the levers ``fp32`` (``torch.no_grad``, as the bundle runs today), ``im`` (``torch.inference_mode``),
-``cl`` (channels-last 3D memory format for the network and its input, exact), ``bf16`` (bfloat16 autocast,
-not exact) and ``cl_bf16``. Each case runs in its own process (peak RSS per case), ``--repeats`` times; the
+with the levers ``fp32`` (eager PyTorch under ``torch.no_grad``, the bundle's ``runtime: torch``), ``im``
+(``torch.inference_mode``), ``cl`` (channels-last 3D memory format for the network and its input, exact),
+``bf16`` (bfloat16 autocast, not exact), ``cl_bf16``, ``ov`` (the network passes compiled by OpenVINO in
+float32, :class:`common.inferers.openvino.OpenVINONetwork`, the bundle's ``runtime: openvino``; the sampler
+time includes converting the network, a cost every run pays once; the floor's ``convert_s`` gives it) and
+``ov_bf16`` (OpenVINO in bfloat16, not exact). * ``bundle_<lever>`` (``fp32``, ``ov``, ``ov_bf16``): what a user waits for, ``inference.json`` run end to end on
+  the CT (load, resample, body crop, the sampler, inversion to the CT's grid, writing the label file) with a
+  checkpoint of the random paper network and ``runtime`` ``torch`` / ``openvino`` (``seconds``: ``run()``;
+  ``process_s``: from the interpreter's start, imports and config parsing included).
+
+Each case runs in its own process (peak RSS per case), ``--repeats`` times; the
 table gives medians, the ratio sampler / floor, the peak RSS, ``torch.get_num_threads()`` and the 1-minute
 load average after the case (other jobs on the machine inflate CPU times).
 
@@ -38,22 +46,25 @@ Writes ``<out>/results.json`` and prints one JSON line per run.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import resource
-import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-import torch
+PROCESS_START = time.perf_counter()  # before the heavy imports: the bundle cases report the time a user waits
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 BUNDLE = REPO / "bundles" / "diffseg"
-LEVERS = ("fp32", "im", "cl", "bf16", "cl_bf16")
+LEVERS = ("fp32", "im", "cl", "bf16", "cl_bf16", "ov", "ov_bf16")
 DECODE_MODES = ("whole", "streaming", "sliding")
 MAISI_LATENT = (1, 4, 64, 64, 32)
 
@@ -126,11 +137,46 @@ def run_maisi_decode(mode: str, out: str | None, latent=MAISI_LATENT) -> dict:
             "output": list(image.shape), "peak_gib": round(_peak_gib(), 2), "threads": torch.get_num_threads()}
 
 
+def run_bundle(lever: str) -> dict:
+    """diffseg's inference.json end to end on the test CT, random paper network, ``runtime`` by lever."""
+    import tempfile
+
+    from monai.bundle import ConfigWorkflow
+
+    sys.path.insert(0, str(BUNDLE))
+    work = Path(tempfile.mkdtemp(prefix="cpu-inference-bundle-"))
+    overrides = {"runtime": "torch"} if lever == "fp32" else {
+        "runtime": "openvino", "runtime_precision": "bf16" if lever == "ov_bf16" else "f32"}
+    wf = ConfigWorkflow(
+        config_file=str(BUNDLE / "configs" / "inference.json"), meta_file=str(BUNDLE / "configs" / "metadata.json"),
+        workflow_type="infer", bundle_root=str(BUNDLE), input_image=_test_ct(), output_dir=str(work / "out"),
+        ckpt_dir=str(work), **overrides,
+    )
+    torch.manual_seed(0)
+    torch.save(wf.parser.get_parsed_content("network_def").state_dict(), work / "model.pt")
+    start = time.perf_counter()
+    wf.initialize()
+    wf.run()
+    seconds = time.perf_counter() - start
+    wf.finalize()
+    assert len(list((work / "out").rglob("*_seg.nii.gz"))) == 1
+    return {"case": f"bundle_{lever}", "seconds": round(seconds, 2), "process_s": round(time.perf_counter() - PROCESS_START, 2),
+            "peak_gib": round(_peak_gib(), 2), "threads": torch.get_num_threads()}
+
+
 def run_case(case: str, out: str | None = None, latent=MAISI_LATENT) -> dict:
     if case.startswith("maisi_decode_"):
         return run_maisi_decode(case[len("maisi_decode_"):], out, latent)
     kind, lever = case.split("_", 1)
+    if kind == "bundle":
+        return run_bundle(lever)
     network, inferer, image = _diffseg_inputs()
+    extra = {}
+    if lever.startswith("ov"):
+        from common.inferers.openvino import OpenVINONetwork
+
+        precision = "bf16" if lever == "ov_bf16" else "f32"
+        inferer.runtime, inferer.runtime_precision = "openvino", precision
     if lever in ("cl", "cl_bf16"):
         network = network.to(memory_format=torch.channels_last_3d)
     grad_off = torch.inference_mode if lever == "im" else torch.no_grad
@@ -143,7 +189,11 @@ def run_case(case: str, out: str | None = None, latent=MAISI_LATENT) -> dict:
             x = torch.randn(1, image.shape[1] + inferer.num_classes, *inferer.roi_size)
             if lever in ("cl", "cl_bf16"):
                 x = x.contiguous(memory_format=torch.channels_last_3d)
-            network(x, 1)  # warm-up: oneDNN primitive creation
+            if lever.startswith("ov"):
+                network = OpenVINONetwork(network, precision=precision)
+            start = time.perf_counter()
+            network(x, 1)  # warm-up: oneDNN primitive creation, or OpenVINO's conversion and compilation
+            extra["convert_s"] = round(time.perf_counter() - start, 2)
             start = time.perf_counter()
             network(x, 1)
             seconds = time.perf_counter() - start
@@ -154,7 +204,11 @@ def run_case(case: str, out: str | None = None, latent=MAISI_LATENT) -> dict:
             logits = inferer(image, network)
             seconds = time.perf_counter() - start
             assert logits.shape[2:] == image.shape[2:]
-    return {
+            if inferer._compiled is not None:
+                extra["conversions"] = inferer._compiled.conversions
+            if out:
+                torch.save(logits.float(), out)
+    return {**extra,
         "case": case, "seconds": round(seconds, 2), "volume": list(image.shape[2:]), "windows": windows,
         "batch": batch, "steps": steps, "peak_gib": round(_peak_gib(), 2), "threads": torch.get_num_threads(),
     }
@@ -181,13 +235,13 @@ def main() -> None:
         if case.startswith("maisi_decode_"):
             if case[len("maisi_decode_"):] not in DECODE_MODES:
                 raise SystemExit(f"unknown decode mode in case {case!r}; expected maisi_decode_ + one of {DECODE_MODES}")
-        elif case.split("_", 1)[1] not in LEVERS:
-            raise SystemExit(f"unknown lever in case {case!r}; expected floor_/sampler_ + one of {LEVERS}")
+        elif case.split("_", 1)[0] not in ("floor", "sampler", "bundle") or case.split("_", 1)[1] not in LEVERS:
+            raise SystemExit(f"unknown case {case!r}; expected floor_/sampler_/bundle_ + one of {LEVERS}")
         for rep in range(args.repeats):
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
             cmd = [sys.executable, __file__, "--case", case, "--threads", str(args.threads),
                    "--maisi-latent", *map(str, args.maisi_latent)]
-            if case.startswith("maisi_decode_") and rep == 0:
+            if (case.startswith("maisi_decode_") or case.startswith("sampler_")) and rep == 0:
                 saved[case] = work / f"{case}.pt"
                 cmd += ["--save", str(saved[case])]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -220,6 +274,12 @@ def main() -> None:
         ref_row = next((r for r in table if r["case"] == "maisi_decode_whole"), None)
         if ref_row and row["case"].startswith("maisi_decode_"):
             row["time_ratio_to_whole"] = round(row["median_s"] / ref_row["median_s"], 3)
+    plain = saved.get("sampler_fp32")  # the bundle's runtime: torch, fp32: the reference of every sampler lever
+    for row in table:
+        if row["case"].startswith("sampler_") and row["case"] in saved and plain is not None and row["case"] != "sampler_fp32":
+            ref, got = torch.load(plain), torch.load(saved[row["case"]])
+            row["max_abs_logit_diff_to_fp32"] = float((got - ref).abs().max())
+            row["label_agreement_with_fp32"] = float((got.argmax(1) == ref.argmax(1)).float().mean())
     for path in saved.values():
         path.unlink(missing_ok=True)
     for row in table:

@@ -15,7 +15,10 @@ Everything runs through the bundle's own default configs with only the demo over
 2. **Samplers** (``--samplers``): on the original CT, the 5-step DDPM sampler against DDIM (5
    steps, eta 0) and the 1000-step DDPM chain (the linear schedule resampled to 1000 steps),
    Dice and seconds per volume, one run.
-3. **Learning curves** (``--train-dirs``): training loss and validation Dice against iteration
+3. **Runtimes** (``--runtimes``): the diffusion model on every case with the network passes in eager
+   PyTorch (``runtime: torch``), OpenVINO float32 (``openvino``, what ``runtime: auto`` picks on a CPU with
+   OpenVINO installed) and OpenVINO bfloat16: mean Dice, its change against PyTorch, and seconds per case.
+4. **Learning curves** (``--train-dirs``): training loss and validation Dice against iteration
    from the TensorBoard files of the two training runs, as one PNG.
 
 Usage (from the repository root)::
@@ -167,11 +170,25 @@ CASE_TITLES = {
 }
 
 
+def runtime_markdown(results: dict) -> list[str]:
+    """Mean Dice (change against PyTorch) and seconds per case for each network runtime."""
+    names = list(results["runtimes"])
+    lines = ["| case | " + " | ".join(f"{n}: Dice (vs torch), s" for n in names) + " |", "|---|" + "---|" * len(names)]
+    for case, title in CASE_TITLES.items():
+        cells = [f"{results['runtimes'][n][case]['mean_dice']:.4f} ({results['runtimes'][n][case]['dice_minus_torch']:+.4f}), "
+                 f"{results['runtimes'][n][case].get('seconds') or float('nan'):.1f}" for n in names]
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def markdown(results: dict) -> str:
     """The card's tables from ``results``."""
+    lines = runtime_markdown(results) if "runtimes" in results else []
+    if "diffusion" not in results or "baseline" not in results:
+        return "\n".join(lines) + "\n"
     d, b = results["diffusion"], results["baseline"]
     dn, bn = results["diffusion_native_grid"], results["baseline_native_grid"]
-    lines = [
+    lines += [
         "| case | diffusion mean Dice | lowest organ | baseline mean Dice | difference | diffusion HD95 (mm) | diffusion NSD 1 mm | "
         "Dice on the input grid (diffusion / baseline) | seconds (diffusion / baseline) |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -205,6 +222,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--samplers", action="store_true", help="also time DDIM and the 1000-step chain on the original CT")
     ap.add_argument("--chain-steps", type=int, default=1000,
                     help="steps of the long DDPM chain of --samplers (0: leave it out; 1000 takes about 30 min on one core)")
+    ap.add_argument("--runtimes", action="store_true", help="also run the diffusion model with each network runtime")
+    ap.add_argument("--models", nargs="+", default=["diffusion", "baseline"], choices=["diffusion", "baseline"],
+                    help="models of the quality and framing table")
     ap.add_argument("--train-dirs", nargs="*", default=[], help="TensorBoard folders of the two training runs")
     ap.add_argument("--epoch-length", type=int, default=200, help="iterations per epoch of those runs (demo.json)")
     args = ap.parse_args(argv)
@@ -223,12 +243,24 @@ def main(argv: list[str] | None = None) -> dict:
         "configs": "inference.json + evaluate.json (+ train_baseline.json) + demo.json, no other override",
     }
     for model, ckpt in (("diffusion", args.diffusion_ckpt), ("baseline", args.baseline_ckpt)):
-        results[model] = evaluate(model, framings, out / model, ckpt)
-        results[model + "_native_grid"] = native_grid_dice(framings, out / model)
-    results["difference_diffusion_minus_baseline"] = {
-        case: round(results["diffusion"][case]["mean_dice"] - results["baseline"][case]["mean_dice"], 4)
-        for case in results["diffusion"]
-    }
+        if model in args.models:
+            results[model] = evaluate(model, framings, out / model, ckpt)
+            results[model + "_native_grid"] = native_grid_dice(framings, out / model)
+    if "diffusion" in results and "baseline" in results:
+        results["difference_diffusion_minus_baseline"] = {
+            case: round(results["diffusion"][case]["mean_dice"] - results["baseline"][case]["mean_dice"], 4)
+            for case in results["diffusion"]
+        }
+    if args.runtimes:
+        runtimes = {}
+        for name, over in (("torch", {"runtime": "torch"}), ("openvino f32", {"runtime": "openvino"}),
+                           ("openvino bf16", {"runtime": "openvino", "runtime_precision": "bf16"})):
+            res = evaluate("diffusion", framings, out / "runtimes" / name.replace(" ", "_"), args.diffusion_ckpt, **over)
+            runtimes[name] = {case: {"mean_dice": v["mean_dice"], "seconds": v.get("seconds")} for case, v in res.items()}
+        for name, cases in runtimes.items():
+            for case, v in cases.items():
+                v["dice_minus_torch"] = round(v["mean_dice"] - runtimes["torch"][case]["mean_dice"], 4)
+        results["runtimes"] = runtimes
     if args.samplers:
         test = Path(build_ct_demo(cache_dir() / "diffseg-demo-eval", n_train=1, n_val=0, seed=0))
         sampling = {}

@@ -15,8 +15,11 @@ python -m pip install --quiet "torch==2.13.0"
 python -m pip install --quiet -r requirements-dev.txt
 # optional AMICO (dmri-amico, NODDI fitting): the tests of noddi_sr check the forward model and the phantom with it
 python -m pip install --quiet -r requirements-amico.txt
+# optional OpenVINO (fast CPU network passes, diffseg's runtime: auto): its tests compare it with eager PyTorch
+python -m pip install --quiet -r requirements-openvino.txt
 python -m pip install --quiet --no-deps -e .
 python - <<'PY'
-import amico, monai, torch, ignite
-print(f"environment ready: torch {torch.__version__}, monai {monai.__version__}, ignite {ignite.__version__}, dmri-amico {amico.__version__}")
+import amico, monai, openvino, torch, ignite
+print(f"environment ready: torch {torch.__version__}, monai {monai.__version__}, ignite {ignite.__version__}, "
+      f"dmri-amico {amico.__version__}, openvino {openvino.__version__}")
 PY

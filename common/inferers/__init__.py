@@ -7,3 +7,6 @@ __all__ = ["DiffSegInferer", "LatentDiffusionSampler", "set_sampling_timesteps"]
 from .maisi import MaisiInferer  # noqa: E402
 
 __all__ += ["MaisiInferer"]
+from .openvino import OpenVINONetwork  # noqa: E402
+
+__all__ += ["OpenVINONetwork"]

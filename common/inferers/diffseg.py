@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from monai.inferers import Inferer, sliding_window_inference
 from monai.utils import ensure_tuple_rep, fall_back_tuple
 
+from common.inferers.openvino import PRECISIONS, RUNTIMES, OpenVINONetwork, resolve_runtime
 from common.schedulers.diffseg import DiffSegScheduler
 
 __all__ = ["DiffSegInferer"]
@@ -55,6 +56,11 @@ class DiffSegInferer(Inferer):
         diffusion: False runs the non-diffusion baseline (one pass per window, no mask input).
         save_steps: keep the per-step probabilities (``(1, C, *S)`` on the CPU, step T-1 first)
             in ``self.step_probs`` after each call (per-step metrics, visualisation).
+        runtime: who runs the network passes: ``"torch"`` (eager PyTorch), ``"openvino"`` (the same weights
+            compiled by OpenVINO, CPU only: :class:`common.inferers.openvino.OpenVINONetwork`) or ``"auto"``
+            (OpenVINO when it is installed, the network is on the CPU and no gradient is being recorded;
+            PyTorch otherwise).
+        runtime_precision: OpenVINO's arithmetic, ``"f32"`` (default) or ``"bf16"`` (faster, inexact).
 
     ``image`` has the ``n_img`` image channels; the network receives ``n_img + C`` channels and
     the step index as its second argument.
@@ -75,6 +81,8 @@ class DiffSegInferer(Inferer):
         stitching: str = "per_step",
         diffusion: bool = True,
         save_steps: bool = False,
+        runtime: str = "torch",
+        runtime_precision: str = "f32",
     ) -> None:
         super().__init__()
         if sampler not in ("ddpm", "ddim"):
@@ -90,6 +98,29 @@ class DiffSegInferer(Inferer):
         self.sampler, self.eta, self.seed = sampler, float(eta), seed
         self.stitching, self.diffusion, self.save_steps = stitching, bool(diffusion), bool(save_steps)
         self.step_probs: list[torch.Tensor] = []
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+        if runtime_precision not in PRECISIONS:
+            raise ValueError(f"runtime_precision must be one of {PRECISIONS}, got {runtime_precision!r}")
+        self.runtime, self.runtime_precision = runtime, runtime_precision
+        self._compiled: OpenVINONetwork | None = None
+
+    def _network_for_runtime(self, network):
+        """``network`` itself, or its OpenVINO wrapper (kept across calls; it reconverts when the weights change)."""
+        if not isinstance(network, torch.nn.Module):
+            return network
+        runtime = resolve_runtime(self.runtime, network)
+        if runtime == "openvino" and torch.is_grad_enabled():
+            if self.runtime == "openvino":
+                raise RuntimeError("runtime 'openvino' computes no gradients; call the inferer under torch.no_grad()")
+            runtime = "torch"
+        if runtime == "torch":
+            return network
+        if self._compiled is None or self._compiled.network is not network:
+            # DiffSegUNet's graph is the same for every size divisible by its divisor: trace it small
+            self._compiled = OpenVINONetwork(network, precision=self.runtime_precision,
+                                             shape_multiple=getattr(network, "divisor", None))
+        return self._compiled
 
     def _windowed(self, inputs: torch.Tensor, predictor) -> torch.Tensor:
         """``predictor`` on the whole volume or averaged over sliding windows."""
@@ -121,6 +152,7 @@ class DiffSegInferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Final-step logits ``(B, C, *S)`` for ``inputs`` ``(B, n_img, *S)``."""
+        network = self._network_for_runtime(network)
         if not self.diffusion:
             return self._windowed(inputs, lambda w: network(w, *args, **kwargs))
         pads = self._pad_to_roi(inputs.shape[2:]) if self.stitching == "per_step" else []

@@ -92,9 +92,11 @@ class _Down(nn.Module):
 
 def _crop_to(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """Crop the trailing spatial dims of ``x`` to those of ``ref`` (no-op for sizes divisible by 16)."""
-    # narrow per axis rather than a starred slice tuple, which torch.jit.script cannot compile
+    # narrow per axis rather than a starred slice tuple, which torch.jit.script cannot compile; only where the
+    # sizes differ, so a trace at sizes divisible by 16 holds no shape constant (OpenVINONetwork's shape_multiple)
     for d in range(2, ref.dim()):
-        x = x.narrow(d, 0, min(x.shape[d], ref.shape[d]))
+        if x.shape[d] > ref.shape[d]:
+            x = x.narrow(d, 0, ref.shape[d])
     return x
 
 

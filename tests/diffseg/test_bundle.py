@@ -117,6 +117,26 @@ def test_inference_writes_uint8_labels_with_the_input_geometry(trained, ct_demo,
     assert isinstance(err.value.__cause__, FileExistsError) and "already exists" in str(err.value.__cause__)
 
 
+def test_default_runtime_is_openvino_on_the_cpu_and_writes_the_labels_of_the_plain_path(trained, ct_demo, tmp_path):
+    """inference.json's ``runtime: auto`` compiles the network with OpenVINO on the CPU; the label map it writes
+    equals the one of ``runtime: torch`` (eager PyTorch, float32) on the real CT."""
+    out, _ = trained
+    image = ct_demo.parent / json.loads(ct_demo.read_text())["test"][0]["image"]
+    labels = {}
+    for runtime in ("auto", "torch"):
+        wf = _workflow(
+            ["inference.json", "tiny.json"], "infer", dataset_dir=str(ct_demo.parent), data=[{"image": str(image)}],
+            ckpt_dir=str(out / "models"), output_dir=str(tmp_path / runtime), runtime=runtime,
+        )
+        wf.run()
+        compiled = wf.parser.get_parsed_content("inferer")._compiled
+        assert (compiled is not None and compiled.conversions >= 1) == (runtime == "auto")
+        wf.finalize()
+        labels[runtime] = np.asarray(nib.load(str(next((tmp_path / runtime).rglob("*_seg.nii.gz")))).dataobj)
+    assert labels["auto"].shape == labels["torch"].shape and len(np.unique(labels["torch"])) > 1
+    assert float((labels["auto"] == labels["torch"]).mean()) >= 0.9999
+
+
 def test_inference_does_not_depend_on_the_air_around_the_body(trained, ct_demo, tmp_path):
     """The default framing crops the resampled volume to the body before the sliding windows: the same CT in a
     wider field of view of air reaches the network as the same voxels at the same world positions, and the labels
