@@ -172,6 +172,7 @@ def run_case(case: str, out: str | None = None, latent=MAISI_LATENT) -> dict:
         return run_bundle(lever)
     network, inferer, image = _diffseg_inputs()
     extra = {}
+    inferer.runtime = "torch"  # inference.json's default is auto (OpenVINO where installed): the PyTorch levers pin it
     if lever.startswith("ov"):
         from common.inferers.openvino import OpenVINONetwork
 
