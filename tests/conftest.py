@@ -29,6 +29,23 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 DEMO_KW = {"n_train": 4, "n_val": 2, "seed": 0}
 
 
+def _keep_absl_off_the_capture_stream() -> None:
+    """absl (pulled in by tensorboard, which MONAI imports) makes one handler at import, on whatever
+    ``sys.stderr`` is then: under pytest that is the session's capture file. Every bundle run that loads
+    its ``logging.conf`` (``fileConfig``) closes all existing handlers, and absl's handler closes its stream
+    unless it is the *current* ``sys.stderr``; inside a ``capfd`` test it is not, so the session's capture
+    file was closed and the run died later (segmentation fault in CI). Pointing the handler at the real
+    stderr, which absl never closes, keeps the capture intact; a user's own process is unaffected."""
+    try:
+        from absl import logging as absl_logging
+    except ImportError:
+        return
+    absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
+
+
+_keep_absl_off_the_capture_stream()
+
+
 def _demo_root() -> Path:
     from common.data.fetch import cache_dir
 
