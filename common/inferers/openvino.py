@@ -14,6 +14,13 @@ so that a sampler calls it exactly like the module: torch tensors in, a float32 
 - ``precision="f32"`` keeps float32 arithmetic (OpenVINO's own default on CPUs with bfloat16 units is
   bfloat16, which it would otherwise pick silently); ``"bf16"`` is the faster, inexact option.
 - It runs only what eager PyTorch would run without autograd: use it for inference, not training.
+- Nothing leaves the machine: OpenVINO's PyPI package sends usage telemetry from background threads when it is
+  imported and when it converts a model (``openvino-telemetry``, on unless the user opted out). This module
+  imports OpenVINO with that package hidden, so OpenVINO takes its own no-op fallback for the process
+  (:func:`import_openvino`); where the application imported OpenVINO before, its own telemetry setting holds.
+- The compiled model holds no Python object: the weights are copied at conversion (``share_weights=False``)
+  and the inputs are copied into OpenVINO's own tensors at each call (``share_inputs=False``; a copy of a
+  window costs milliseconds against seconds for the pass).
 
 OpenVINO is optional (``requirements-openvino.txt``); :func:`openvino_available` says whether it is
 installed, and :func:`resolve_runtime` turns a config's ``"auto"`` into ``"openvino"`` or ``"torch"``.
@@ -22,6 +29,7 @@ installed, and :func:`resolve_runtime` turns a config's ``"auto"`` into ``"openv
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from importlib.util import find_spec
 from typing import Any
@@ -29,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["OpenVINONetwork", "openvino_available", "resolve_runtime", "RUNTIMES"]
+__all__ = ["OpenVINONetwork", "import_openvino", "openvino_available", "resolve_runtime", "RUNTIMES"]
 
 RUNTIMES = ("torch", "openvino", "auto")
 PRECISIONS = ("f32", "bf16")
@@ -39,6 +47,27 @@ logger = logging.getLogger(__name__)
 def openvino_available() -> bool:
     """Whether the ``openvino`` package can be imported."""
     return find_spec("openvino") is not None
+
+
+def import_openvino():
+    """The ``openvino`` module, imported (if this process has not imported it yet) with its telemetry off.
+
+    ``import openvino`` sends a usage event to Intel's analytics from a thread pool, and every
+    ``convert_model`` call more, unless the user ran OpenVINO's opt-out (a consent file in the home folder).
+    A bundle must not reach the network on its own (a hospital workstation, an offline CI), so the telemetry
+    package is hidden while OpenVINO is imported: OpenVINO's conversion tools then bind their built-in no-op
+    stub (their documented fallback when ``openvino-telemetry`` is not installed) for the rest of the process.
+    """
+    if "openvino" not in sys.modules and "openvino_telemetry" not in sys.modules:
+        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]  # import raises ImportError
+        try:
+            import openvino
+        finally:
+            del sys.modules["openvino_telemetry"]
+        return openvino
+    import openvino
+
+    return openvino
 
 
 def resolve_runtime(runtime: str, network: torch.nn.Module) -> str:
@@ -112,8 +141,7 @@ class OpenVINONetwork:
         """The network traced on one sample of ``x``'s spatial shape (tracing runs one eager forward: one sample,
         not the whole batch). The trace is valid for this spatial shape only (the UNet's skip crops become
         constants of it); its batch dimension stays free."""
-        import openvino as ov
-
+        ov = import_openvino()
         was_training = self.network.training
         self.network.eval()
         try:
@@ -121,16 +149,16 @@ class OpenVINONetwork:
             # so their tracer warnings say nothing here
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                # share_weights=False: the model owns a copy of the weights (no pointer into torch's memory)
                 if t is None:
-                    return ov.convert_model(self.network, example_input=(x[:1],))
-                return ov.convert_model(_WithStep(self.network), example_input=(x[:1], t[:1]))
+                    return ov.convert_model(self.network, example_input=(x[:1],), share_weights=False)
+                return ov.convert_model(_WithStep(self.network), example_input=(x[:1], t[:1]), share_weights=False)
         finally:
             self.network.train(was_training)
 
     def _compile(self, x: torch.Tensor, t: torch.Tensor | None):
         """A model compiled for exactly ``x``'s shape (static shapes: OpenVINO's fastest CPU kernels)."""
-        import openvino as ov
-
+        ov = import_openvino()
         m = self.shape_multiple
         if m and all(int(s) % m == 0 for s in x.shape[2:]):
             spatial = (x.shape[1], "any multiple", t is None)
@@ -174,5 +202,6 @@ class OpenVINONetwork:
         inputs = [np.ascontiguousarray(x.detach().float().numpy())]
         if steps is not None:
             inputs.append(steps.numpy())
-        out = self._compiled[shape](inputs)[0]
+        # share_inputs=False: copied into OpenVINO's tensors, so the request keeps no reference to our arrays
+        out = self._compiled[shape](inputs, share_inputs=False)[0]
         return torch.from_numpy(np.asarray(out, dtype=np.float32))

@@ -139,3 +139,36 @@ def test_a_small_trace_serves_every_window_whose_size_is_a_multiple_of_the_divis
             ref = net(x, 2)
             assert float((wrapped(x, 2) - ref).abs().max()) <= 1e-4 * float(ref.abs().max()), spatial
             assert wrapped.conversions == 1
+
+
+_OFFLINE_CHILD = r"""
+import json, os, sys, threading
+import torch
+from common.inferers.openvino import OpenVINONetwork
+before = {t.name for t in threading.enumerate()}
+net = torch.nn.Conv3d(2, 3, 3, padding=1).eval()
+with torch.no_grad():
+    out = OpenVINONetwork(net)(torch.randn(1, 2, 8, 8, 8))
+print(json.dumps({"new_threads": sorted({t.name for t in threading.enumerate()} - before),
+                  "home": sorted(os.listdir(os.environ["HOME"])), "shape": list(out.shape)}))
+"""
+
+
+def test_openvino_is_used_offline_no_telemetry_thread_and_no_client_id_written(tmp_path):
+    """OpenVINO's PyPI package sends usage events from a thread pool at import and at each conversion, and writes a
+    client id under ``~/intel``, unless the user opted out; through our wrapper a fresh process converts and runs a
+    network with no thread left behind and no OpenVINO file in its home folder."""
+    import os
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    home.mkdir()
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, HOME=str(home), PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", _OFFLINE_CHILD], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert report["shape"] == [1, 3, 8, 8, 8]
+    assert report["new_threads"] == [], f"threads left running by OpenVINO: {report['new_threads']}"
+    assert "intel" not in report["home"], f"OpenVINO wrote its telemetry client id: {report['home']}"
