@@ -19,14 +19,19 @@ held-out demo CT (the TotalSegmentator example, 122 x 101 x 112 at 3 mm) preproc
 * ``floor_<lever>``: one network forward of one window, timed alone (after a warm-up forward); the floor of
   the sampler is steps x windows x that forward (the sampler batches ``sw_batch_size`` windows per forward);
 * ``sampler_<lever>``: the whole ``DiffSegInferer`` call on the preprocessed volume (noise, windows,
-  stitching, scheduler steps);
+  stitching, scheduler steps), with ``in_network_s``, the part of it spent inside the network's passes (so
+  ``seconds / in_network_s`` is the loop's own overhead, measured in the same run); the OpenVINO levers call
+  the sampler a second time in the same process (``second_call_s``: the compiled model is kept, so that is the
+  loop alone, what every further volume costs) and report the largest logit difference between the two calls;
 
 with the levers ``fp32`` (eager PyTorch under ``torch.no_grad``, the bundle's ``runtime: torch``), ``im``
 (``torch.inference_mode``), ``cl`` (channels-last 3D memory format for the network and its input, exact),
 ``bf16`` (bfloat16 autocast, not exact), ``cl_bf16``, ``ov`` (the network passes compiled by OpenVINO in
-float32, :class:`common.inferers.openvino.OpenVINONetwork`, the bundle's ``runtime: openvino``; the sampler
-time includes converting the network, a cost every run pays once; the floor's ``convert_s`` gives it) and
-``ov_bf16`` (OpenVINO in bfloat16, not exact). * ``bundle_<lever>`` (``fp32``, ``ov``, ``ov_bf16``): what a user waits for, ``inference.json`` run end to end on
+float32, :class:`common.inferers.openvino.OpenVINONetwork`, the bundle's ``runtime: openvino``; the first
+sampler call includes converting and compiling the network, a cost every run pays once; the floor's
+``convert_s`` gives it for one window) and ``ov_bf16`` (OpenVINO in bfloat16, not exact).
+
+* ``bundle_<lever>`` (``fp32``, ``ov``, ``ov_bf16``): what a user waits for, ``inference.json`` run end to end on
   the CT (load, resample, body crop, the sampler, inversion to the CT's grid, writing the label file) with a
   checkpoint of the random paper network and ``runtime`` ``torch`` / ``openvino`` (``seconds``: ``run()``;
   ``process_s``: from the interpreter's start, imports and config parsing included).
@@ -164,6 +169,38 @@ def run_bundle(lever: str) -> dict:
             "peak_gib": round(_peak_gib(), 2), "threads": torch.get_num_threads()}
 
 
+def _time_network_passes(network, openvino: bool) -> dict:
+    """Seconds spent inside the network's passes during a sampler call (``{"s", "n"}``, updated in place): forward
+    hooks on the PyTorch module, or the OpenVINO wrapper's call (the class is patched in this child process only;
+    the first call's passes include the conversion and compilation)."""
+    spent = {"s": 0.0, "n": 0, "t0": 0.0}
+
+    def pre(*_):
+        spent["t0"] = time.perf_counter()
+
+    def post(*_):
+        spent["s"] += time.perf_counter() - spent["t0"]
+        spent["n"] += 1
+
+    if not openvino:
+        network.register_forward_pre_hook(pre)
+        network.register_forward_hook(post)
+        return spent
+    from common.inferers.openvino import OpenVINONetwork
+
+    call = OpenVINONetwork.__call__
+
+    def timed(self, x, t=None):
+        pre()
+        try:
+            return call(self, x, t)
+        finally:
+            post()
+
+    OpenVINONetwork.__call__ = timed
+    return spent
+
+
 def run_case(case: str, out: str | None = None, latent=MAISI_LATENT) -> dict:
     if case.startswith("maisi_decode_"):
         return run_maisi_decode(case[len("maisi_decode_"):], out, latent)
@@ -191,7 +228,7 @@ def run_case(case: str, out: str | None = None, latent=MAISI_LATENT) -> dict:
             if lever in ("cl", "cl_bf16"):
                 x = x.contiguous(memory_format=torch.channels_last_3d)
             if lever.startswith("ov"):
-                network = OpenVINONetwork(network, precision=precision)
+                network = OpenVINONetwork(network, precision=precision, shape_multiple=getattr(network, "divisor", None))
             start = time.perf_counter()
             network(x, 1)  # warm-up: oneDNN primitive creation, or OpenVINO's conversion and compilation
             extra["convert_s"] = round(time.perf_counter() - start, 2)
@@ -201,12 +238,23 @@ def run_case(case: str, out: str | None = None, latent=MAISI_LATENT) -> dict:
         else:
             if lever in ("cl", "cl_bf16"):
                 image = image.contiguous(memory_format=torch.channels_last_3d)
+            in_network = _time_network_passes(network, lever.startswith("ov"))
             start = time.perf_counter()
             logits = inferer(image, network)
             seconds = time.perf_counter() - start
             assert logits.shape[2:] == image.shape[2:]
+            extra["in_network_s"] = round(in_network["s"], 2)
+            extra["network_calls"] = in_network["n"]
             if inferer._compiled is not None:
                 extra["conversions"] = inferer._compiled.conversions
+                # the same call again: the compiled model is kept by the inferer, so this is the loop alone (what
+                # every further volume of a run or a MONAI Label server costs)
+                in_network.update(s=0.0, n=0)
+                start = time.perf_counter()
+                again = inferer(image, network)
+                extra["second_call_s"] = round(time.perf_counter() - start, 2)
+                extra["second_call_in_network_s"] = round(in_network["s"], 2)
+                extra["second_call_max_abs_diff"] = float((again - logits).abs().max())
             if out:
                 torch.save(logits.float(), out)
     return {**extra,
@@ -260,12 +308,23 @@ def main() -> None:
         if case.startswith("floor"):
             r0 = rs[0]
             row["floor_s"] = round(row["median_s"] * r0["steps"] * r0["windows"], 2)
+        if case.startswith("sampler"):
+            # the loop's own overhead, from one run: total over the time inside the network's passes
+            row["in_network_median_s"] = statistics.median(r["in_network_s"] for r in rs)
+            row["ratio_to_in_network"] = round(row["median_s"] / row["in_network_median_s"], 3)
+            if all("second_call_s" in r for r in rs):
+                row["second_call_median_s"] = statistics.median(r["second_call_s"] for r in rs)
+                row["second_call_in_network_median_s"] = statistics.median(r["second_call_in_network_s"] for r in rs)
+                row["second_call_ratio_to_in_network"] = round(
+                    row["second_call_median_s"] / row["second_call_in_network_median_s"], 3)
         table.append(row)
     for row in table:
         if row["case"].startswith("sampler"):
             floor = next((f for f in table if f["case"] == "floor_" + row["case"].split("_", 1)[1]), None)
             if floor:
                 row["ratio_to_floor"] = round(row["median_s"] / floor["floor_s"], 3)
+                if "second_call_median_s" in row:
+                    row["second_call_ratio_to_floor"] = round(row["second_call_median_s"] / floor["floor_s"], 3)
     whole = saved.get("maisi_decode_whole")
     for row in table:
         if row["case"] in saved and whole is not None and row["case"] != "maisi_decode_whole":
