@@ -19,7 +19,9 @@ python -m pip install --quiet -r requirements-amico.txt
 python -m pip install --quiet -r requirements-openvino.txt
 python -m pip install --quiet --no-deps -e .
 python - <<'PY'
-import amico, monai, openvino, torch, ignite
+from importlib.metadata import version
+import amico, monai, torch, ignite
+# OpenVINO's version from its metadata: importing it would send a usage event (common.inferers.openvino hides that)
 print(f"environment ready: torch {torch.__version__}, monai {monai.__version__}, ignite {ignite.__version__}, "
-      f"dmri-amico {amico.__version__}, openvino {openvino.__version__}")
+      f"dmri-amico {amico.__version__}, openvino {version('openvino')}")
 PY

@@ -35,7 +35,7 @@ def _keep_absl_off_the_capture_stream() -> None:
     ``sys.stderr`` is then: under pytest that is the session's capture file. Every bundle run that loads
     its ``logging.conf`` (``fileConfig``) closes all existing handlers, and absl's handler closes its stream
     unless it is the *current* ``sys.stderr``; inside a ``capfd`` test it is not, so the session's capture
-    file was closed and the run died later (segmentation fault in CI). Pointing the handler at the real
+    file was closed and pytest failed on it ("I/O operation on closed file", then "lost sys.stderr"). Pointing the handler at the real
     stderr, which absl never closes, keeps the capture intact; a user's own process is unaffected."""
     try:
         from absl import logging as absl_logging

@@ -58,15 +58,14 @@ def import_openvino():
     package is hidden while OpenVINO is imported: OpenVINO's conversion tools then bind their built-in no-op
     stub (their documented fallback when ``openvino-telemetry`` is not installed) for the rest of the process.
     """
-    if "openvino" not in sys.modules and "openvino_telemetry" not in sys.modules:
+    hide = "openvino" not in sys.modules and "openvino_telemetry" not in sys.modules
+    if hide:
         sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]  # import raises ImportError
-        try:
-            import openvino
-        finally:
+    try:
+        import openvino
+    finally:
+        if hide:
             del sys.modules["openvino_telemetry"]
-        return openvino
-    import openvino
-
     return openvino
 
 
