@@ -95,7 +95,9 @@ class DiffSegScheduler:
     @staticmethod
     def logits_to_x0(logits: torch.Tensor) -> torch.Tensor:
         """``2 * softmax(logits) - 1`` over the class channel; sums to ``2 - C`` over channels."""
-        return 2.0 * torch.softmax(logits.float(), dim=1) - 1.0
+        # one temporary, not two: the product's own storage takes the "- 1" (safe for autograd, which keeps the
+        # softmax output for its backward, not the product)
+        return (2.0 * torch.softmax(logits.float(), dim=1)).sub_(1.0)
 
     # ----------------------------------------------------------------------- forward process
     def q_sample(self, x0: torch.Tensor, k: torch.Tensor | int, noise: torch.Tensor) -> torch.Tensor:
@@ -152,18 +154,26 @@ class DiffSegScheduler:
         if k == 0:
             return x0_hat
         if sampler == "ddpm":
-            mean, std = self.posterior_mean(x0_hat, x_k, k), self.posterior_std(k)
-        elif sampler == "ddim":
-            std = self.ddim_std(k, eta)
-            a_prev = float(self.alphas_cumprod_prev[k])
-            eps_hat = self.predict_epsilon_from_x0(x_k, k, x0_hat)
-            mean = math.sqrt(a_prev) * x0_hat + math.sqrt(max(1.0 - a_prev - std**2, 0.0)) * eps_hat
-        else:
+            std = self.posterior_std(k)
+            if std == 0.0:
+                return self.posterior_mean(x0_hat, x_k, k)
+            # mu_k + std z accumulated into the noise tensor itself: a full-volume sampler step then allocates
+            # the noise and nothing else (the sum is the same up to float32 rounding of the order of terms)
+            z = torch.randn(x_k.shape, generator=generator, device=x_k.device, dtype=x_k.dtype)
+            c0, ck = float(self.posterior_coef_x0[k]), float(self.posterior_coef_xk[k])
+            return z.mul_(std).add_(x_k, alpha=ck).add_(x0_hat, alpha=c0)
+        if sampler != "ddim":
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        std = self.ddim_std(k, eta)
+        a, a_prev = float(self.alphas_cumprod[k]), float(self.alphas_cumprod_prev[k])
+        # sqrt(a_prev) x0_hat + c_eps eps_hat with eps_hat = (x_k - sqrt(a) x0_hat) / sqrt(1 - a), expanded into
+        # one weighted sum of x0_hat and x_k
+        c_eps = math.sqrt(max(1.0 - a_prev - std**2, 0.0)) / math.sqrt(1.0 - a)
+        c0, ck = math.sqrt(a_prev) - c_eps * math.sqrt(a), c_eps
         if std == 0.0:
-            return mean
+            return torch.add(x_k * ck, x0_hat, alpha=c0)
         z = torch.randn(x_k.shape, generator=generator, device=x_k.device, dtype=x_k.dtype)
-        return mean + std * z
+        return z.mul_(std).add_(x_k, alpha=ck).add_(x0_hat, alpha=c0)
 
 
 def warmup_cosine_lambda(

@@ -83,6 +83,33 @@ def test_ddim_eta_zero_is_deterministic_and_consistent():
     assert not torch.equal(s.step(x0_hat, x_k, 3, "ddim", eta=1.0, generator=torch.Generator().manual_seed(0)), a)
 
 
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 1.0), ("ddim", 0.3)])
+def test_stochastic_step_is_the_textbook_update_with_the_generator_noise_and_keeps_its_inputs(sampler, eta):
+    # the step accumulates the update in place into its noise tensor: same value as the plain formula, inputs
+    # untouched, gradients still reach the prediction (training steps through it)
+    s = DiffSegScheduler()
+    k = 3
+    x0_hat = (torch.rand(2, 4, 5, 6, 7) * 2 - 1).requires_grad_()
+    x_k = torch.randn(2, 4, 5, 6, 7)
+    x0_copy, xk_copy = x0_hat.detach().clone(), x_k.clone()
+    out = s.step(x0_hat, x_k, k, sampler, eta=eta, generator=torch.Generator().manual_seed(7))
+    z = torch.randn(x_k.shape, generator=torch.Generator().manual_seed(7))
+    if sampler == "ddpm":
+        expect = s.posterior_mean(x0_copy, x_k, k) + s.posterior_std(k) * z
+    else:
+        ab_prev, sigma = float(s.alphas_cumprod_prev[k]), s.ddim_std(k, eta)
+        eps = s.predict_epsilon_from_x0(x_k, k, x0_copy)
+        expect = math.sqrt(ab_prev) * x0_copy + math.sqrt(1 - ab_prev - sigma**2) * eps + sigma * z
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
+    assert torch.equal(x0_hat.detach(), x0_copy) and torch.equal(x_k, xk_copy)
+    out.sum().backward()
+    assert x0_hat.grad is not None and float(x0_hat.grad.abs().min()) > 0
+    # the probabilities' mapping keeps its gradient too (its "- 1" is applied in place)
+    logits = torch.randn(1, 3, 2, 2, 2, requires_grad=True)
+    (DiffSegScheduler.logits_to_x0(logits)[:, 0] ** 2).sum().backward()
+    assert logits.grad is not None and float(logits.grad.abs().max()) > 0
+
+
 def test_epsilon_and_x0_conversions_are_inverse():
     s = DiffSegScheduler()
     x0, eps = torch.rand(2, 3, 4, 4, 4) * 2 - 1, torch.randn(2, 3, 4, 4, 4)
