@@ -60,7 +60,10 @@ def test_train_flag_selects_the_demo_training_steps():
 
     recipes = json.loads(RECIPES.read_text())
     diffseg = recipes["diffseg"]
-    assert all("configs/tiny.json" in s["config"] for s in recipe_steps(diffseg, train=False))
+    # by default the shipped demo models run: the overlay's own ckpt_path (models/demo/, sha256-checked)
+    shipped = recipe_steps(diffseg, train=False)
+    assert [s["name"] for s in shipped] == ["inference", "evaluate", "evaluate_baseline"]
+    assert all("configs/demo.json" in s["config"] and "ckpt_path" not in s["args"] for s in shipped)
     trained = recipe_steps(diffseg, train=True)
     assert [s["name"] for s in trained][:2] == ["train", "train_baseline"]
     assert all("configs/demo.json" in s["config"] for s in trained)
