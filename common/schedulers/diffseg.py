@@ -153,15 +153,24 @@ class DiffSegScheduler:
         k = int(k)
         if k == 0:
             return x0_hat
+        # both samplers' mean is one weighted sum c0 x0_hat + ck x_k
         if sampler == "ddpm":
-            std = self.posterior_std(k)
-            if std == 0.0:
-                return self.posterior_mean(x0_hat, x_k, k)
-            # mu_k + std z accumulated into the noise tensor itself: a full-volume sampler step then allocates
-            # the noise and nothing else (the sum is the same up to float32 rounding of the order of terms)
-            z = torch.randn(x_k.shape, generator=generator, device=x_k.device, dtype=x_k.dtype)
+            std = self.posterior_std(k)  # > 0 for every k >= 1
             c0, ck = float(self.posterior_coef_x0[k]), float(self.posterior_coef_xk[k])
-            return z.mul_(std).add_(x_k, alpha=ck).add_(x0_hat, alpha=c0)
+        elif sampler == "ddim":
+            std = self.ddim_std(k, eta)
+            a, a_prev = float(self.alphas_cumprod[k]), float(self.alphas_cumprod_prev[k])
+            # sqrt(a_prev) x0_hat + c_eps eps_hat with eps_hat = (x_k - sqrt(a) x0_hat) / sqrt(1 - a), expanded
+            c_eps = math.sqrt(max(1.0 - a_prev - std**2, 0.0)) / math.sqrt(1.0 - a)
+            c0, ck = math.sqrt(a_prev) - c_eps * math.sqrt(a), c_eps
+        else:
+            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        if std == 0.0:
+            return torch.add(x_k * ck, x0_hat, alpha=c0)
+        # mean + std z accumulated into the noise tensor itself: a full-volume sampler step then allocates the
+        # noise and nothing else (the sum is the same up to float32 rounding of the order of terms)
+        z = torch.randn(x_k.shape, generator=generator, device=x_k.device, dtype=x_k.dtype)
+        return z.mul_(std).add_(x_k, alpha=ck).add_(x0_hat, alpha=c0)
         if sampler != "ddim":
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
         std = self.ddim_std(k, eta)
