@@ -44,15 +44,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "bundles" / "diffseg"))  # the bundle's scripts/ package, as monai.bundle run finds it
 
-FOREGROUND = ["liver", "spleen", "kidney", "bowel", "urinary_bladder", "bone"]
-
-
 def build_slabs(datalist: Path, out: Path, slab_mm: float, n_slabs: int) -> Path:
     """The cohort's validation cases, whole and cut into slabs; returns the new datalist."""
     import nibabel as nib
 
-    from common.data.demo import _slab
-    from common.data.demo import save_nifti
+    from common.data.demo import _slab, save_nifti
 
     entries = []
     for case in json.loads(datalist.read_text())["validation"]:
@@ -76,20 +72,12 @@ def build_slabs(datalist: Path, out: Path, slab_mm: float, n_slabs: int) -> Path
     return path
 
 
-def score(pred: np.ndarray, ref: np.ndarray) -> dict:
-    """Dice per foreground class present in the reference or the prediction, and their mean."""
-    from common.metrics.segmentation import dice
-
-    per = {name: dice(pred == c, ref == c) for c, name in enumerate(FOREGROUND, start=1)}
-    per = {k: v for k, v in per.items() if v == v}
-    return {"mean_dice": float(np.mean(list(per.values()))), "per_class": per}
-
-
 def sweep(slab_list: Path, pred_dir: Path, thresholds: list[float]) -> dict:
     """Mean Dice of each case after removing components below each threshold."""
     import nibabel as nib
 
     from common.transforms.segmentation import RemoveSmallComponentsd
+    from diffseg_demo import case_dice
 
     results: dict[str, dict] = {}
     for case in json.loads(slab_list.read_text())["test"]:
@@ -100,7 +88,7 @@ def sweep(slab_list: Path, pred_dir: Path, thresholds: list[float]) -> dict:
         results[case["id"]] = {}
         for t in thresholds:
             cleaned = RemoveSmallComponentsd("pred", min_size_mm3=t, pixdim=zooms)({"pred": pred[None]})["pred"][0]
-            results[case["id"]][str(t)] = score(cleaned, ref)
+            results[case["id"]][str(t)] = case_dice(cleaned, ref)
     return results
 
 

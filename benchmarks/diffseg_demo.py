@@ -110,17 +110,23 @@ def native_grid_dice(datalist: Path, out: Path) -> dict:
     import nibabel as nib
     import numpy as np
 
-    from common.metrics.segmentation import dice
-
     result = {}
     for case in json.loads(datalist.read_text())["test"]:
         pred = next((out / case["id"]).glob("*_seg.nii.gz"))
         p = np.asarray(nib.load(str(pred)).dataobj)
         g = np.asarray(nib.load(str(datalist.parent / case["label"])).dataobj)
-        per = {name: dice(p == c, g == c) for c, name in enumerate(FOREGROUND, start=1)}
-        per = {k: v for k, v in per.items() if v == v}
-        result[case["id"]] = {"mean_dice": sum(per.values()) / len(per), "per_class": per}
+        result[case["id"]] = case_dice(p, g)
     return result
+
+
+def case_dice(pred, ref) -> dict:
+    """Dice per foreground class in the reference or the prediction (a class only one of them has
+    scores 0; one neither has is left out) and their mean, as ``evaluate.json`` counts them."""
+    from common.metrics.segmentation import dice
+
+    per = {name: dice(pred == c, ref == c) for c, name in enumerate(FOREGROUND, start=1)}
+    per = {k: v for k, v in per.items() if v == v}
+    return {"mean_dice": sum(per.values()) / len(per), "per_class": per}
 
 
 def learning_curves(train_dirs: list[str], png: Path, epoch_length: int = 200) -> dict:
