@@ -267,7 +267,10 @@ def _round_params(obj: object) -> object:
 # brain MRI
 
 
-def build_brain_mri_demo(out_dir: str | os.PathLike, n_train: int = 8, n_val: int = 2, seed: int = 0) -> Path:
+def build_brain_mri_demo(
+    out_dir: str | os.PathLike, n_train: int = 8, n_val: int = 2, seed: int = 0,
+    noise: tuple[float, float] | None = None,
+) -> Path:
     """Simulated multi-contrast brain cohort + the real avg152 triple as test set.
 
     Args:
@@ -275,6 +278,11 @@ def build_brain_mri_demo(out_dir: str | os.PathLike, n_train: int = 8, n_val: in
         n_train: simulated training subjects (``sim_000`` ...).
         n_val: simulated validation subjects (numbered after the training ones).
         seed: cohort seed; subject ``i`` uses the stream ``(seed, 1, i)``.
+        noise: range of the Rician noise sigma (relative, see :func:`common.data.mri_sim.simulate_subject`);
+            ``None``: the simulator's default range. ``(0, 0)`` gives noise-free subjects, closer to the
+            population-average avg152 test images (an average of 152 scans has almost no noise); everything
+            else about a subject (anatomy, tissue and sequence values, bias, point spread) stays as with the
+            default, since the draws happen in the same order.
 
     Returns:
         Path of ``<out_dir>/brain_mri/datalist.json``. Entries: ``{"id", "t1", "t2", "pd",
@@ -284,7 +292,11 @@ def build_brain_mri_demo(out_dir: str | os.PathLike, n_train: int = 8, n_val: in
         ``tissue_labels``) and ``params.json`` (the sampled simulation parameters).
     """
     train_ids, val_ids = _split_ids("sim", n_train, n_val)
-    args = {"n_train": n_train, "n_val": n_val, "seed": seed}
+    args: dict[str, object] = {"n_train": n_train, "n_val": n_val, "seed": seed}
+    sim_options: dict[str, object] = {}
+    if noise is not None:  # only then in the marker: cohorts built before the option keep theirs
+        sim_options["noise"] = (float(noise[0]), float(noise[1]))
+        args["noise"] = list(sim_options["noise"])
 
     def fill(work: Path) -> None:
         maps, affine = load_tissue_maps()
@@ -300,7 +312,7 @@ def build_brain_mri_demo(out_dir: str | os.PathLike, n_train: int = 8, n_val: in
             subject_maps = np.concatenate([tissue, air], axis=-1)
             # structure-specific tissue values travel with the anatomy (mri_sim.apply_structures)
             subject_maps, scales = apply_structures(subject_maps, deformation.apply(structures, order=0, cval=0))
-            images, params = simulate_subject(subject_maps, rng, scales=scales)
+            images, params = simulate_subject(subject_maps, rng, scales=scales, **sim_options)
             entry: dict[str, str] = {"id": sid}
             for c in CONTRASTS:
                 save_nifti(work / sid / f"{c}.nii.gz", images[c], affine, np.float32)
@@ -617,6 +629,10 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--n-train", type=int, default=8)
     parser.add_argument("--n-val", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--mri-noise", nargs=2, type=float, default=None, metavar=("LOW", "HIGH"),
+        help="brain_mri: range of the relative Rician noise sigma (default: the simulator's 0.01 0.03; 0 0: noise-free)",
+    )
     args = parser.parse_args(argv)
     out: dict[str, Path] = {}
     for what in args.what:
@@ -624,9 +640,10 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
             out[what] = build_dwi_demo(args.out)
         elif what == "ct_framings":
             out[what] = build_ct_framings(args.out)
+        elif what == "brain_mri":
+            out[what] = build_brain_mri_demo(args.out, args.n_train, args.n_val, args.seed, noise=args.mri_noise)
         else:
-            builder = build_brain_mri_demo if what == "brain_mri" else build_ct_demo
-            out[what] = builder(args.out, args.n_train, args.n_val, args.seed)
+            out[what] = build_ct_demo(args.out, args.n_train, args.n_val, args.seed)
         print(what, out[what])
     return out
 

@@ -207,7 +207,8 @@ class MaisiVAEStep(TrainingStep):
             out_channels=1, norm="INSTANCE")``.
         optimizer_g, optimizer_d: Adam (lr 1e-4 in the official recipe).
         kl_weight: 1e-7; perceptual_weight: 0.3 officially, 0 here unless a ``perceptual_loss`` built from
-            local weights is given; adv_weight: 0.1.
+            local weights is given; adv_weight: 0.1 (0 leaves the discriminator out of the step: neither run
+            nor trained; ``loss_adv_g`` and ``loss_d`` are then 0).
         perceptual_loss: optional callable ``(x_hat, x) -> loss`` (MONAI ``PerceptualLoss`` with local weights).
         image_key: batch key of the image (N, 1, X, Y, Z) scaled to [0, 1].
 
@@ -250,17 +251,22 @@ class MaisiVAEStep(TrainingStep):
             loss_l1 = F.l1_loss(recon.float(), x)
             loss_kl = kl_loss(z_mu.float(), z_sigma.float())
             loss_perc = self.perceptual_loss(recon.float(), x) if self.perceptual_weight > 0 else torch.zeros((), device=device)
-            self.discriminator.requires_grad_(False)  # the generator update must not train the discriminator
-            loss_adv_g = self.adv_loss(disc_logits(self.discriminator(recon.float())), target_is_real=True, for_discriminator=False)
-            self.discriminator.requires_grad_(True)
+            if self.adv_weight > 0:
+                self.discriminator.requires_grad_(False)  # the generator update must not train the discriminator
+                loss_adv_g = self.adv_loss(disc_logits(self.discriminator(recon.float())), target_is_real=True, for_discriminator=False)
+                self.discriminator.requires_grad_(True)
+            else:  # no adversarial term: the discriminator is neither run nor trained (a third of the step's time)
+                loss_adv_g = torch.zeros((), device=device)
             loss_g = loss_l1 + self.kl_weight * loss_kl + self.perceptual_weight * loss_perc + self.adv_weight * loss_adv_g
         optimizer_step(engine, loss_g, self.optimizer_g)
 
-        with autocast(engine):
-            fake = self.adv_loss(disc_logits(self.discriminator(recon.detach().float())), target_is_real=False, for_discriminator=True)
-            real = self.adv_loss(disc_logits(self.discriminator(x)), target_is_real=True, for_discriminator=True)
-            loss_d = 0.5 * (fake + real)
-        optimizer_step(engine, loss_d, self.optimizer_d)
+        loss_d = torch.zeros((), device=device)
+        if self.adv_weight > 0:
+            with autocast(engine):
+                fake = self.adv_loss(disc_logits(self.discriminator(recon.detach().float())), target_is_real=False, for_discriminator=True)
+                real = self.adv_loss(disc_logits(self.discriminator(x)), target_is_real=True, for_discriminator=True)
+                loss_d = 0.5 * (fake + real)
+            optimizer_step(engine, loss_d, self.optimizer_d)
         return self.detach(
             {
                 "loss": loss_g,
