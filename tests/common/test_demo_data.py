@@ -447,3 +447,24 @@ def test_merge_total_labels_rejects_bad_ids() -> None:
     assert demo.merge_total_labels(np.array([0, 5, 1, 2, 3, 21, 27, 79])).tolist() == [0, 1, 2, 3, 3, 5, 6, 0]
     with pytest.raises(ValueError, match="0..255"):
         demo.merge_total_labels(np.array([300]))
+
+
+def test_noise_free_brain_cohort_is_the_same_subjects_without_noise(tmp_path: Path, brain_demo: Path) -> None:
+    """``--mri-noise 0 0``: the fixture's subjects (same anatomy, tissue and sequence draws), minus the noise."""
+    built = demo.main(["--out", str(tmp_path), "--what", "brain_mri", "--n-train", "1", "--n-val", "0",
+                       "--seed", "0", "--mri-noise", "0", "0"])["brain_mri"]
+    clean_dir, noisy_dir = built.parent / "sim_000", brain_demo.parent / "sim_000"
+    assert _sha256_tree(clean_dir)["tissue.nii.gz"] == _sha256_tree(noisy_dir)["tissue.nii.gz"]
+    clean_params, noisy_params = (json.loads((d / "params.json").read_text()) for d in (clean_dir, noisy_dir))
+    assert clean_params["tissues"] == noisy_params["tissues"]
+    for c, seq in clean_params["sequences"].items():
+        assert seq["noise"] == 0.0 and noisy_params["sequences"][c]["noise"] > 0.0
+        assert seq["psf_sigma"] == noisy_params["sequences"][c]["psf_sigma"]
+    for c in ("t1", "t2"):
+        clean = np.asarray(nib.load(str(clean_dir / f"{c}.nii.gz")).dataobj)
+        noisy = np.asarray(nib.load(str(noisy_dir / f"{c}.nii.gz")).dataobj)
+        air = clean == 0  # no signal: outside the head
+        assert air.mean() > 0.02 and noisy[air].mean() > 0.005  # where the noisy cohort shows its Rician floor
+        assert np.corrcoef(clean.ravel(), noisy.ravel())[0, 1] > 0.99  # same image otherwise
+    # the option is part of the cache marker: the default cohort in the same folder is another build
+    assert json.loads((built.parent / ".complete.json").read_text())["args"]["noise"] == [0.0, 0.0]

@@ -220,3 +220,33 @@ def test_ddpm_option_samples_with_body_region():
     assert seen["top_region_index_tensor"].tolist() == [[0.0, 100.0, 0.0, 0.0]]
     assert seen["bottom_region_index_tensor"].tolist() == [[0.0, 0.0, 100.0, 0.0]]
     assert seen["class_labels"] is None  # the DDPM UNet has no modality embedding
+
+
+@pytest.mark.parametrize("adv_weight", [0.1, 0.0])
+def test_vae_step_leaves_the_discriminator_out_only_without_an_adversarial_term(adv_weight):
+    """adv_weight 0 (the demo overlay's choice): the discriminator is neither run nor trained, the autoencoder
+    still learns; with a positive weight both networks take their steps (real learning rates in both cases)."""
+    from types import SimpleNamespace
+
+    from monai.networks.nets import PatchDiscriminator
+
+    from common.engines.maisi_steps import MaisiVAEStep
+
+    torch.manual_seed(0)
+    ae = maisi_autoencoder(tiny=True, num_splits=1)  # trained unsplit, as the step's docstring says
+    disc = PatchDiscriminator(spatial_dims=3, num_layers_d=1, channels=4, in_channels=1, out_channels=1, norm="INSTANCE")
+    calls = []
+    disc.register_forward_hook(lambda *_: calls.append(1))
+    step = MaisiVAEStep(ae, disc, torch.optim.Adam(ae.parameters(), lr=1e-3), torch.optim.Adam(disc.parameters(), lr=1e-3),
+                        adv_weight=adv_weight)
+    ae0 = [p.detach().clone() for p in ae.parameters()]
+    d0 = [p.detach().clone() for p in disc.parameters()]
+    engine = SimpleNamespace(state=SimpleNamespace(device="cpu"), device="cpu", amp=False)
+    out = step(engine, {"image": torch.rand(1, 1, 32, 32, 32)})
+    assert any(not torch.equal(a, p) for a, p in zip(ae0, ae.parameters()))
+    disc_moved = any(not torch.equal(a, p) for a, p in zip(d0, disc.parameters()))
+    if adv_weight == 0:
+        assert not calls and not disc_moved and float(out["loss_d"]) == 0.0 and float(out["loss_adv_g"]) == 0.0
+        assert float(out["loss"]) == pytest.approx(float(out["loss_l1"]) + 1e-7 * float(out["loss_kl"]), rel=1e-5)
+    else:
+        assert len(calls) == 3 and disc_moved and float(out["loss_d"]) > 0
