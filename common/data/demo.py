@@ -269,7 +269,7 @@ def _round_params(obj: object) -> object:
 
 def build_brain_mri_demo(
     out_dir: str | os.PathLike, n_train: int = 8, n_val: int = 2, seed: int = 0,
-    noise: tuple[float, float] | None = None,
+    noise: tuple[float, float] | None = None, extracerebral_jitter: float | None = None,
 ) -> Path:
     """Simulated multi-contrast brain cohort + the real avg152 triple as test set.
 
@@ -283,6 +283,8 @@ def build_brain_mri_demo(
             population-average avg152 test images (an average of 152 scans has almost no noise); everything
             else about a subject (anatomy, tissue and sequence values, bias, point spread) stays as with the
             default, since the draws happen in the same order.
+        extracerebral_jitter: relative range of the per-subject PD/T1/T2 of bone and soft tissue (scalp)
+            (:func:`common.data.mri_sim.sample_tissues`); ``None``: the brain tissues' 3 %.
 
     Returns:
         Path of ``<out_dir>/brain_mri/datalist.json``. Entries: ``{"id", "t1", "t2", "pd",
@@ -297,6 +299,8 @@ def build_brain_mri_demo(
     if noise is not None:  # only then in the marker: cohorts built before the option keep theirs
         sim_options["noise"] = (float(noise[0]), float(noise[1]))
         args["noise"] = list(sim_options["noise"])
+    if extracerebral_jitter is not None:
+        sim_options["extracerebral_jitter"] = args["extracerebral_jitter"] = float(extracerebral_jitter)
 
     def fill(work: Path) -> None:
         maps, affine = load_tissue_maps()
@@ -633,6 +637,10 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         "--mri-noise", nargs=2, type=float, default=None, metavar=("LOW", "HIGH"),
         help="brain_mri: range of the relative Rician noise sigma (default: the simulator's 0.01 0.03; 0 0: noise-free)",
     )
+    parser.add_argument(
+        "--mri-extracerebral-jitter", type=float, default=None, metavar="J",
+        help="brain_mri: per-subject PD/T1/T2 of bone and scalp drawn in U(1 -+ J) (default: the brain's 0.03)",
+    )
     args = parser.parse_args(argv)
     out: dict[str, Path] = {}
     for what in args.what:
@@ -641,7 +649,8 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         elif what == "ct_framings":
             out[what] = build_ct_framings(args.out)
         elif what == "brain_mri":
-            out[what] = build_brain_mri_demo(args.out, args.n_train, args.n_val, args.seed, noise=args.mri_noise)
+            out[what] = build_brain_mri_demo(args.out, args.n_train, args.n_val, args.seed, noise=args.mri_noise,
+                                             extracerebral_jitter=args.mri_extracerebral_jitter)
         else:
             out[what] = build_ct_demo(args.out, args.n_train, args.n_val, args.seed)
         print(what, out[what])

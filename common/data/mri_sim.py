@@ -246,20 +246,29 @@ def tissue_labels(maps: np.ndarray) -> np.ndarray:
     return lut[np.argmax(maps, axis=-1)]
 
 
+#: Tissues outside the brain: coarse mixtures (fat, muscle, skin, marrow) whose composition varies between people.
+EXTRACEREBRAL_TISSUES: tuple[str, ...] = ("bone", "soft")
+
+
 def sample_tissues(
-    rng: np.random.Generator, global_jitter: float = 0.10, tissue_jitter: float = 0.03
+    rng: np.random.Generator, global_jitter: float = 0.10, tissue_jitter: float = 0.03,
+    extracerebral_jitter: float | None = None,
 ) -> dict[str, Tissue]:
     """Per-subject tissue parameters around :data:`TISSUES`.
 
     T1 and T2 of all tissues are scaled by one subject-wide factor ``U(1 -+ global_jitter)`` each
     (scanner calibration, temperature and age shift tissues together), then every PD, T1 and T2
     by its own ``U(1 -+ tissue_jitter)``. Independent +-10 % per tissue would swap the GM/WM order
-    of FLAIR in about 16 % of subjects, which real 1.5 T FLAIR does not show.
+    of FLAIR in about 16 % of subjects, which real 1.5 T FLAIR does not show. ``extracerebral_jitter``
+    (``None``: ``tissue_jitter``) replaces ``tissue_jitter`` for :data:`EXTRACEREBRAL_TISSUES`, whose
+    fat/muscle/marrow mixture varies far more between heads than brain tissue does; the draws are
+    the same in number and order either way, so the brain's values do not change with it.
     """
     g_t1, g_t2 = rng.uniform(1.0 - global_jitter, 1.0 + global_jitter, size=2)
     out = {}
     for name, t in TISSUES.items():
-        j = rng.uniform(1.0 - tissue_jitter, 1.0 + tissue_jitter, size=3)
+        jitter = extracerebral_jitter if extracerebral_jitter is not None and name in EXTRACEREBRAL_TISSUES else tissue_jitter
+        j = rng.uniform(1.0 - jitter, 1.0 + jitter, size=3)
         out[name] = Tissue(pd=t.pd * j[0], t1=t.t1 * g_t1 * j[1], t2=t.t2 * g_t2 * j[2])
     return out
 
@@ -421,6 +430,7 @@ def simulate_subject(
     psf_sigma: tuple[float, float] = (0.3, 0.7),
     bias_strength: float = 0.05,
     scales: np.ndarray | None = None,
+    extracerebral_jitter: float | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, object]]:
     """Simulate every contrast of one subject.
 
@@ -436,13 +446,14 @@ def simulate_subject(
         scales: structure-specific factors on the GM/WM values (from :func:`apply_structures`, whose
             adjusted maps are then ``maps``), used for :data:`CALIBRATED_CONTRASTS`; ``None``: the same
             values everywhere.
+        extracerebral_jitter: see :func:`sample_tissues` (``None``: the brain tissues' jitter).
 
     Returns:
         ``(images, params)``: float32 images in [0, 1] per contrast (12-bit steps, see
         :func:`quantise`), and the sampled parameters
         (tissues, sequences, noise level, PSF) as plain numbers for provenance.
     """
-    tissues = sample_tissues(rng)
+    tissues = sample_tissues(rng, extracerebral_jitter=extracerebral_jitter)
     seqs = sample_sequences(rng, contrasts)
     bias = bias_field(rng, maps.shape[:3], bias_strength)
     images: dict[str, np.ndarray] = {}

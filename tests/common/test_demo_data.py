@@ -468,3 +468,18 @@ def test_noise_free_brain_cohort_is_the_same_subjects_without_noise(tmp_path: Pa
         assert np.corrcoef(clean.ravel(), noisy.ravel())[0, 1] > 0.99  # same image otherwise
     # the option is part of the cache marker: the default cohort in the same folder is another build
     assert json.loads((built.parent / ".complete.json").read_text())["args"]["noise"] == [0.0, 0.0]
+
+
+def test_extracerebral_jitter_varies_the_scalp_and_leaves_the_brain_alone() -> None:
+    from common.data.mri_sim import EXTRACEREBRAL_TISSUES, TISSUES, sample_tissues
+
+    plain = [sample_tissues(np.random.default_rng(i)) for i in range(200)]
+    wide = [sample_tissues(np.random.default_rng(i), extracerebral_jitter=0.5) for i in range(200)]
+    for a, b in zip(plain, wide):
+        for name in TISSUES:
+            if name not in EXTRACEREBRAL_TISSUES:
+                assert a[name] == b[name]  # same draws, same brain
+    for name in EXTRACEREBRAL_TISSUES:
+        pd = np.array([w[name].pd for w in wide]) / TISSUES[name].pd
+        assert pd.min() >= 0.5 and pd.max() <= 1.5 and pd.max() - pd.min() > 0.8  # the +-50 % range, used
+        assert np.ptp([p[name].pd for p in plain]) / TISSUES[name].pd < 0.07  # the default +-3 %
