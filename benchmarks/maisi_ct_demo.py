@@ -14,6 +14,10 @@
   the held-out CT's own TotalSegmentator label map (``--label_format totalsegmentator``), then the mean HU of
   liver, spleen, kidney and bone in each generated CT (inside its written label) against the real CT (inside the
   same MAISI ids of its own label map). Writes ``results.json`` and ``results.md``.
+* ``reference-codes``: what simple codes of the VAE's size reach on the held-out CT, for scale on the VAE's PSNR
+  bar (HU clipped to [-1000, 1000]): trilinear down- and upsampling by 2, 3 and 4 per axis, and a linear code of
+  the same size as the VAE latent (4 numbers per 4x4x4 block: the block PCA of the training CTs, 1, 4, 8 and 16
+  components). A learned VAE with 4 latent channels at 1/4 resolution should beat the 4-component PCA.
 
 Usage::
 
@@ -21,6 +25,7 @@ Usage::
     python benchmarks/maisi_ct_demo.py train --data DATA --out RUN --budget-s 5100
     python benchmarks/maisi_ct_demo.py export --run RUN --dest bundles/maisi_ct/models/demo
     python benchmarks/maisi_ct_demo.py evaluate --data DATA --out RUN/eval --curves RUN
+    python benchmarks/maisi_ct_demo.py reference-codes --data DATA
 """
 
 from __future__ import annotations
@@ -236,7 +241,45 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> None:
+def _clipped_unit(path: Path) -> np.ndarray:
+    """A CT volume in HU as MAISI's VAE sees it: clipped to [-1000, 1000], scaled to [0, 1]."""
+    import nibabel as nib
+
+    x = np.clip(np.asarray(nib.load(str(path)).dataobj, dtype=np.float32), -1000, 1000)
+    return (x + 1000) / 2000
+
+
+def _blocks(x: np.ndarray, b: int = 4) -> np.ndarray:
+    s = [(n // b) * b for n in x.shape]
+    x = x[: s[0], : s[1], : s[2]]
+    return x.reshape(s[0] // b, b, s[1] // b, b, s[2] // b, b).transpose(0, 2, 4, 1, 3, 5).reshape(-1, b**3)
+
+
+def cmd_reference_codes(args) -> dict:
+    import torch.nn.functional as F
+
+    ct = Path(args.data) / "ct"
+    datalist = json.loads((ct / "datalist_total.json").read_text())
+    test = _clipped_unit(ct / datalist["test"][0]["image"])
+    psnr = lambda mse: float(10 * np.log10(1.0 / mse))  # noqa: E731  (data range 1)
+    out: dict = {"trilinear": {}, "block_pca": {}}
+    x = torch.from_numpy(test)[None, None]
+    for f in (2, 3, 4):
+        down = F.interpolate(x, scale_factor=1 / f, mode="trilinear", align_corners=False)
+        up = F.interpolate(down, size=x.shape[2:], mode="trilinear", align_corners=False)
+        out["trilinear"][f"1/{f}"] = psnr(float(((up - x) ** 2).mean()))
+    train = np.concatenate([_blocks(_clipped_unit(ct / e["image"])) for e in datalist["training"]])
+    mean = train.mean(axis=0)
+    _, _, vt = np.linalg.svd(train - mean, full_matrices=False)
+    blocks = _blocks(test)
+    for k in (1, 4, 8, 16):
+        rec = (blocks - mean) @ vt[:k].T @ vt[:k] + mean
+        out["block_pca"][str(k)] = psnr(float(((rec - blocks) ** 2).mean()))
+    print(json.dumps(out, indent=1))
+    return out
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("train")
@@ -256,8 +299,11 @@ def main(argv=None) -> None:
     s.add_argument("--samples", type=int, default=2)
     s.add_argument("--curves", default=None, help="training run folder with curves_*.json")
     s.add_argument("--skip-reconstruction", action="store_true", help="only the generation and its HU check")
+    s = sub.add_parser("reference-codes")
+    s.add_argument("--data", required=True, help="folder holding ct/")
     args = p.parse_args(argv)
-    {"train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate}[args.cmd](args)
+    return {"train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate,
+            "reference-codes": cmd_reference_codes}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -78,3 +78,16 @@ def test_exported_demo_weights_load_strictly_through_inference_json(maisi_bundle
         net = load_pretrained(fresh.get_parsed_content(key), dest / name, kind)
         for (k, a), b in zip(nets[key].state_dict().items(), net.state_dict().values()):
             assert torch.equal(a, b), (key, k)
+
+
+def test_reference_codes_give_the_vae_bar_its_scale(ct_demo, monkeypatch):
+    """benchmarks/maisi_ct_demo.py reference-codes on the real held-out CT: more of a linear code reconstructs
+    better, and 16 PCA numbers per 4^3 block beat trilinear 1/4 (the card's scale for the VAE's 30 dB bar)."""
+    monkeypatch.syspath_prepend(str(REPO))
+    sys.modules.pop("benchmarks.maisi_ct_demo", None)
+    from benchmarks import maisi_ct_demo as D
+
+    out = D.main(["reference-codes", "--data", str(Path(ct_demo).parent.parent)])
+    pca = [out["block_pca"][k] for k in ("1", "4", "8", "16")]
+    assert pca == sorted(pca) and pca[-1] > out["trilinear"]["1/4"] + 3
+    assert out["trilinear"]["1/2"] > out["trilinear"]["1/4"] > 15
