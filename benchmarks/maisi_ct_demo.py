@@ -78,11 +78,27 @@ def cmd_train(args) -> None:
         extra = dict(chain[stage])
         if args.epoch_length is not None:
             extra["epoch_length"] = args.epoch_length
+        extra.update(_overrides(args.set))
         c = train_stage(BUNDLE, [STAGES[stage], "demo.json"], stage, out,
                         args.budget_s * shares[stage] / sum(shares.values()), prepare_first=stage != "autoencoder",
                         dataset_dir=str(data / "ct"), latent_dir=str(out / "latents"), **extra)
         print(f"[{stage}] done: {c['iterations']} iterations, {c['wall_s']:.0f} s, best val PSNR {c['best_val_psnr']}",
               flush=True)
+
+
+def _overrides(pairs: list[str] | None) -> dict:
+    """``KEY=VALUE`` config overrides of the command line (VALUE parsed as JSON where it is JSON, else a string,
+    e.g. ``adv_weight=0`` or ``warmup=$lambda epoch: max(0.1, 1 - epoch / 60)``), as ``monai.bundle run --KEY``."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def _sha256(path: Path) -> str:
@@ -289,6 +305,8 @@ def main(argv=None):
     s.add_argument("--shares", default="50,20,30", help="budget shares of autoencoder, diffusion, controlnet")
     s.add_argument("--stages", default=None, help="comma-separated subset, e.g. diffusion,controlnet")
     s.add_argument("--epoch-length", type=int, default=None)
+    s.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                   help="config override for every stage run (repeatable), e.g. --set adv_weight=0")
     s = sub.add_parser("export")
     s.add_argument("--run", required=True)
     s.add_argument("--dest", default=str(BUNDLE / "models" / "demo"))

@@ -91,3 +91,14 @@ def test_reference_codes_give_the_vae_bar_its_scale(ct_demo, monkeypatch):
     pca = [out["block_pca"][k] for k in ("1", "4", "8", "16")]
     assert pca == sorted(pca) and pca[-1] > out["trilinear"]["1/4"] + 3
     assert out["trilinear"]["1/2"] > out["trilinear"]["1/4"] > 15
+
+
+def test_train_overrides_parse_like_the_bundle_command_line(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks.maisi_ct_demo import _overrides
+
+    got = _overrides(["adv_weight=0", "lr=1e-3", "warmup=$lambda epoch: max(0.1, 1 - epoch / 60)", "patch_size=[48,48,48]"])
+    assert got == {"adv_weight": 0, "lr": 1e-3, "warmup": "$lambda epoch: max(0.1, 1 - epoch / 60)",
+                   "patch_size": [48, 48, 48]}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        _overrides(["adv_weight"])
