@@ -255,7 +255,7 @@ class MaisiVAEStep(TrainingStep):
                 self.discriminator.requires_grad_(False)  # the generator update must not train the discriminator
                 loss_adv_g = self.adv_loss(disc_logits(self.discriminator(recon.float())), target_is_real=True, for_discriminator=False)
                 self.discriminator.requires_grad_(True)
-            else:  # no adversarial term: the discriminator is neither run nor trained (a third of the step's time)
+            else:  # no adversarial term: the discriminator is neither run nor trained
                 loss_adv_g = torch.zeros((), device=device)
             loss_g = loss_l1 + self.kl_weight * loss_kl + self.perceptual_weight * loss_perc + self.adv_weight * loss_adv_g
         optimizer_step(engine, loss_g, self.optimizer_g)
