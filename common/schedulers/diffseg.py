@@ -171,18 +171,6 @@ class DiffSegScheduler:
         # noise and nothing else (the sum is the same up to float32 rounding of the order of terms)
         z = torch.randn(x_k.shape, generator=generator, device=x_k.device, dtype=x_k.dtype)
         return z.mul_(std).add_(x_k, alpha=ck).add_(x0_hat, alpha=c0)
-        if sampler != "ddim":
-            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
-        std = self.ddim_std(k, eta)
-        a, a_prev = float(self.alphas_cumprod[k]), float(self.alphas_cumprod_prev[k])
-        # sqrt(a_prev) x0_hat + c_eps eps_hat with eps_hat = (x_k - sqrt(a) x0_hat) / sqrt(1 - a), expanded into
-        # one weighted sum of x0_hat and x_k
-        c_eps = math.sqrt(max(1.0 - a_prev - std**2, 0.0)) / math.sqrt(1.0 - a)
-        c0, ck = math.sqrt(a_prev) - c_eps * math.sqrt(a), c_eps
-        if std == 0.0:
-            return torch.add(x_k * ck, x0_hat, alpha=c0)
-        z = torch.randn(x_k.shape, generator=generator, device=x_k.device, dtype=x_k.dtype)
-        return z.mul_(std).add_(x_k, alpha=ck).add_(x0_hat, alpha=c0)
 
 
 def warmup_cosine_lambda(
