@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "bundles" / "diffseg"))  # the bundle's scripts/ package, as monai.bundle run finds it
 
+
 def build_slabs(datalist: Path, out: Path, slab_mm: float, n_slabs: int) -> Path:
     """The cohort's validation cases, whole and cut into slabs; returns the new datalist."""
     import nibabel as nib

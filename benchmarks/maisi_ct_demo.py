@@ -74,11 +74,12 @@ def cmd_train(args) -> None:
                        "diffusion_unet_path": str(models / CHECKPOINTS["diffusion"]), "diffusion_unet_sha256": None},
     }
     stages = list(STAGES) if args.stages is None else args.stages.split(",")
+    overrides = _overrides(args.set)  # one parse, before any stage trains
     for stage in stages:
         extra = dict(chain[stage])
         if args.epoch_length is not None:
             extra["epoch_length"] = args.epoch_length
-        extra.update(_overrides(args.set))
+        extra.update(overrides)
         c = train_stage(BUNDLE, [STAGES[stage], "demo.json"], stage, out,
                         args.budget_s * shares[stage] / sum(shares.values()), prepare_first=stage != "autoencoder",
                         dataset_dir=str(data / "ct"), latent_dir=str(out / "latents"), **extra)
