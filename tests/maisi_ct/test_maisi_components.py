@@ -224,7 +224,8 @@ def test_ddpm_option_samples_with_body_region():
 
 @pytest.mark.parametrize("adv_weight", [0.1, 0.0])
 def test_vae_step_leaves_the_discriminator_out_only_without_an_adversarial_term(adv_weight):
-    """adv_weight 0 (the demo overlay's choice): the discriminator is neither run nor trained, the autoencoder
+    """adv_weight 0 (a reconstruction-first run, e.g. ``maisi_ct_demo.py train --set adv_weight=0``): the
+    discriminator is neither run nor trained, the autoencoder
     still learns; with a positive weight both networks take their steps (real learning rates in both cases)."""
     from types import SimpleNamespace
 
