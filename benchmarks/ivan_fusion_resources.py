@@ -173,10 +173,12 @@ def memory(args) -> None:
                   f"after imports {statistics.median(r['rss_after_imports_mb'] for r in runs):.0f} MB; "
                   f"{runs[0]['slices']} slices per epoch, {runs[0]['volumes_held']} volumes held at the end; "
                   f"index {statistics.median(r['index_s'] for r in runs):.0f} s, epoch {statistics.median(r['epoch_s'] for r in runs):.0f} s")
-        per_subject = 4 * size[0] * size[1] * size[2] * 4  # image (2 ch) + label (2 ch), float32
+        # a cached training volume holds the loaded modalities (T1, T2), float32; the channel augmentation and the
+        # fusion target are computed per slice
+        per_subject = 2 * size[0] * size[1] * size[2] * 4
         print(f"cached bytes per subject at this size: {per_subject / 2**20:.2f} MiB "
               f"(x {args.subjects} = {per_subject * args.subjects / 2**30:.2f} GiB); at BraTS size 240x240x155: "
-              f"{4 * 240 * 240 * 155 * 4 / 2**20:.0f} MiB per subject")
+              f"{2 * 240 * 240 * 155 * 4 / 2**20:.0f} MiB per subject")
 
 
 def main() -> None:

@@ -300,3 +300,55 @@ def test_train_config_does_not_cache_whole_volumes():
         assert parser["train"]["sampler"]["_target_"] == "scripts.data.VolumeBlockSampler"
     finally:
         _forget_scripts()
+
+
+def test_slice_dataset_keeps_slices_where_any_source_has_signal():
+    sys.path.insert(0, str(BUNDLE))
+    try:
+        from scripts.data import SliceDataset
+    finally:
+        _forget_scripts()
+    a = torch.zeros(1, 4, 4, 3)
+    b = torch.zeros(1, 4, 4, 3)
+    a[..., 0] = 1.0  # slice 0: signal in a only
+    b[..., 1] = 1.0  # slice 1: signal in b only; slice 2 empty in both
+    vols = [{"a": a, "b": b}]
+    assert [s for _, s in SliceDataset(vols, keys=("a", "b"), skip_empty_key="a").index] == [0]
+    assert [s for _, s in SliceDataset(vols, keys=("a", "b"), skip_empty_key=["a", "b"]).index] == [0, 1]
+
+
+def _fusion_train_dataset(avg152, tmp_path, files):
+    """``train#dataset`` of the fusion task on one real training case: the avg152 T2 and its CT-like image."""
+    datalist = tmp_path / "datalist.json"
+    case = {"t2": str(avg152["t2"]), "ct": str(avg152["ct"])}
+    datalist.write_text(json.dumps({"training": [case], "validation": [case]}))
+    (ds,) = _parse(files, "train#dataset", datalist=str(datalist), train_crop=[-1, -1, 40], cache_rate=0.0)
+    return ds
+
+
+def test_fusion_training_target_follows_the_augmented_sources(avg152, tmp_path):
+    """The demo's fusion training augments each source's intensities per slice (random gamma) and computes the
+    reference fusion image of the *augmented* pair, so the network learns the rule, not one pair of contrasts;
+    the default ``train.json`` has no augmentation and gives the same item on every access."""
+    from common.transforms.ivan import laplacian_maxabs_fusion
+
+    demo = _fusion_train_dataset(avg152, tmp_path, ["train.json", "demo.json", "task_fusion.json"])
+    plain = _fusion_train_dataset(avg152, tmp_path, ["train.json", "task_fusion.json"])
+    assert len(demo) == len(plain) > 0 and demo.index == plain.index
+    changed = 0
+    for j in range(0, len(demo), 7):
+        p0, p1, d = plain[j], plain[j], demo[j]
+        torch.testing.assert_close(p0["image"], p1["image"])  # no randomness by default
+        for item in (p0, d):
+            x, y = torch.as_tensor(item["image"]), torch.as_tensor(item["label"])
+            assert x.shape[0] == y.shape[0] and x.shape[0] % 2 == 0  # [t2, ct] replicated to C channels
+            torch.testing.assert_close(x, x[:2].repeat(x.shape[0] // 2, 1, 1))
+            ref = laplacian_maxabs_fusion(x[:2, None].double())[0].float()  # the rule on this item's own sources
+            for c in range(y.shape[0]):
+                torch.testing.assert_close(y[c], ref, atol=1e-5, rtol=0)
+        xd, xp = torch.as_tensor(d["image"])[:2], torch.as_tensor(p0["image"])[:2]
+        # a gamma keeps each source's range and its zero background, but changes the intensities in between
+        torch.testing.assert_close(xd.amax(dim=(1, 2)), xp.amax(dim=(1, 2)), atol=1e-5, rtol=1e-5)
+        assert torch.equal(xd == 0, xp == 0)
+        changed += int(not torch.allclose(xd, xp, atol=1e-4))
+    assert changed >= 0.5 * len(range(0, len(demo), 7))

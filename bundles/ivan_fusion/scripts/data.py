@@ -35,10 +35,12 @@ RESERVED_KEYS = ("image", "label", "pred", "id", "case", "slice")
 class SliceDataset(Dataset):
     """Every 2D slice of a dataset of 3D volumes, as one training item, holding at most ``cache_volumes`` volumes.
 
-    ``volumes[i]`` is a dict whose ``keys`` are ``(C, H, W, D)`` tensors (e.g. a ``monai.data.Dataset`` after
-    ``VariableAugmentd``: each access loads and preprocesses the volume). Item ``j`` is ``{key: (C, a, b)}`` for
+    ``volumes[i]`` is a dict whose ``keys`` are ``(C, H, W, D)`` tensors (e.g. a ``monai.data.Dataset`` of the
+    loaded modalities, as ``train.json`` builds it: each access loads and preprocesses the volume). Item ``j`` is ``{key: (C, a, b)}`` for
     one ``(volume, slice)`` pair along the spatial axis ``slice_axis`` (0, 1 or 2), plus ``case`` and ``slice``
-    indices. Slices whose ``skip_empty_key`` is all zero (background outside the head) are left out. The index is
+    indices, passed through ``transform`` when one is given (per-slice work such as random intensity augmentation
+    and the fusion target of the augmented sources). Slices where every ``skip_empty_key`` (one key or several)
+    is all zero (background outside the head) are left out. The index is
     built once, in volume order (one pass over the volumes, nothing kept beyond the cache), so a seeded sampler
     gives the same sequence on every run.
 
@@ -53,7 +55,7 @@ class SliceDataset(Dataset):
         volumes: Sequence,
         keys: Sequence[str] = ("image", "label"),
         slice_axis: int = 2,
-        skip_empty_key: str | None = "image",
+        skip_empty_key: str | Sequence[str] | None = "image",
         transform: Callable | None = None,
         cache_volumes: int | None = 8,
     ) -> None:
@@ -67,14 +69,17 @@ class SliceDataset(Dataset):
         self.cache_volumes = None if cache_volumes is None else int(cache_volumes)
         self._cache: OrderedDict[int, dict] = OrderedDict()
         self.index: list[tuple[int, int]] = []
+        empty_keys = [skip_empty_key] if isinstance(skip_empty_key, str) else list(skip_empty_key or [])
         for i in range(len(volumes)):
             item = self._volume(i)
-            ref = torch.as_tensor(item[skip_empty_key if skip_empty_key else self.keys[0]])
-            n = ref.shape[self.axis]
-            if skip_empty_key is None:
+            n = torch.as_tensor(item[empty_keys[0] if empty_keys else self.keys[0]]).shape[self.axis]
+            if not empty_keys:
                 self.index += [(i, s) for s in range(n)]
             else:
-                nonzero = torch.movedim(ref, self.axis, 0).reshape(n, -1).abs().amax(dim=1) > 0
+                nonzero = torch.zeros(n, dtype=torch.bool)
+                for k in empty_keys:
+                    ref = torch.movedim(torch.as_tensor(item[k]), self.axis, 0).reshape(n, -1)
+                    nonzero |= ref.abs().amax(dim=1) > 0
                 self.index += [(i, int(s)) for s in torch.nonzero(nonzero).flatten()]
         if len(volumes) and not self.index:
             raise InvalidInputError(
