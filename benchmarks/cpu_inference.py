@@ -36,6 +36,14 @@ sampler call includes converting and compiling the network, a cost every run pay
   checkpoint of the random paper network and ``runtime`` ``torch`` / ``openvino`` (``seconds``: ``run()``;
   ``process_s``: from the interpreter's start, imports and config parsing included).
 
+**iVAN slice loop** (``ivan_floor``, ``ivan_sampler``; paper network of ivan_fusion's ``inference.json``: 8
+blocks, growth 32, task T1 -> T2, 2 channels, random weights, since no model ships): a 181 x 217 x 181 volume
+(the 1 mm MNI grid of the issue) through the bundle's own ``inferer`` (``SliceInferer`` along axis 2, whole
+181 x 217 slices, ``sw_batch_size`` 8) and ``predictor`` (``IVANPredictor``: clamp, channel mean, background
+kept). ``ivan_floor`` times one forward of one batch of ``sw_batch_size`` slices (after a warm-up forward); the
+floor is that per slice times the number of slices. ``ivan_sampler`` is the whole inferer call, with the time inside the
+network's passes measured in the same call.
+
 Each case runs in its own process (peak RSS per case), ``--repeats`` times; the
 table gives medians, the ratio sampler / floor, the peak RSS, ``torch.get_num_threads()`` and the 1-minute
 load average after the case (other jobs on the machine inflate CPU times).
@@ -43,6 +51,7 @@ load average after the case (other jobs on the machine inflate CPU times).
 Usage (from the repository root)::
 
     python benchmarks/cpu_inference.py --out runs/cpu_inference --cases floor_fp32 floor_cl sampler_fp32 sampler_cl
+    python benchmarks/cpu_inference.py --out runs/ivan_slices --repeats 3 --cases ivan_floor ivan_sampler
     python benchmarks/cpu_inference.py --out runs/maisi_decode --repeats 3 \
         --cases maisi_decode_whole maisi_decode_streaming maisi_decode_sliding
 
@@ -72,6 +81,9 @@ BUNDLE = REPO / "bundles" / "diffseg"
 LEVERS = ("fp32", "im", "cl", "bf16", "cl_bf16", "ov", "ov_bf16")
 DECODE_MODES = ("whole", "streaming", "sliding")
 MAISI_LATENT = (1, 4, 64, 64, 32)
+IVAN_BUNDLE = REPO / "bundles" / "ivan_fusion"
+IVAN_VOLUME = (181, 217, 181)
+IVAN_CASES = ("ivan_floor", "ivan_sampler")
 
 
 def _peak_gib() -> float:
@@ -201,9 +213,53 @@ def _time_network_passes(network, openvino: bool) -> dict:
     return spent
 
 
-def run_case(case: str, out: str | None = None, latent=MAISI_LATENT) -> dict:
+def run_ivan(case: str, volume_shape=IVAN_VOLUME) -> dict:
+    """ivan_fusion's slice loop on a 181 x 217 x 181 volume (see the module docstring)."""
+    import math
+
+    from monai.bundle import ConfigParser
+
+    sys.path.insert(0, str(IVAN_BUNDLE))
+    parser = ConfigParser()
+    parser.read_config([str(IVAN_BUNDLE / "configs" / f) for f in ("inference.json", "task_1to1.json")])
+    parser["bundle_root"] = str(IVAN_BUNDLE)
+    torch.manual_seed(0)
+    parser["device"] = "$torch.device('cpu')"
+    network = parser.get_parsed_content("network").eval()
+    inferer = parser.get_parsed_content("inferer")
+    predictor = parser.get_parsed_content("predictor")  # wraps the same network instance
+    assert predictor.network is network
+    channels, batch = network.channels, int(parser.get_parsed_content("sw_batch_size"))
+    volume_shape = tuple(int(v) for v in volume_shape)
+    slices = volume_shape[parser.get_parsed_content("slice_axis")]
+    gen = torch.Generator().manual_seed(0)
+    extra = {}
+    with torch.no_grad():
+        if case == "ivan_floor":
+            x = torch.rand(batch, channels, volume_shape[0], volume_shape[1], generator=gen)
+            network(x)  # warm-up: oneDNN primitive creation
+            start = time.perf_counter()
+            network(x)
+            seconds = time.perf_counter() - start
+        else:
+            volume = torch.rand(1, channels, *volume_shape, generator=gen)
+            in_network = _time_network_passes(network, openvino=False)
+            start = time.perf_counter()
+            pred = inferer(volume, predictor)
+            seconds = time.perf_counter() - start
+            assert tuple(pred.shape) == (1, 1, *volume_shape), pred.shape
+            extra["in_network_s"] = round(in_network["s"], 2)
+            extra["network_calls"] = in_network["n"]
+    return {**extra, "case": case, "seconds": round(seconds, 2), "volume": list(volume_shape), "slices": slices,
+            "batch": batch, "batches": math.ceil(slices / batch), "channels": channels,
+            "peak_gib": round(_peak_gib(), 2), "threads": torch.get_num_threads()}
+
+
+def run_case(case: str, out: str | None = None, latent=MAISI_LATENT, ivan_volume=IVAN_VOLUME) -> dict:
     if case.startswith("maisi_decode_"):
         return run_maisi_decode(case[len("maisi_decode_"):], out, latent)
+    if case in IVAN_CASES:
+        return run_ivan(case, ivan_volume)
     kind, lever = case.split("_", 1)
     if kind == "bundle":
         return run_bundle(lever)
@@ -272,10 +328,11 @@ def main() -> None:
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--save", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--maisi-latent", type=int, nargs=5, default=list(MAISI_LATENT), help="latent shape of the decode cases")
+    ap.add_argument("--ivan-volume", type=int, nargs=3, default=list(IVAN_VOLUME), help="volume shape of the ivan cases")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.case:  # child process: one run of one case
-        print(json.dumps(run_case(args.case, args.save, args.maisi_latent)))
+        print(json.dumps(run_case(args.case, args.save, args.maisi_latent, args.ivan_volume)))
         return
     runs, saved = [], {}
     work = Path(args.out or "runs/cpu_inference")
@@ -284,12 +341,14 @@ def main() -> None:
         if case.startswith("maisi_decode_"):
             if case[len("maisi_decode_"):] not in DECODE_MODES:
                 raise SystemExit(f"unknown decode mode in case {case!r}; expected maisi_decode_ + one of {DECODE_MODES}")
-        elif case.split("_", 1)[0] not in ("floor", "sampler", "bundle") or case.split("_", 1)[1] not in LEVERS:
-            raise SystemExit(f"unknown case {case!r}; expected floor_/sampler_/bundle_ + one of {LEVERS}")
+        elif case not in IVAN_CASES and (
+                case.split("_", 1)[0] not in ("floor", "sampler", "bundle") or case.split("_", 1)[1] not in LEVERS):
+            raise SystemExit(f"unknown case {case!r}; expected floor_/sampler_/bundle_ + one of {LEVERS}, "
+                             f"maisi_decode_ + one of {DECODE_MODES}, or one of {IVAN_CASES}")
         for rep in range(args.repeats):
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
             cmd = [sys.executable, __file__, "--case", case, "--threads", str(args.threads),
-                   "--maisi-latent", *map(str, args.maisi_latent)]
+                   "--maisi-latent", *map(str, args.maisi_latent), "--ivan-volume", *map(str, args.ivan_volume)]
             if (case.startswith("maisi_decode_") or case.startswith("sampler_")) and rep == 0:
                 saved[case] = work / f"{case}.pt"
                 cmd += ["--save", str(saved[case])]
@@ -308,7 +367,9 @@ def main() -> None:
         if case.startswith("floor"):
             r0 = rs[0]
             row["floor_s"] = round(row["median_s"] * r0["steps"] * r0["windows"], 2)
-        if case.startswith("sampler"):
+        if case == "ivan_floor":
+            row["floor_s"] = round(row["median_s"] * rs[0]["slices"] / rs[0]["batch"], 2)  # per-slice cost x slices
+        if case.startswith("sampler") or case == "ivan_sampler":
             # the loop's own overhead, from one run: total over the time inside the network's passes
             row["in_network_median_s"] = statistics.median(r["in_network_s"] for r in rs)
             row["ratio_to_in_network"] = round(row["median_s"] / row["in_network_median_s"], 3)
@@ -319,8 +380,9 @@ def main() -> None:
                     row["second_call_median_s"] / row["second_call_in_network_median_s"], 3)
         table.append(row)
     for row in table:
-        if row["case"].startswith("sampler"):
-            floor = next((f for f in table if f["case"] == "floor_" + row["case"].split("_", 1)[1]), None)
+        if row["case"].startswith("sampler") or row["case"] == "ivan_sampler":
+            floor_case = "ivan_floor" if row["case"] == "ivan_sampler" else "floor_" + row["case"].split("_", 1)[1]
+            floor = next((f for f in table if f["case"] == floor_case), None)
             if floor:
                 row["ratio_to_floor"] = round(row["median_s"] / floor["floor_s"], 3)
                 if "second_call_median_s" in row:
