@@ -38,8 +38,10 @@ class SliceDataset(Dataset):
     ``volumes[i]`` is a dict whose ``keys`` are ``(C, H, W, D)`` tensors (e.g. a ``monai.data.Dataset`` of the
     loaded modalities, as ``train.json`` builds it: each access loads and preprocesses the volume). Item ``j`` is ``{key: (C, a, b)}`` for
     one ``(volume, slice)`` pair along the spatial axis ``slice_axis`` (0, 1 or 2), plus ``case`` and ``slice``
-    indices, passed through ``transform`` when one is given (per-slice work such as random intensity augmentation
-    and the fusion target of the augmented sources). Slices where every ``skip_empty_key`` (one key or several)
+    indices, passed through ``slice_transform`` when one is given (per-slice work such as random intensity
+    augmentation and the fusion target of the augmented sources; not named ``transform``, because MONAI's bundle
+    property check reads ``train#dataset#transform`` as the training preprocessing, which is ``train#preprocessing``,
+    the volumes' transform). Slices where every ``skip_empty_key`` (one key or several)
     is all zero (background outside the head) are left out. The index is
     built once, in volume order (one pass over the volumes, nothing kept beyond the cache), so a seeded sampler
     gives the same sequence on every run.
@@ -56,14 +58,14 @@ class SliceDataset(Dataset):
         keys: Sequence[str] = ("image", "label"),
         slice_axis: int = 2,
         skip_empty_key: str | Sequence[str] | None = "image",
-        transform: Callable | None = None,
+        slice_transform: Callable | None = None,
         cache_volumes: int | None = 8,
     ) -> None:
         from collections import OrderedDict
 
         self.volumes, self.keys = volumes, tuple(keys)
         self.axis = int(slice_axis) % 3 + 1  # channel first
-        self.transform = transform
+        self.slice_transform = slice_transform
         if cache_volumes is not None and int(cache_volumes) < 1:
             raise InvalidInputError(f"config key 'cache_volumes' is {cache_volumes!r}; expected an integer >= 1 or null")
         self.cache_volumes = None if cache_volumes is None else int(cache_volumes)
@@ -107,7 +109,7 @@ class SliceDataset(Dataset):
         item = self._volume(i)
         out = {k: torch.as_tensor(item[k]).select(self.axis, s).clone() for k in self.keys}
         out["case"], out["slice"] = i, s
-        return self.transform(out) if self.transform is not None else out
+        return self.slice_transform(out) if self.slice_transform is not None else out
 
 
 class VolumeBlockSampler(torch.utils.data.Sampler):
