@@ -328,7 +328,8 @@ def main() -> None:
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--save", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--maisi-latent", type=int, nargs=5, default=list(MAISI_LATENT), help="latent shape of the decode cases")
-    ap.add_argument("--ivan-volume", type=int, nargs=3, default=list(IVAN_VOLUME), help="volume shape of the ivan cases")
+    ap.add_argument("--ivan-volume", type=int, nargs=3, default=list(IVAN_VOLUME),
+                    help="volume shape of the ivan cases")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.case:  # child process: one run of one case

@@ -36,15 +36,15 @@ class SliceDataset(Dataset):
     """Every 2D slice of a dataset of 3D volumes, as one training item, holding at most ``cache_volumes`` volumes.
 
     ``volumes[i]`` is a dict whose ``keys`` are ``(C, H, W, D)`` tensors (e.g. a ``monai.data.Dataset`` of the
-    loaded modalities, as ``train.json`` builds it: each access loads and preprocesses the volume). Item ``j`` is ``{key: (C, a, b)}`` for
-    one ``(volume, slice)`` pair along the spatial axis ``slice_axis`` (0, 1 or 2), plus ``case`` and ``slice``
-    indices, passed through ``slice_transform`` when one is given (per-slice work such as random intensity
-    augmentation and the fusion target of the augmented sources; not named ``transform``, because MONAI's bundle
-    property check reads ``train#dataset#transform`` as the training preprocessing, which is ``train#preprocessing``,
-    the volumes' transform). Slices where every ``skip_empty_key`` (one key or several)
-    is all zero (background outside the head) are left out. The index is
-    built once, in volume order (one pass over the volumes, nothing kept beyond the cache), so a seeded sampler
-    gives the same sequence on every run.
+    loaded modalities, as ``train.json`` builds it: each access loads and preprocesses the volume). Item ``j`` is
+    ``{key: (C, a, b)}`` for one ``(volume, slice)`` pair along the spatial axis ``slice_axis`` (0, 1 or 2), plus
+    ``case`` and ``slice`` indices, passed through ``slice_transform`` when one is given (per-slice work such as
+    random intensity augmentation and the fusion target of the augmented sources; not named ``transform``,
+    because MONAI's bundle property check reads ``train#dataset#transform`` as the training preprocessing, which
+    is ``train#preprocessing``, the volumes' transform). Slices where every ``skip_empty_key`` (one key or
+    several) is all zero (background outside the head) are left out. The index is built once, in volume order
+    (one pass over the volumes, nothing kept beyond the cache), so a seeded sampler gives the same sequence on
+    every run.
 
     Memory: the last ``cache_volumes`` volumes used are kept (least recently used first out), so RAM does not grow
     with the number of subjects; ``None`` keeps every volume (the old behaviour, fine for small datasets). Use
@@ -71,18 +71,14 @@ class SliceDataset(Dataset):
         self.cache_volumes = None if cache_volumes is None else int(cache_volumes)
         self._cache: OrderedDict[int, dict] = OrderedDict()
         self.index: list[tuple[int, int]] = []
-        empty_keys = [skip_empty_key] if isinstance(skip_empty_key, str) else list(skip_empty_key or [])
+        empty_keys = [skip_empty_key] if isinstance(skip_empty_key, str) else list(skip_empty_key or ())
         for i in range(len(volumes)):
             item = self._volume(i)
-            n = torch.as_tensor(item[empty_keys[0] if empty_keys else self.keys[0]]).shape[self.axis]
-            if not empty_keys:
-                self.index += [(i, s) for s in range(n)]
-            else:
-                nonzero = torch.zeros(n, dtype=torch.bool)
-                for k in empty_keys:
-                    ref = torch.movedim(torch.as_tensor(item[k]), self.axis, 0).reshape(n, -1)
-                    nonzero |= ref.abs().amax(dim=1) > 0
-                self.index += [(i, int(s)) for s in torch.nonzero(nonzero).flatten()]
+            n = torch.as_tensor(item[(empty_keys or self.keys)[0]]).shape[self.axis]
+            keep = torch.full((n,), not empty_keys)  # no key to check: every slice
+            for k in empty_keys:  # kept where any of them has signal
+                keep |= torch.movedim(torch.as_tensor(item[k]), self.axis, 0).reshape(n, -1).abs().amax(dim=1) > 0
+            self.index += [(i, int(s)) for s in torch.nonzero(keep).flatten()]
         if len(volumes) and not self.index:
             raise InvalidInputError(
                 f"no slice of the {len(volumes)} training volume(s) has a non-zero '{skip_empty_key}' after cropping "
