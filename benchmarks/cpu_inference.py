@@ -44,6 +44,32 @@ kept). ``ivan_floor`` times one forward of one batch of ``sw_batch_size`` slices
 floor is that per slice times the number of slices. ``ivan_sampler`` is the whole inferer call, with the time inside the
 network's passes measured in the same call.
 
+**Latent diffusion samplers** (``aldm_floor``, ``aldm_sampler``, ``noddi_floor``, ``noddi_sampler``; the paper
+networks of each bundle's ``inference.json``, random weights, since no model ships):
+
+* aldm_translation (VQ-GAN ch 256, f = 4; MS-SPADE; LDM UNet 128-256-512 with cross-attention; DDIM 200 steps,
+  eta 1): one random source volume of the configured ``roi_size`` (192 x 192 x 144; ``--aldm-volume``) through
+  the bundle's ``ALDMTranslationInferer`` into every configured target (t1ce, t2, flair): the source encoded once,
+  then per target SPADE, one UNet pass per step and a decode. ``aldm_floor`` times each of these passes once,
+  after a warm-up: the UNet (``seconds``) and, in ``parts_s``, encode, SPADE and decode; the floor is
+  ``seconds`` x steps x targets + ``once_s`` (encode + targets x (SPADE + decode)).
+* noddi_sr (condition encoder, VQ-GAN ch 64, f = 2, UNet 128-256-256-512; DDIM 100 steps, eta 0): one random LR
+  feature volume, by default one window of the configured ``lr_patch`` (32^3; ``--noddi-volume``, e.g.
+  ``68 86 68``, the LR HCP grid of 36 windows), through the bundle's ``NODDISRInferer`` (sliding windows,
+  ``sw_batch_size`` windows per pass; per batch: the encoder, one UNet pass per step, the nearest-code lookup and
+  the decoder). ``noddi_floor`` times the passes of one batch of windows; the floor is (``seconds`` x steps +
+  ``once_s``) x windows / batch.
+
+The sampler cases report ``in_network_s``, every network pass of the call (forward hooks on each module the
+inferer calls; NODDI's nearest-code lookup is a method, timed by wrapping it), ``network_calls``, the UNet's passes
+(steps x targets; steps x batches of windows), and ``passes`` / ``passes_s`` per module. Outside the passes stay
+the scheduler steps, the noise, the concatenations, the latent normalisation and the window stitching. The
+sampler's once-per-volume passes run cold (oneDNN creates its primitives on a first call) where the floor's are
+warm, so with few steps that first-call cost is part of what exceeds the floor. Paper-scale sampling costs hours of
+CPU time: ``--steps`` (default: the config's) shortens the sampler and the floor alike, and the loop / floor ratio
+is what is measured. ``--overlays`` reads more configs of the bundle over ``inference.json`` (``light.json``; the
+tests use ``tiny.json``).
+
 Each case runs in its own process (peak RSS per case), ``--repeats`` times; the
 table gives medians, the ratio sampler / floor, the peak RSS, ``torch.get_num_threads()`` and the 1-minute
 load average after the case (other jobs on the machine inflate CPU times).
@@ -52,6 +78,10 @@ Usage (from the repository root)::
 
     python benchmarks/cpu_inference.py --out runs/cpu_inference --cases floor_fp32 floor_cl sampler_fp32 sampler_cl
     python benchmarks/cpu_inference.py --out runs/ivan_slices --repeats 3 --cases ivan_floor ivan_sampler
+    python benchmarks/cpu_inference.py --out runs/aldm_sampler --repeats 1 --steps 10 \
+        --cases aldm_floor aldm_sampler
+    python benchmarks/cpu_inference.py --out runs/noddi_sampler --repeats 1 --steps 10 \
+        --cases noddi_floor noddi_sampler
     python benchmarks/cpu_inference.py --out runs/maisi_decode --repeats 3 \
         --cases maisi_decode_whole maisi_decode_streaming maisi_decode_sliding
 
@@ -66,6 +96,7 @@ PROCESS_START = time.perf_counter()  # before the heavy imports: the bundle case
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
@@ -84,6 +115,10 @@ MAISI_LATENT = (1, 4, 64, 64, 32)
 IVAN_BUNDLE = REPO / "bundles" / "ivan_fusion"
 IVAN_VOLUME = (181, 217, 181)
 IVAN_CASES = ("ivan_floor", "ivan_sampler")
+ALDM_BUNDLE = REPO / "bundles" / "aldm_translation"
+NODDI_BUNDLE = REPO / "bundles" / "noddi_sr"
+LDM_CASES = ("aldm_floor", "aldm_sampler", "noddi_floor", "noddi_sampler")
+FLOOR_OF = {"ivan_sampler": "ivan_floor", "aldm_sampler": "aldm_floor", "noddi_sampler": "noddi_floor"}
 
 
 def _peak_gib() -> float:
@@ -215,8 +250,6 @@ def _time_network_passes(network, openvino: bool) -> dict:
 
 def run_ivan(case: str, volume_shape=IVAN_VOLUME) -> dict:
     """ivan_fusion's slice loop on a 181 x 217 x 181 volume (see the module docstring)."""
-    import math
-
     from monai.bundle import ConfigParser
 
     sys.path.insert(0, str(IVAN_BUNDLE))
@@ -255,11 +288,161 @@ def run_ivan(case: str, volume_shape=IVAN_VOLUME) -> dict:
             "peak_gib": round(_peak_gib(), 2), "threads": torch.get_num_threads()}
 
 
-def run_case(case: str, out: str | None = None, latent=MAISI_LATENT, ivan_volume=IVAN_VOLUME) -> dict:
+def _time_method(obj, name: str) -> dict:
+    """:func:`_time_network_passes` for a pass the inferer reaches through a method, not through a module's
+    forward (a forward hook never sees it): the VQ-GAN's nearest-code ``lookup`` of NODDI-SR's decode. The
+    method is replaced on this instance only, in this child process."""
+    spent = {"s": 0.0, "n": 0}
+    method = getattr(obj, name)
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            spent["s"] += time.perf_counter() - start
+            spent["n"] += 1
+
+    setattr(obj, name, timed)
+    return spent
+
+
+def _timed_pass(fn, *args, **kwargs) -> tuple[float, torch.Tensor]:
+    """Seconds of one call of ``fn`` after a warm-up call (oneDNN primitive creation), and its output."""
+    fn(*args, **kwargs)
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return time.perf_counter() - start, out
+
+
+def _ldm_parser(bundle: Path, overlays, overrides: dict):
+    """``inference.json`` of ``bundle`` on the CPU, with the bundle's ``overlays`` (e.g. ``tiny.json``, read over it)
+    and ``overrides`` (the step count) set before anything is parsed."""
+    from monai.bundle import ConfigParser
+
+    sys.path.insert(0, str(bundle))  # the bundle's own ``scripts`` package (one bundle per child process)
+    parser = ConfigParser()
+    parser.read_config([str(bundle / "configs" / f) for f in ("inference.json", *overlays)])
+    parser["bundle_root"] = str(bundle)
+    parser["device"] = "$torch.device('cpu')"
+    for key, value in overrides.items():
+        if value is not None:
+            parser[key] = value
+    return parser
+
+
+def _ldm_passes(passes: dict) -> dict:
+    """The fields of a sampler case from the timed passes: ``in_network_s`` sums every network pass of the call,
+    ``network_calls`` counts the diffusion UNet's (the looped network), ``passes`` / ``passes_s`` give each."""
+    return {"in_network_s": round(sum(p["s"] for p in passes.values()), 4), "network_calls": passes["unet"]["n"],
+            "passes": {k: p["n"] for k, p in passes.items()},
+            "passes_s": {k: round(p["s"], 4) for k, p in passes.items()}}
+
+
+def run_aldm(case: str, volume_shape=None, steps: int | None = None, overlays=()) -> dict:
+    """aldm_translation's translation of one source volume into every configured target (see the module
+    docstring): ``aldm_floor`` times each network pass once, ``aldm_sampler`` runs the bundle's own inferer."""
+    from common.networks.aldm_ldm import target_condition
+
+    parser = _ldm_parser(ALDM_BUNDLE, overlays, {"num_inference_steps": steps})
+    torch.manual_seed(0)
+    network = parser.get_parsed_content("network").eval()
+    unet = parser.get_parsed_content("diffusion_model").eval()
+    inferer = parser.get_parsed_content("inferer")
+    assert inferer.diffusion_model is unet and inferer.mode == "diffusion"
+    targets = parser.get_parsed_content("targets")
+    targets = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else [str(t) for t in targets]
+    steps = inferer.sampler.num_inference_steps
+    volume_shape = tuple(int(v) for v in (volume_shape or parser.get_parsed_content("roi_size")))
+    x = torch.rand(1, 1, *volume_shape, generator=torch.Generator().manual_seed(0))
+    ae = network.autoencoder
+    extra = {}
+    with torch.no_grad():
+        if case == "aldm_floor":
+            # the passes of one target, each after a warm-up; the UNet's input as the sampler builds it
+            encode_s, z_src = _timed_pass(network.encode, x)
+            spade_s, c = _timed_pass(network.translate_latent, z_src, targets[0])
+            s = inferer.scale_factor
+            kwargs = target_condition(targets[0], inferer.modalities, inferer.conditioning, batch_size=1)
+            z = torch.randn(z_src.shape, generator=torch.Generator().manual_seed(1))
+            t = torch.full((1,), int(inferer.sampler.scheduler.num_train_timesteps) - 1, dtype=torch.long)
+            seconds, _ = _timed_pass(unet, torch.cat([s * z_src, s * c, z], dim=1), t, **kwargs)
+            decode_s, _ = _timed_pass(network.decode, z)
+            extra["parts_s"] = {"encode": round(encode_s, 4), "spade": round(spade_s, 4),
+                                "decode": round(decode_s, 4)}
+            # what runs once per volume: one encode of the source, SPADE and a decode per target
+            extra["once_s"] = round(encode_s + len(targets) * (spade_s + decode_s), 4)
+            extra["latent"] = list(z_src.shape[1:])
+        else:
+            passes = {name: _time_network_passes(module, openvino=False) for name, module in (
+                ("unet", unet), ("encoder", ae.encoder), ("quant_conv", ae.quant_conv), ("quantizer", ae.quantizer),
+                ("spade", network.spade), ("post_quant_conv", ae.post_quant_conv), ("decoder", ae.decoder))}
+            start = time.perf_counter()
+            pred = inferer(x, network, targets=targets)
+            seconds = time.perf_counter() - start
+            assert tuple(pred.shape) == (1, len(targets), *volume_shape), pred.shape
+            extra.update(_ldm_passes(passes))
+    return {**extra, "case": case, "seconds": round(seconds, 4), "volume": list(volume_shape), "steps": steps,
+            "targets": len(targets), "overlays": list(overlays), "peak_gib": round(_peak_gib(), 2),
+            "threads": torch.get_num_threads()}
+
+
+def run_noddi(case: str, volume_shape=None, steps: int | None = None, overlays=()) -> dict:
+    """noddi_sr's sliding-window DDIM on one LR feature volume (see the module docstring): ``noddi_floor`` times
+    each network pass of one batch of windows once, ``noddi_sampler`` runs the bundle's own inferer."""
+    parser = _ldm_parser(NODDI_BUNDLE, overlays, {"ddim_steps": steps})
+    torch.manual_seed(0)
+    network = parser.get_parsed_content("network").eval()
+    inferer = parser.get_parsed_content("inferer")
+    assert inferer.sampler is not None and inferer.num_samples == 1, "one DDIM sample per window"
+    channels = int(parser.get_parsed_content("n_feat"))
+    steps = inferer.sampler.num_inference_steps
+    roi = tuple(int(v) for v in parser.get_parsed_content("lr_patch"))
+    volume_shape = tuple(int(v) for v in (volume_shape or roi))
+    windows = inferer.count_windows(volume_shape, channels)
+    batch = min(inferer.sw_batch_size, windows)
+    gen = torch.Generator().manual_seed(0)
+    extra = {}
+    with torch.no_grad():
+        if case == "noddi_floor":
+            f = torch.rand(batch, channels, *roi, generator=gen)
+            encode_s, c = _timed_pass(network.condition, f)  # condition encoder (+ the latent normalisation)
+            z = torch.randn(c.shape, generator=gen)
+            t = torch.full((batch,), int(inferer.sampler.scheduler.num_train_timesteps) - 1, dtype=torch.long)
+            seconds, _ = _timed_pass(network.unet, torch.cat([c, z], dim=1), t)
+            decode_s, _ = _timed_pass(network.decode, z)  # nearest code, post_quant_conv, VQ-GAN decoder
+            extra["parts_s"] = {"encode": round(encode_s, 4), "decode": round(decode_s, 4)}
+            extra["once_s"] = round(encode_s + decode_s, 4)  # once per batch of windows
+            extra["latent"] = list(c.shape[1:])
+        else:
+            vqgan = network.vqgan
+            passes = {name: _time_network_passes(module, openvino=False) for name, module in (
+                ("unet", network.unet), ("encoder", network.encoder), ("post_quant_conv", vqgan.post_quant_conv),
+                ("decoder", vqgan.decoder))}
+            passes["lookup"] = _time_method(vqgan.quantizer, "lookup")
+            features = torch.rand(1, channels, *volume_shape, generator=gen)
+            start = time.perf_counter()
+            pred = inferer(features, network)
+            seconds = time.perf_counter() - start
+            scale = int(parser.get_parsed_content("scale"))
+            assert tuple(pred.shape) == (1, 3, *(scale * v for v in volume_shape)), pred.shape
+            extra.update(_ldm_passes(passes))
+    return {**extra, "case": case, "seconds": round(seconds, 4), "volume": list(volume_shape), "roi": list(roi),
+            "windows": windows, "batch": batch, "batches": math.ceil(windows / batch), "steps": steps,
+            "channels": channels, "overlays": list(overlays), "peak_gib": round(_peak_gib(), 2),
+            "threads": torch.get_num_threads()}
+
+
+def run_case(case: str, out: str | None = None, latent=MAISI_LATENT, ivan_volume=IVAN_VOLUME, aldm_volume=None,
+             noddi_volume=None, steps: int | None = None, overlays=()) -> dict:
     if case.startswith("maisi_decode_"):
         return run_maisi_decode(case[len("maisi_decode_"):], out, latent)
     if case in IVAN_CASES:
         return run_ivan(case, ivan_volume)
+    if case.startswith("aldm_"):
+        return run_aldm(case, aldm_volume, steps, overlays)
+    if case.startswith("noddi_"):
+        return run_noddi(case, noddi_volume, steps, overlays)
     kind, lever = case.split("_", 1)
     if kind == "bundle":
         return run_bundle(lever)
@@ -319,6 +502,49 @@ def run_case(case: str, out: str | None = None, latent=MAISI_LATENT, ivan_volume
     }
 
 
+def summarise(cases, runs) -> list[dict]:
+    """One table row per case from its runs (each with ``load_average_1min_after``, added by the parent): medians,
+    the floors (the per-pass time of a floor case scaled to what the sampler runs) and the sampler rows' ratios
+    to the time inside the network's passes and to the floor of the same kind."""
+    table = []
+    for case in cases:
+        rs = [r for r in runs if r["case"] == case]
+        row = {"case": case, "median_s": statistics.median(r["seconds"] for r in rs), "runs": len(rs),
+               "peak_gib": max(r["peak_gib"] for r in rs), "load_max": max(r["load_average_1min_after"] for r in rs)}
+        if case.startswith("floor"):
+            r0 = rs[0]
+            row["floor_s"] = round(row["median_s"] * r0["steps"] * r0["windows"], 2)
+        if case == "ivan_floor":
+            row["floor_s"] = round(row["median_s"] * rs[0]["slices"] / rs[0]["batch"], 2)  # per-slice cost x slices
+        if case in ("aldm_floor", "noddi_floor"):
+            r0 = rs[0]
+            row["once_median_s"] = statistics.median(r["once_s"] for r in rs)
+            if case == "aldm_floor":  # a UNet pass per step and target, then the once-per-volume passes
+                row["floor_s"] = round(row["median_s"] * r0["steps"] * r0["targets"] + row["once_median_s"], 4)
+            else:  # per window: a UNet pass per step plus its encode and decode; windows x that per-window cost
+                row["floor_s"] = round(
+                    (row["median_s"] * r0["steps"] + row["once_median_s"]) * r0["windows"] / r0["batch"], 4)
+        if case.startswith("sampler") or case in FLOOR_OF:
+            # the loop's own overhead, from one run: total over the time inside the network's passes
+            row["in_network_median_s"] = statistics.median(r["in_network_s"] for r in rs)
+            row["ratio_to_in_network"] = round(row["median_s"] / row["in_network_median_s"], 3)
+            if all("second_call_s" in r for r in rs):
+                row["second_call_median_s"] = statistics.median(r["second_call_s"] for r in rs)
+                row["second_call_in_network_median_s"] = statistics.median(r["second_call_in_network_s"] for r in rs)
+                row["second_call_ratio_to_in_network"] = round(
+                    row["second_call_median_s"] / row["second_call_in_network_median_s"], 3)
+        table.append(row)
+    for row in table:
+        if row["case"].startswith("sampler") or row["case"] in FLOOR_OF:
+            floor_case = FLOOR_OF.get(row["case"]) or "floor_" + row["case"].split("_", 1)[1]
+            floor = next((f for f in table if f["case"] == floor_case), None)
+            if floor and floor["floor_s"] > 0:
+                row["ratio_to_floor"] = round(row["median_s"] / floor["floor_s"], 3)
+                if "second_call_median_s" in row:
+                    row["second_call_ratio_to_floor"] = round(row["second_call_median_s"] / floor["floor_s"], 3)
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", nargs="+", default=[f"{k}_{lv}" for k in ("floor", "sampler") for lv in ("fp32", "cl")])
@@ -330,10 +556,22 @@ def main() -> None:
     ap.add_argument("--maisi-latent", type=int, nargs=5, default=list(MAISI_LATENT), help="latent shape of the decode cases")
     ap.add_argument("--ivan-volume", type=int, nargs=3, default=list(IVAN_VOLUME),
                     help="volume shape of the ivan cases")
+    ap.add_argument("--aldm-volume", type=int, nargs=3, default=None,
+                    help="source volume of the aldm cases (default: the config's roi_size; each side divisible "
+                         "by 16 at paper scale: f = 4, two UNet downsamplings)")
+    ap.add_argument("--noddi-volume", type=int, nargs=3, default=None,
+                    help="LR feature volume of the noddi cases (default: the config's lr_patch, one window)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="sampler steps of the aldm and noddi cases (default: the config's); the loop / floor ratio "
+                         "is what matters, and the floor scales with the same steps")
+    ap.add_argument("--overlays", nargs="+", default=[],
+                    help="config files read over inference.json by the aldm and noddi cases: names in the bundle's "
+                         "configs/ (e.g. light.json; the tests use tiny.json) or paths")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.case:  # child process: one run of one case
-        print(json.dumps(run_case(args.case, args.save, args.maisi_latent, args.ivan_volume)))
+        print(json.dumps(run_case(args.case, args.save, args.maisi_latent, args.ivan_volume, args.aldm_volume,
+                                  args.noddi_volume, args.steps, args.overlays)))
         return
     runs, saved = [], {}
     work = Path(args.out or "runs/cpu_inference")
@@ -342,14 +580,18 @@ def main() -> None:
         if case.startswith("maisi_decode_"):
             if case[len("maisi_decode_"):] not in DECODE_MODES:
                 raise SystemExit(f"unknown decode mode in case {case!r}; expected maisi_decode_ + one of {DECODE_MODES}")
-        elif case not in IVAN_CASES and (
+        elif case not in IVAN_CASES + LDM_CASES and (
                 case.split("_", 1)[0] not in ("floor", "sampler", "bundle") or case.split("_", 1)[1] not in LEVERS):
             raise SystemExit(f"unknown case {case!r}; expected floor_/sampler_/bundle_ + one of {LEVERS}, "
-                             f"maisi_decode_ + one of {DECODE_MODES}, or one of {IVAN_CASES}")
+                             f"maisi_decode_ + one of {DECODE_MODES}, or one of {IVAN_CASES + LDM_CASES}")
         for rep in range(args.repeats):
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
             cmd = [sys.executable, __file__, "--case", case, "--threads", str(args.threads),
                    "--maisi-latent", *map(str, args.maisi_latent), "--ivan-volume", *map(str, args.ivan_volume)]
+            for flag, value in (("--aldm-volume", args.aldm_volume), ("--noddi-volume", args.noddi_volume),
+                                ("--steps", args.steps), ("--overlays", args.overlays)):
+                if value:
+                    cmd += [flag, *map(str, value if isinstance(value, list) else [value])]
             if (case.startswith("maisi_decode_") or case.startswith("sampler_")) and rep == 0:
                 saved[case] = work / f"{case}.pt"
                 cmd += ["--save", str(saved[case])]
@@ -360,34 +602,7 @@ def main() -> None:
             run["load_average_1min_after"] = round(os.getloadavg()[0], 2)
             runs.append(run)
             print(json.dumps(run), flush=True)
-    table = []
-    for case in args.cases:
-        rs = [r for r in runs if r["case"] == case]
-        row = {"case": case, "median_s": statistics.median(r["seconds"] for r in rs), "runs": len(rs),
-               "peak_gib": max(r["peak_gib"] for r in rs), "load_max": max(r["load_average_1min_after"] for r in rs)}
-        if case.startswith("floor"):
-            r0 = rs[0]
-            row["floor_s"] = round(row["median_s"] * r0["steps"] * r0["windows"], 2)
-        if case == "ivan_floor":
-            row["floor_s"] = round(row["median_s"] * rs[0]["slices"] / rs[0]["batch"], 2)  # per-slice cost x slices
-        if case.startswith("sampler") or case == "ivan_sampler":
-            # the loop's own overhead, from one run: total over the time inside the network's passes
-            row["in_network_median_s"] = statistics.median(r["in_network_s"] for r in rs)
-            row["ratio_to_in_network"] = round(row["median_s"] / row["in_network_median_s"], 3)
-            if all("second_call_s" in r for r in rs):
-                row["second_call_median_s"] = statistics.median(r["second_call_s"] for r in rs)
-                row["second_call_in_network_median_s"] = statistics.median(r["second_call_in_network_s"] for r in rs)
-                row["second_call_ratio_to_in_network"] = round(
-                    row["second_call_median_s"] / row["second_call_in_network_median_s"], 3)
-        table.append(row)
-    for row in table:
-        if row["case"].startswith("sampler") or row["case"] == "ivan_sampler":
-            floor_case = "ivan_floor" if row["case"] == "ivan_sampler" else "floor_" + row["case"].split("_", 1)[1]
-            floor = next((f for f in table if f["case"] == floor_case), None)
-            if floor:
-                row["ratio_to_floor"] = round(row["median_s"] / floor["floor_s"], 3)
-                if "second_call_median_s" in row:
-                    row["second_call_ratio_to_floor"] = round(row["second_call_median_s"] / floor["floor_s"], 3)
+    table = summarise(args.cases, runs)
     whole = saved.get("maisi_decode_whole")
     for row in table:
         if row["case"] in saved and whole is not None and row["case"] != "maisi_decode_whole":
