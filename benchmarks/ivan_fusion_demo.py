@@ -262,9 +262,9 @@ def learning_curves(train_dirs: list[str], unets: dict, png: Path) -> dict:
             per_min = train["iterations"] / (train["seconds"] / 60.0)
             ax_loss.plot([i / per_min for i, _ in train["loss_curve"]], [v for _, v in train["loss_curve"]], ls="--",
                          label=f"UNet {task} (MSE)")
-    ax_loss.set(xlabel="minutes of training (one CPU core)", ylabel="training loss", yscale="log",
+    ax_loss.set(xlabel="minutes of training (wall clock)", ylabel="training loss", yscale="log",
                 title="training loss (simulated slices)")
-    ax_val.set(xlabel="minutes of training (one CPU core)", ylabel="PSNR (dB)",
+    ax_val.set(xlabel="minutes of training (wall clock)", ylabel="PSNR (dB)",
                title="iVAN validation PSNR (2 held-out simulated subjects)")
     for ax in (ax_loss, ax_val):
         ax.grid(alpha=0.3)
