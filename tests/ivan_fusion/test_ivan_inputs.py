@@ -327,7 +327,7 @@ def _fusion_train_dataset(avg152, tmp_path, files):
 
 
 def test_fusion_training_target_follows_the_augmented_sources(avg152, tmp_path):
-    """The demo's fusion training augments each source's intensities per slice (random gamma) and computes the
+    """The demo's fusion training augments each source's intensities per slice (random gamma and blur) and computes the
     reference fusion image of the *augmented* pair, so the network learns the rule, not one pair of contrasts;
     the default ``train.json`` has no augmentation and gives the same item on every access."""
     from common.transforms.ivan import laplacian_maxabs_fusion
@@ -347,8 +347,8 @@ def test_fusion_training_target_follows_the_augmented_sources(avg152, tmp_path):
             for c in range(y.shape[0]):
                 torch.testing.assert_close(y[c], ref, atol=1e-5, rtol=0)
         xd, xp = torch.as_tensor(d["image"])[:2], torch.as_tensor(p0["image"])[:2]
-        # a gamma keeps each source's range and its zero background, but changes the intensities in between
-        torch.testing.assert_close(xd.amax(dim=(1, 2)), xp.amax(dim=(1, 2)), atol=1e-5, rtol=1e-5)
-        assert torch.equal(xd == 0, xp == 0)
+        # a gamma keeps each source's range and a blur averages within it: nothing leaves [0, the source's max]
+        assert float(xd.min()) >= 0.0
+        assert bool((xd.amax(dim=(1, 2)) <= xp.amax(dim=(1, 2)) + 1e-5).all())
         changed += int(not torch.allclose(xd, xp, atol=1e-4))
     assert changed >= 0.5 * len(range(0, len(demo), 7))
