@@ -33,6 +33,8 @@ REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "bundles" / "ivan_fusion"
 INPUTS = {"fusion": ["t2", "ct"]}  # the shipped demo models and their sources
 FUSION_BAR = 30.0  # dB against the reference rule, real avg152, 91 slices
+# the card's command (inference.json + demo.json + task_fusion.json) with evaluate.json added for the metrics
+FUSION_CONFIGS = ["configs/inference.json", "configs/evaluate.json", "configs/demo.json", "configs/task_fusion.json"]
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +49,8 @@ def framings(brain_demo, tmp_path_factory) -> Path:
     return path
 
 
-def _evaluate(task: str, datalist: Path, out: Path) -> tuple[dict, dict]:
+def _evaluate(configs: list[str], datalist: Path, out: Path) -> tuple[dict, dict]:
     """Per-case metrics and per-slice rows (case -> slice -> row) of ``evaluate.json`` run as a user runs it."""
-    configs = ["configs/inference.json", "configs/evaluate.json", "configs/demo.json", f"configs/task_{task}.json"]
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(configs),
            "--datalist", str(datalist), "--output_dir", str(out)]
     proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -77,7 +78,7 @@ def test_shipped_weights_are_the_ones_the_overlay_names():
 
 @pytest.mark.slow
 def test_shipped_fusion_model_follows_its_reference_rule_on_real_avg152(framings, tmp_path):
-    cases, slices = _evaluate("fusion", framings, tmp_path / "eval")
+    cases, slices = _evaluate(FUSION_CONFIGS, framings, tmp_path / "eval")
     m = cases["avg152"]
     assert m["fused_slices"] == 91
     assert m["fused_psnr3d"] >= FUSION_BAR, m["fused_psnr3d"]
