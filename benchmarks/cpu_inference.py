@@ -250,14 +250,8 @@ def _time_network_passes(network, openvino: bool) -> dict:
 
 def run_ivan(case: str, volume_shape=IVAN_VOLUME) -> dict:
     """ivan_fusion's slice loop on a 181 x 217 x 181 volume (see the module docstring)."""
-    from monai.bundle import ConfigParser
-
-    sys.path.insert(0, str(IVAN_BUNDLE))
-    parser = ConfigParser()
-    parser.read_config([str(IVAN_BUNDLE / "configs" / f) for f in ("inference.json", "task_1to1.json")])
-    parser["bundle_root"] = str(IVAN_BUNDLE)
+    parser = _bundle_parser(IVAN_BUNDLE, ("task_1to1.json",), {})
     torch.manual_seed(0)
-    parser["device"] = "$torch.device('cpu')"
     network = parser.get_parsed_content("network").eval()
     inferer = parser.get_parsed_content("inferer")
     predictor = parser.get_parsed_content("predictor")  # wraps the same network instance
@@ -270,10 +264,7 @@ def run_ivan(case: str, volume_shape=IVAN_VOLUME) -> dict:
     with torch.no_grad():
         if case == "ivan_floor":
             x = torch.rand(batch, channels, volume_shape[0], volume_shape[1], generator=gen)
-            network(x)  # warm-up: oneDNN primitive creation
-            start = time.perf_counter()
-            network(x)
-            seconds = time.perf_counter() - start
+            seconds, _ = _timed_pass(network, x)
         else:
             volume = torch.rand(1, channels, *volume_shape, generator=gen)
             in_network = _time_network_passes(network, openvino=False)
@@ -315,9 +306,9 @@ def _timed_pass(fn, *args, **kwargs) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, out
 
 
-def _ldm_parser(bundle: Path, overlays, overrides: dict):
-    """``inference.json`` of ``bundle`` on the CPU, with the bundle's ``overlays`` (e.g. ``tiny.json``, read over it)
-    and ``overrides`` (the step count) set before anything is parsed."""
+def _bundle_parser(bundle: Path, overlays, overrides: dict):
+    """``inference.json`` of ``bundle`` on the CPU, with the bundle's ``overlays`` (e.g. ``tiny.json`` or a task
+    overlay, read over it) and ``overrides`` (the step count) set before anything is parsed."""
     from monai.bundle import ConfigParser
 
     sys.path.insert(0, str(bundle))  # the bundle's own ``scripts`` package (one bundle per child process)
@@ -344,7 +335,7 @@ def run_aldm(case: str, volume_shape=None, steps: int | None = None, overlays=()
     docstring): ``aldm_floor`` times each network pass once, ``aldm_sampler`` runs the bundle's own inferer."""
     from common.networks.aldm_ldm import target_condition
 
-    parser = _ldm_parser(ALDM_BUNDLE, overlays, {"num_inference_steps": steps})
+    parser = _bundle_parser(ALDM_BUNDLE, overlays, {"num_inference_steps": steps})
     torch.manual_seed(0)
     network = parser.get_parsed_content("network").eval()
     unet = parser.get_parsed_content("diffusion_model").eval()
@@ -390,7 +381,7 @@ def run_aldm(case: str, volume_shape=None, steps: int | None = None, overlays=()
 def run_noddi(case: str, volume_shape=None, steps: int | None = None, overlays=()) -> dict:
     """noddi_sr's sliding-window DDIM on one LR feature volume (see the module docstring): ``noddi_floor`` times
     each network pass of one batch of windows once, ``noddi_sampler`` runs the bundle's own inferer."""
-    parser = _ldm_parser(NODDI_BUNDLE, overlays, {"ddim_steps": steps})
+    parser = _bundle_parser(NODDI_BUNDLE, overlays, {"ddim_steps": steps})
     torch.manual_seed(0)
     network = parser.get_parsed_content("network").eval()
     inferer = parser.get_parsed_content("inferer")

@@ -39,6 +39,6 @@ def test_aldm_cases_time_the_bundle_sampler_against_its_floor(monkeypatch):
 
 def test_aldm_cases_default_to_the_configured_steps(monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))
-    parser = bench._ldm_parser(bench.ALDM_BUNDLE, (), {"num_inference_steps": None})
+    parser = bench._bundle_parser(bench.ALDM_BUNDLE, (), {"num_inference_steps": None})
     assert parser.get_parsed_content("sampler").num_inference_steps == 200  # inference.json: DDIM 200
     assert parser.get_parsed_content("roi_size") == [192, 192, 144]

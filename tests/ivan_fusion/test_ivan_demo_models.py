@@ -98,22 +98,9 @@ def test_shipped_fusion_model_follows_its_reference_rule_on_real_avg152(framings
 
 @pytest.mark.parametrize("task", sorted(INPUTS))
 def test_shipped_networks_invert_their_output_in_float32(task, framings):
-    from monai.bundle import ConfigParser
+    """max |f^-1(f(x)) - x| of the shipped network on every real avg152 slice (the card's measurement)."""
+    from benchmarks.ivan_fusion_demo import inverse_error
 
-    from benchmarks.ivan_fusion import _load_volumes
-    from common.transforms.ivan import augment_sources
-
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLE / "configs" / f) for f in ("inference.json", "demo.json", f"task_{task}.json")])
-    parser["bundle_root"] = str(BUNDLE)
-    net = parser.get_parsed_content("network_def")
-    net.load_state_dict(torch.load(parser.get_parsed_content("ckpt_path"), map_location="cpu", weights_only=True)["model"])
-    net.eval()
-    d = json.loads(framings.read_text())
-    case = next(e for e in d["test"] if e["id"] == "avg152")
-    vol = _load_volumes([{k: str(framings.parent / case[k]) for k in INPUTS[task]}], INPUTS[task])[0]
-    x = augment_sources(torch.cat([torch.as_tensor(vol[k]) for k in INPUTS[task]]).float(), net.channels)
-    x = x.permute(3, 0, 1, 2)[::3]  # every third of the 91 slices (the card: all of them), (31, C, H, W)
-    with torch.no_grad():
-        err = max(float((net.inverse(net(x[i : i + 16])) - x[i : i + 16]).abs().max()) for i in range(0, len(x), 16))
+    assert json.loads(framings.read_text())["test"][0]["id"] == "avg152"  # the case inverse_error reads
+    err = inverse_error(task, framings)
     assert err <= 1e-5, err

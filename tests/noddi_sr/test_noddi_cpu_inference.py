@@ -46,6 +46,6 @@ def test_noddi_cases_time_the_bundle_sampler_against_its_floor(monkeypatch, tmp_
 
 def test_noddi_cases_default_to_the_configured_steps(monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))
-    parser = bench._ldm_parser(bench.NODDI_BUNDLE, (), {"ddim_steps": None})
+    parser = bench._bundle_parser(bench.NODDI_BUNDLE, (), {"ddim_steps": None})
     assert parser.get_parsed_content("sampler").num_inference_steps == 100  # inference.json: DDIM 100
     assert parser.get_parsed_content("lr_patch") == [32, 32, 32]
