@@ -109,67 +109,95 @@ def _scores(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> dict:
     }
 
 
-def _test_items(overlays, dataset_dir):
-    """Preprocessed test directions (source, target, mask on the model grid) of evaluate.json."""
-    parser = _parser("evaluate.json", overlays, dataset_dir=dataset_dir)
+def _test_items(overlays, dataset_dir, **overrides):
+    """Preprocessed test directions (source, target, mask on the model grid) of evaluate.json (``overrides``:
+    config keys, e.g. ``test_split="validation"``)."""
+    parser = _parser("evaluate.json", overlays, dataset_dir=dataset_dir, **overrides)
     ds = parser.get_parsed_content("dataset")
     out = []
     for i in range(len(ds)):
         d = ds[i]
         src, tgt = d["image"][0].numpy(), d["target"][0].numpy()
         mask = d["mask"][0].numpy() > 0 if "mask" in d else (src > 0) | (tgt > 0)
-        out.append({"source": d["source"], "target": d["targets"][0], "x": src, "y": tgt, "mask": mask})
+        out.append({"id": d.get("id"), "source": d["source"], "target": d["targets"][0], "x": src, "y": tgt, "mask": mask})
     return out
 
 
-def histmatch_baseline(items) -> dict:
+def histmatch_predict(x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The source histogram-matched to the target inside ``mask`` (0 outside): an intensity-only baseline that
+    is given the target's intensity distribution."""
     from skimage.exposure import match_histograms
 
-    rows = {}
-    for it in items:
-        pred = np.zeros_like(it["x"])
-        pred[it["mask"]] = match_histograms(it["x"][it["mask"]], it["y"][it["mask"]])
-        rows[f"{it['source']}2{it['target']}"] = _scores(pred, it["y"], it["mask"])
-    return rows
+    pred = np.zeros_like(x)
+    pred[mask] = match_histograms(x[mask], y[mask])
+    return pred
+
+
+def histmatch_baseline(items) -> dict:
+    return {f"{it['source']}2{it['target']}": _scores(histmatch_predict(it["x"], it["y"], it["mask"]), it["y"], it["mask"])
+            for it in items}
+
+
+#: BasicUNet widths of the UNet regression baseline (1.44 M parameters with 3 modalities)
+UNET_FEATURES = (16, 16, 32, 64, 128, 16)
+
+
+def unet_net(num_modalities: int, features=UNET_FEATURES):
+    """The UNet regression baseline: ``[x_src, one-hot(target) maps] -> x_tgt`` (MONAI ``BasicUNet``)."""
+    from monai.networks.nets import BasicUNet
+
+    return BasicUNet(spatial_dims=3, in_channels=1 + num_modalities, out_channels=1, features=tuple(features))
+
+
+def unet_inputs(x: torch.Tensor, target: str, modalities) -> torch.Tensor:
+    """``x`` (N, 1, *S) with one constant map per modality, 1 for ``target``: (N, 1 + M, *S)."""
+    modalities = list(modalities)
+    onehot = torch.zeros(x.shape[0], len(modalities), *x.shape[2:], device=x.device, dtype=x.dtype)
+    onehot[:, modalities.index(target)] = 1.0
+    return torch.cat([x, onehot], dim=1)
+
+
+def unet_train_step(net, opt, batch: dict, modalities, device) -> float:
+    """One L1 step on a random ordered pair (source != target) of the batch's modalities; returns the loss."""
+    from common.engines.aldm_steps import sample_pair
+
+    net.train()
+    s, t = sample_pair(list(modalities), allow_identity=False)
+    x, y = torch.as_tensor(batch[s]).to(device), torch.as_tensor(batch[t]).to(device)
+    loss = torch.nn.functional.l1_loss(net(unet_inputs(x, t, modalities)), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def unet_predict(net, x: np.ndarray, target: str, modalities, device="cpu") -> np.ndarray:
+    """The UNet's translation of one preprocessed source volume ``x`` (H, W, D) into ``target``."""
+    net.eval()
+    xt = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)[None, None].to(device)
+    return net(unet_inputs(xt, target, modalities))[0, 0].cpu().numpy()
 
 
 def unet_baseline(overlays, dataset_dir, modalities, seconds, items, device, seed=0) -> tuple[dict, dict]:
     """Train a plain 3D UNet regression for ``seconds`` and score it on ``items``."""
-    from monai.networks.nets import BasicUNet
-
-    from common.engines.aldm_steps import sample_pair
-
     torch.manual_seed(seed)
     parser = _parser("train_spade.json", overlays, dataset_dir=dataset_dir)
     loader = parser.get_parsed_content("train#dataloader")
-    m = len(modalities)
-    net = BasicUNet(spatial_dims=3, in_channels=1 + m, out_channels=1, features=(16, 16, 32, 64, 128, 16)).to(device)
+    net = unet_net(len(modalities)).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-
-    def inputs(x, tgt):
-        onehot = torch.zeros(x.shape[0], m, *x.shape[2:], device=x.device)
-        onehot[:, modalities.index(tgt)] = 1.0
-        return torch.cat([x, onehot], dim=1)
 
     start, iters = time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
         for batch in loader:
-            s, t = sample_pair(modalities, allow_identity=False)
-            x, y = batch[s].to(device), batch[t].to(device)
-            loss = torch.nn.functional.l1_loss(net(inputs(x, t)), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            unet_train_step(net, opt, batch, modalities, device)
             iters += 1
             if time.perf_counter() - start >= seconds:
                 break
-    net.eval()
     rows = {}
-    with torch.no_grad():
-        for it in items:
-            x = torch.from_numpy(it["x"])[None, None].to(device)
-            pred = net(inputs(x, it["target"]))[0, 0].cpu().numpy()
-            rows[f"{it['source']}2{it['target']}"] = _scores(pred, it["y"], it["mask"])
+    for it in items:
+        pred = unet_predict(net, it["x"], it["target"], modalities, device)
+        rows[f"{it['source']}2{it['target']}"] = _scores(pred, it["y"], it["mask"])
     return rows, {"iterations": iters, "seconds": round(time.perf_counter() - start, 1),
                   "parameters": sum(p.numel() for p in net.parameters())}
 

@@ -1,8 +1,8 @@
 """What the demo-model drivers share: a bundle's configs as one workflow, and one training stage stopped by wall clock.
 
-``benchmarks/noddi_sr_demo.py`` and ``benchmarks/maisi_ct_demo.py`` train a bundle's stages with its demo overlay
-through the bundle's own configs, each stage stopped at the first epoch end after its share of a wall-clock budget,
-and keep a learning curve of it.
+``benchmarks/noddi_sr_demo.py``, ``benchmarks/maisi_ct_demo.py`` and ``benchmarks/aldm_translation_demo.py``
+train a bundle's stages with its demo overlay through the bundle's own configs, each stage stopped at the first
+epoch end after its share of a wall-clock budget, and keep a learning curve of it.
 """
 
 from __future__ import annotations
@@ -10,6 +10,22 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+
+
+def parse_overrides(pairs: list[str] | None) -> dict:
+    """``KEY=VALUE`` config overrides of a driver's command line (VALUE parsed as JSON where it is JSON, else a
+    string, e.g. ``adv_weight=0`` or ``warmup=$lambda epoch: max(0.1, 1 - epoch / 60)``), as ``monai.bundle run
+    --KEY``."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def bundle_workflow(bundle: Path, files, wtype: str, **overrides):

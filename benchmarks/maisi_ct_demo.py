@@ -48,6 +48,7 @@ for _p in (str(REPO), str(BUNDLE)):
         sys.path.insert(0, _p)
 
 from benchmarks.demo_training import bundle_workflow, train_stage  # noqa: E402
+from benchmarks.demo_training import parse_overrides as _overrides  # noqa: E402,F401
 
 STAGES = {"autoencoder": "train_autoencoder.json", "diffusion": "train_diffusion.json", "controlnet": "train_controlnet.json"}
 CHECKPOINTS = {"autoencoder": "autoencoder_checkpoint.pt", "diffusion": "diffusion_unet_checkpoint.pt",
@@ -85,21 +86,6 @@ def cmd_train(args) -> None:
                         dataset_dir=str(data / "ct"), latent_dir=str(out / "latents"), **extra)
         print(f"[{stage}] done: {c['iterations']} iterations, {c['wall_s']:.0f} s, best val PSNR {c['best_val_psnr']}",
               flush=True)
-
-
-def _overrides(pairs: list[str] | None) -> dict:
-    """``KEY=VALUE`` config overrides of the command line (VALUE parsed as JSON where it is JSON, else a string,
-    e.g. ``adv_weight=0`` or ``warmup=$lambda epoch: max(0.1, 1 - epoch / 60)``), as ``monai.bundle run --KEY``."""
-    out = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def _sha256(path: Path) -> str:

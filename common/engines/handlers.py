@@ -129,7 +129,10 @@ class EpochSeedHandler:
 class SafeCheckpointLoader(CheckpointLoader):
     """``monai.handlers.CheckpointLoader`` that never trusts the file blindly.
 
-    Same arguments as MONAI's loader, plus ``sha256`` (optional expected digest of the file). The file
+    Same arguments as MONAI's loader, plus ``sha256`` (optional expected digest of the file). A file that is one
+    plain state dict (name -> tensor) serves a single object of ``load_dict`` as it is, and several objects when
+    its keys are ``"<entry>.<key>"`` (the layout of shipped weights, e.g. ``ema.module.*`` and
+    ``step.scale_factor``). The file
     is loaded by :func:`common.utils.io.load_checkpoint` (``weights_only=True``, the sha256 checked
     first), and every module in ``load_dict`` is checked against it before anything is loaded, so a
     missing file, a foreign file (another bundle's checkpoint, another configuration's shapes) or a
@@ -154,6 +157,16 @@ class SafeCheckpointLoader(CheckpointLoader):
         first = next(iter(self.load_dict))
         if len(self.load_dict) == 1 and first not in checkpoint:
             checkpoint = {first: checkpoint}  # a bare state dict for a single object, as MONAI allows
+        elif not any(k in checkpoint for k in self.load_dict) and checkpoint and all(
+            torch.is_tensor(v) for v in checkpoint.values()
+        ):
+            # one plain state dict for several objects, each key "<entry>.<key>" (a shipped weights file)
+            entries = {
+                k: {n[len(k) + 1 :]: v for n, v in checkpoint.items() if n.startswith(k + ".")}
+                for k in self.load_dict
+                if any(n.startswith(k + ".") for n in checkpoint)
+            }
+            checkpoint = entries or checkpoint  # none of them: the error below names the file's own keys
         missing = [k for k in self.load_dict if k not in checkpoint]
         if missing:
             raise CheckpointError(

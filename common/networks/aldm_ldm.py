@@ -24,7 +24,7 @@ Shapes::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -65,7 +65,7 @@ ALDM_UNET_PRESETS: dict[str, dict[str, Any]] = {
 def aldm_diffusion_unet(
     num_modalities: int,
     embed_dim: int = 3,
-    scale: str = "paper",
+    scale: str | Mapping[str, Any] = "paper",
     conditioning: str = "cross_attention",
     **overrides: Any,
 ) -> DiffusionModelUNet:
@@ -74,15 +74,24 @@ def aldm_diffusion_unet(
     Args:
         num_modalities: ``M``, the size of the one-hot target vector / number of class embeddings.
         embed_dim: latent channels of the VQ-GAN (3 in ALDM); input has ``3 * embed_dim`` channels.
-        scale: ``"paper"``, ``"light"`` or ``"tiny"`` (see ``ALDM_UNET_PRESETS``).
+        scale: ``"paper"``, ``"light"`` or ``"tiny"`` (see ``ALDM_UNET_PRESETS``), or a mapping of the
+            preset's keys (``channels``, ``attention_levels``, ``num_res_blocks``, ``num_head_channels``,
+            ``norm_num_groups``), e.g. a demo overlay's own width.
         conditioning: ``"cross_attention"`` (paper / v1) or ``"class_embed"`` (v2).
         overrides: any other ``DiffusionModelUNet`` argument (``channels``, ``attention_levels``, ...).
     """
-    if scale not in ALDM_UNET_PRESETS:
-        raise ValueError(f"scale must be one of {sorted(ALDM_UNET_PRESETS)}, got {scale!r}")
+    if isinstance(scale, Mapping):
+        unknown = sorted(set(scale) - set(ALDM_UNET_PRESETS["paper"]))
+        if unknown:
+            raise ValueError(f"unknown scale keys {unknown}; expected some of {sorted(ALDM_UNET_PRESETS['paper'])}")
+        preset = dict(scale)
+    elif scale in ALDM_UNET_PRESETS:
+        preset = dict(ALDM_UNET_PRESETS[scale])
+    else:
+        raise ValueError(f"scale must be one of {sorted(ALDM_UNET_PRESETS)} or a mapping of their keys, got {scale!r}")
     if conditioning not in ("cross_attention", "class_embed"):
         raise ValueError(f"conditioning must be 'cross_attention' or 'class_embed', got {conditioning!r}")
-    kwargs: dict[str, Any] = dict(ALDM_UNET_PRESETS[scale])
+    kwargs: dict[str, Any] = preset
     kwargs.update(
         spatial_dims=3,
         in_channels=3 * embed_dim,

@@ -29,7 +29,7 @@ Presets: :meth:`VQGAN.aldm` (``paper`` / ``light`` / ``tiny``) and :meth:`VQGAN.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -63,6 +63,23 @@ _CLDM_PRESETS: dict[str, dict[str, Any]] = {
     # noddi_sr spec section 10, tiny: n_hiddens 8, K 64, embed 4, GN 4
     "tiny": dict(channels=8, channel_mult=(1, 2), num_res_blocks=1, norm_num_groups=4, num_embeddings=64, embed_dim=4),
 }
+
+
+def _preset(presets: dict[str, dict[str, Any]], scale: str | Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments of preset ``scale``, or ``scale`` itself when it is a mapping of :class:`VQGAN` arguments
+    (names checked; e.g. a demo overlay's widths, or ``quantizer``)."""
+    if isinstance(scale, Mapping):
+        import inspect
+
+        known = set(inspect.signature(VQGAN.__init__).parameters) - {"self", "style"}
+        unknown = sorted(set(scale) - known)
+        if unknown:
+            examples = sorted(set().union(*presets.values()))
+            raise ValueError(f"unknown scale keys {unknown}; expected VQGAN arguments, e.g. {examples}")
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in scale.items()}
+    if scale not in presets:
+        raise ValueError(f"scale must be one of {sorted(presets)} or a mapping of their keys, got {scale!r}")
+    return dict(presets[scale])
 
 
 class VQGAN(nn.Module):
@@ -166,17 +183,20 @@ class VQGAN(nn.Module):
 
     # ---------------------------------------------------------------- presets
     @classmethod
-    def aldm(cls, scale: str = "paper", **overrides: Any) -> VQGAN:
+    def aldm(cls, scale: str | Mapping[str, Any] = "paper", **overrides: Any) -> VQGAN:
         """ALDM taming-style VQ-GAN (aldm_translation spec section 2 table), f = 4, 1 channel in and out.
 
         ``paper``: ch 256, mult (1, 2, 2), 2 res blocks (decoder 3), 2 mid ResBlocks, GN 32, K 8192 x 3
         (encoder + decoder about 237.5 M parameters). ``light`` (official v1 code): ch 128, mult
         (1, 1, 2), 1 mid ResBlock. ``tiny``: ch 8, mult (1, 1, 2), 1 res block, GN 4, K 64 x 3.
+        ``scale`` may also be a mapping of constructor arguments (the presets' ``channels``, ``channel_mult``,
+        ``num_res_blocks``, ``num_mid_blocks``, ``norm_num_groups``, ``num_embeddings``, ``embed_dim``,
+        ``z_channels``, or e.g. ``quantizer``), a demo overlay's own width; keys it leaves out keep the
+        constructor defaults.
         ``overrides`` replace any constructor argument (e.g. ``quantizer="ema"``).
         """
-        if scale not in _ALDM_PRESETS:
-            raise ValueError(f"scale must be one of {sorted(_ALDM_PRESETS)}, got {scale!r}")
-        kwargs: dict[str, Any] = dict(style="taming", in_channels=1, out_channels=1, **_ALDM_PRESETS[scale])
+        kwargs: dict[str, Any] = dict(style="taming", in_channels=1, out_channels=1)
+        kwargs.update(_preset(_ALDM_PRESETS, scale))
         kwargs.update(overrides)
         return cls(**kwargs)
 
@@ -187,10 +207,8 @@ class VQGAN(nn.Module):
         ``paper``/``light``: n_hiddens 64, one downsampling level (64 -> 128), K 8192 x 8, GN 32, EMA
         codebook (3 x 64^3 -> 8 x 32^3). ``tiny``: n_hiddens 8, K 64 x 4, GN 4.
         """
-        if scale not in _CLDM_PRESETS:
-            raise ValueError(f"scale must be one of {sorted(_CLDM_PRESETS)}, got {scale!r}")
         kwargs: dict[str, Any] = dict(style="cldm", in_channels=3, out_channels=3, quantizer="ema")
-        kwargs.update(_CLDM_PRESETS[scale])
+        kwargs.update(_preset(_CLDM_PRESETS, scale))
         kwargs.update(overrides)
         return cls(**kwargs)
 

@@ -29,7 +29,7 @@ from common.utils.io import atomic_write, refuse_overwrite
 from .data import describe_entry
 from .outputs import translation_outputs
 
-__all__ = ["direction_datalist", "TranslationMetricsSaver", "METRICS"]
+__all__ = ["direction_datalist", "translation_scores", "TranslationMetricsSaver", "METRICS"]
 
 METRICS = ("psnr", "nmse", "ssim", "psnr_mask", "nmse_mask", "ssim_mask")
 
@@ -51,8 +51,10 @@ def direction_datalist(
 
     Raises :class:`common.utils.errors.InvalidInputError` (a ``ValueError``) naming the datalist
     when a case of ``split`` also appears (same ``id``) in ``disjoint_from``, or when a case has
-    fewer than two modalities.
+    fewer than two modalities. ``split`` itself is never among ``disjoint_from`` (evaluating the
+    ``validation`` subjects checks them against ``training`` only).
     """
+    disjoint_from = [k for k in disjoint_from if k != split]
     cases = load_datalist(datalist, split, dataset_dir, path_keys=[*modalities, "mask"], optional=optional)
     if not cases and not os.path.isfile(str(datalist)):
         return []  # checked at the start of `run` (common.bundle.require_cases)
@@ -85,6 +87,23 @@ def direction_datalist(
     if not items and not optional:
         raise InvalidInputError(f"no direction to evaluate: '{split}' of datalist '{datalist}' has no case")
     return items
+
+
+def translation_scores(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """The six numbers of one direction (:data:`METRICS`): PSNR (data range 1), NMSE and 3D SSIM over the whole
+    model grid and within ``mask``, with ``pred`` clipped to ``[0, 1]``. The evaluation writes these for ALDM;
+    baselines scored with this function are comparable with it."""
+    pred = np.clip(np.asarray(pred, dtype=np.float64), 0.0, 1.0)
+    target = np.asarray(target, dtype=np.float64)
+    mask = np.asarray(mask) > 0
+    return {
+        "psnr": psnr(pred, target, data_range=1.0),
+        "nmse": nmse(pred, target),
+        "ssim": ssim3d(pred, target, data_range=1.0),
+        "psnr_mask": psnr(pred, target, data_range=1.0, mask=mask),
+        "nmse_mask": nmse(pred, target, mask=mask),
+        "ssim_mask": ssim3d(pred, target, data_range=1.0, mask=mask),
+    }
 
 
 def _montage(path: str, source: np.ndarray, pred: np.ndarray, target: np.ndarray, title: str) -> None:
@@ -169,17 +188,7 @@ class TranslationMetricsSaver:
             tgt = item["targets"][0]
             tgt = tgt[0] if isinstance(tgt, (list, tuple)) else tgt
             case = item["id"][0] if isinstance(item["id"], (list, tuple)) else item["id"]
-            row = {
-                "id": str(case),
-                "source": str(src),
-                "target": str(tgt),
-                "psnr": psnr(pred, target, data_range=1.0),
-                "nmse": nmse(pred, target),
-                "ssim": ssim3d(pred, target, data_range=1.0),
-                "psnr_mask": psnr(pred, target, data_range=1.0, mask=mask),
-                "nmse_mask": nmse(pred, target, mask=mask),
-                "ssim_mask": ssim3d(pred, target, data_range=1.0, mask=mask),
-            }
+            row = {"id": str(case), "source": str(src), "target": str(tgt), **translation_scores(pred, target, mask)}
             self.rows.append(row)
             if self.montage:  # the middle axial slices only; written on completion
                 k = source.shape[-1] // 2

@@ -44,6 +44,9 @@ class ALDMTranslationInferer(Inferer):
         conditioning: ``"cross_attention"`` or ``"class_embed"``, as the UNet was built.
         scale_factor: latent scale used in training (1.0 in v1); loading the stage-3 checkpoint's
             ``step`` entry into this inferer (:meth:`load_state_dict`) sets the trained value.
+            ``"auto"`` (what stage 3's ``scale_factor: auto`` trains with, so that one overlay serves
+            training and inference): the value of that checkpoint, required before the first
+            diffusion translation.
         requantize: nearest-code the sampled latent before decoding (official: False).
         seed: sampling seed; each target of a batch gets ``seed + k`` so targets are independent
             but a rerun is bit-identical.
@@ -61,7 +64,7 @@ class ALDMTranslationInferer(Inferer):
         modalities: Sequence[str],
         mode: str = "diffusion",
         conditioning: str = "cross_attention",
-        scale_factor: float = 1.0,
+        scale_factor: float | str = 1.0,
         requantize: bool = False,
         seed: int | None = 0,
         scale_from: Any = None,
@@ -77,7 +80,9 @@ class ALDMTranslationInferer(Inferer):
         self.modalities = list(modalities)
         self.mode = mode
         self.conditioning = conditioning
-        self.scale_factor = float(scale_factor)
+        if isinstance(scale_factor, str) and scale_factor != "auto":
+            raise InvalidInputError(f"config key 'scale_factor' must be a number or 'auto', got {scale_factor!r}")
+        self.scale_factor = float("nan") if scale_factor == "auto" else float(scale_factor)  # NaN: from the checkpoint
         self.requantize = requantize
         self.seed = seed
 
@@ -101,6 +106,11 @@ class ALDMTranslationInferer(Inferer):
                 z0 = c
             else:
                 s = getattr(self.scale_from, "scale_factor", None) or self.scale_factor
+                if s != s:
+                    raise InvalidInputError(
+                        "config key 'scale_factor' is 'auto' but no stage-3 checkpoint set it: load the diffusion "
+                        "checkpoint's 'step' entry (config key 'diffusion_ckpt') or give the trained value"
+                    )
                 cond = torch.cat([s * z_src, s * c], dim=1)
                 kwargs = target_condition(tgt, self.modalities, self.conditioning, batch_size=x.shape[0], device=x.device)
                 seed = None if self.seed is None else int(self.seed) + k

@@ -1,0 +1,481 @@
+#!/usr/bin/env python
+"""The aldm_translation demo model: train its three stages and a UNet baseline at one wall-clock budget, evaluate.
+
+Sub-commands, each writing into ``--out`` (``--data``: the folder of the demo cohort's ``datalist.json``, or the
+``--out`` folder of ``common.data.demo``, which holds it under ``brain_mri/``):
+
+- ``train``: the bundle's three training configs with the demo overlay (``train_<stage>.json`` + ``demo.json``) on
+  the simulated brain cohort, one stage after the other. Each stage stops at the end of the first epoch after its
+  share of the budget: ``--budget-s`` split by ``--shares``, and what a stage leaves unused (or overruns) is
+  shared again among the stages after it, so the three stages together stop within the budget plus the last
+  stage's final epoch. Stage 1 keeps its best-validation weights (``autoencoder_best.pt``; reconstruction PSNR of
+  every modality of the validation subjects), which stages 2 and 3 then load. Learning curves (training loss every
+  10 iterations, validation PSNR at every validation) go to ``<out>/curves_<stage>.json``, weights to
+  ``<out>/models``.
+- ``baseline``: a 3D UNet regression (MONAI ``BasicUNet``, input the source plus one constant map per modality, 1
+  for the target; L1; the UNet of ``benchmarks/aldm_translation.py``) on the same data and loader as stage 2 (whole
+  volumes on the demo grid, every modality of a subject, one random ordered pair per step), Adam, for the whole
+  ``--budget-s``; validation PSNR (mean over the six directions of the validation subjects) every
+  ``--val-every`` iterations, the best weights kept in ``<out>/unet.pt``; ``<out>/curves_unet.json``.
+- ``export``: the trained weights as the shipped files (plain state dicts, name -> tensor, loadable with
+  ``weights_only=True``): ``autoencoder.pt`` (the VQ-GAN the later stages were trained on), ``spade.pt``,
+  ``diffusion.pt`` (the EMA UNet and the latent scale, keys ``ema.*`` and ``step.scale_factor``, the entries
+  inference.json loads); prints their sha256 and, with ``--update-overlay``, writes them
+  into ``configs/demo.json`` (``demo_sha256``), so every load from ``models/demo`` verifies them.
+- ``evaluate``: the shipped (or ``--models``) weights through ``evaluate.json`` + ``demo.json`` as a user runs
+  them, on the six directions of the two simulated validation subjects (in domain; ``test_split`` validation) and
+  of the real avg152 T1/T2/PD triple (``test``): ``spade_only`` and DDIM (eta 1) at 200 / 100 / 50 / 25 steps on
+  avg152 (time per translated volume and metrics each), DDIM 200 in domain. Baselines on the same preprocessed
+  grid, scored by the same function as the evaluation (``scripts.evaluate.translation_scores``): the source
+  histogram-matched to the target inside the brain mask (given the target's histogram, so optimistic) and the
+  UNet of ``baseline``. Writes ``results.json``, ``results.md`` (tables and the issue's bars) and
+  ``learning_curves.png``.
+
+The demo model (issue 14 item 1), on a 2-core CPU: ``train`` and ``baseline`` side by side, one torch thread each,
+so both get the same wall clock and the same compute::
+
+    python -m common.data.demo --what brain_mri --n-train 16 --n-val 2 --seed 0 --out DATA
+    OMP_NUM_THREADS=1 python benchmarks/aldm_translation_demo.py train --data DATA --out RUN --budget-s 5400 &
+    OMP_NUM_THREADS=1 python benchmarks/aldm_translation_demo.py baseline --data DATA --out RUN --budget-s 5400 &
+    wait
+    OMP_NUM_THREADS=1 python benchmarks/aldm_translation_demo.py export --run RUN --dest bundles/aldm_translation/models/demo --update-overlay
+    OMP_NUM_THREADS=2 python benchmarks/aldm_translation_demo.py evaluate --data DATA --out RUN/eval --unet RUN/unet.pt --curves RUN --threads 2
+
+Sizing of ``demo.json`` and of the default ``--shares 45,20,35`` (seconds per training iteration, one torch thread,
+2-core CPU, measured on a 4-subject cohort of the same images; first number with the other core idle, second with
+it busy, as when ``baseline`` runs beside):
+stage 1 (VQ-GAN on a 96 x 112 x 32 slab) 2.4 / 3.3, stage 2 (48-slice slab, two frozen encodes per step) 1.25 / 1.7,
+stage 3 (48-slice slab) 1.6 / 2.2; validations 24 s (stage 1, every 200 iterations), 51 s (stage 2, every 250) and
+87 s (stage 3, DDIM 10 on 12 directions, every 300). At 5400 s that is about 700 / 550 / 750 iterations with the
+baseline running beside (about 950 / 750 / 1000 alone); the UNet baseline makes about 3.5 s per iteration.
+DDIM sampling costs about 0.3 s per UNet step on the whole 24 x 28 x 24 latent, so ``evaluate`` takes about half an
+hour on one thread.
+
+(``evaluate`` without ``--models`` reads the exported files in ``models/demo`` through the overlay's sha256 check;
+``--models RUN/models`` evaluates the trainer checkpoints before export.) ``--overlay tiny.json`` stacks a further
+overlay after ``demo.json`` and ``--set KEY=VALUE`` overrides a config key in every workflow (the tests run all
+sub-commands on the tiny overlay in seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "aldm_translation"
+for _p in (str(REPO), str(BUNDLE)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from benchmarks.aldm_translation import (  # noqa: E402
+    UNET_FEATURES,
+    _test_items,
+    histmatch_predict,
+    unet_net,
+    unet_predict,
+    unet_train_step,
+)
+from benchmarks.demo_training import bundle_workflow, parse_overrides, train_stage  # noqa: E402
+
+STAGES = {"autoencoder": "train_autoencoder.json", "spade": "train_spade.json", "diffusion": "train_diffusion.json"}
+#: the files ``export`` writes into ``models/demo`` (the names the overlay's ``*_ckpt`` keys read)
+SHIPPED = {"autoencoder": "autoencoder.pt", "spade": "spade.pt", "diffusion": "diffusion.pt"}
+STEPS = (200, 100, 50, 25)
+#: evaluation sets: name -> ``test_split`` of evaluate.json
+SPLITS = {"in_domain": "validation", "avg152": "test"}
+#: the issue's bars: (a) in domain, DDIM 200, mean masked PSNR / SSIM over the six directions
+BAR_IN_DOMAIN = {"psnr_mask": 28.0, "ssim_mask": 0.90}
+
+
+def dataset_dir(data) -> Path:
+    """The folder of ``datalist.json``: ``data`` itself or ``data/brain_mri`` (``common.data.demo --out data``)."""
+    data = Path(data)
+    for folder in (data, data / "brain_mri"):
+        if (folder / "datalist.json").is_file():
+            return folder
+    raise SystemExit(f"no datalist.json in {data} or {data / 'brain_mri'}: build the cohort with "
+                     "python -m common.data.demo --what brain_mri --n-train 16 --n-val 2 --seed 0 --out DATA")
+
+
+def overlays(args) -> list[str]:
+    return ["demo.json", *args.overlay]
+
+
+def _workflow(files, wtype, **overrides):
+    return bundle_workflow(BUNDLE, files, wtype, **overrides)
+
+
+# ----------------------------------------------------------------------------------------------------- training
+def stage_budgets(budget_s: float, shares: dict[str, float], spent: dict[str, float], stage: str) -> float:
+    """The budget of ``stage``: what the stages before it left of ``budget_s``, shared among the remaining stages
+    in proportion to their ``shares`` (``spent``: wall seconds of the stages already run)."""
+    names = list(shares)
+    rest = names[names.index(stage):]
+    left = budget_s - sum(spent.values())
+    return max(0.0, left) * shares[stage] / sum(shares[s] for s in rest)
+
+
+def cmd_train(args) -> None:
+    out, data = Path(args.out), dataset_dir(args.data)
+    out.mkdir(parents=True, exist_ok=True)
+    models = out / "models"
+    shares = dict(zip(STAGES, (float(s) for s in args.shares.split(","))))
+    if len(shares) != 3:
+        raise SystemExit(f"--shares needs three numbers (autoencoder, spade, diffusion), got {args.shares!r}")
+    overrides = parse_overrides(args.set)
+    stages = list(STAGES) if args.stages is None else args.stages.split(",")
+    spent: dict[str, float] = {}
+    summary = {"budget_s": args.budget_s, "shares": shares, "stages": {}}
+    for stage in STAGES:
+        if stage not in stages:
+            continue
+        # the stage-1 weights the later stages load: the best validated ones (a stage 1 stopped before its first
+        # validation has none: then its final weights)
+        autoencoder = models / "autoencoder_best.pt"
+        if args.autoencoder == "last" or not autoencoder.is_file():
+            autoencoder = models / "autoencoder.pt"
+        summary["autoencoder_used"] = autoencoder.name
+        chain = {  # each stage reads what the previous one wrote here (no sha256: not the shipped files)
+            "autoencoder": {},
+            "spade": {"autoencoder_ckpt": str(autoencoder)},
+            "diffusion": {"autoencoder_ckpt": str(autoencoder), "spade_ckpt": str(models / "spade.pt")},
+        }
+        budget = stage_budgets(args.budget_s, {s: shares[s] for s in stages}, spent, stage)
+        c = train_stage(BUNDLE, [STAGES[stage], *overlays(args)], stage, out, budget, dataset_dir=str(data),
+                        **chain[stage], **overrides)
+        spent[stage] = c["wall_s"]
+        summary["stages"][stage] = {"budget_s": budget, "wall_s": c["wall_s"], "iterations": c["iterations"],
+                                    "best_val_psnr": c["best_val_psnr"]}
+        print(f"[{stage}] done: {c['iterations']} iterations in {c['wall_s']:.0f} s (budget {budget:.0f} s), "
+              f"best val PSNR {c['best_val_psnr']}", flush=True)
+    summary["wall_s"] = sum(spent.values())
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+
+
+def _psnr(pred: np.ndarray, target: np.ndarray) -> float:
+    from common.metrics.image import psnr
+
+    return psnr(np.clip(pred, 0.0, 1.0), target, data_range=1.0)
+
+
+def cmd_baseline(args) -> None:
+    """The UNet regression at the whole budget: the stage-2 loader of the overlay, validation on the validation
+    subjects' six directions (evaluate.json preprocessing), best weights kept."""
+    out, data = Path(args.out), dataset_dir(args.data)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    overrides = parse_overrides(args.set)
+    wf = _workflow(["train_spade.json", *overlays(args)], "train", dataset_dir=str(data),
+                   ckpt_dir=str(out / "unet_unused"), output_dir=str(out / "out_unet"), overwrite=True, **overrides)
+    p = wf.parser
+    loader = p.get_parsed_content("train#dataloader")
+    modalities = list(p.get_parsed_content("modalities"))
+    lr = float(args.lr)
+    val_items = _test_items(overlays(args), str(data), test_split="validation", **overrides)
+    torch.manual_seed(args.seed)
+    device = torch.device("cpu")
+    net = unet_net(len(modalities)).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    curve = {"iteration": [], "loss": [], "seconds": [], "val_iteration": [], "val_psnr": [], "val_seconds": []}
+    best, it, losses = -np.inf, 0, []
+
+    def validate() -> float:
+        return float(np.mean([_psnr(unet_predict(net, v["x"], v["target"], modalities, device), v["y"]) for v in val_items]))
+
+    done = False
+    while not done:
+        for batch in loader:
+            losses.append(unet_train_step(net, opt, batch, modalities, device))
+            it += 1
+            if it % 10 == 0:
+                curve["iteration"].append(it)
+                curve["loss"].append(float(np.mean(losses[-10:])))
+                curve["seconds"].append(time.perf_counter() - t0)
+            over = time.perf_counter() - t0 >= args.budget_s
+            if it % args.val_every == 0 or over:
+                v = validate()
+                curve["val_iteration"].append(it)
+                curve["val_psnr"].append(v)
+                curve["val_seconds"].append(time.perf_counter() - t0)
+                print(f"[unet] it {it} loss {np.mean(losses[-10:]):.4f} val_psnr {v:.2f} {time.perf_counter() - t0:.0f}s",
+                      flush=True)
+                if v > best:
+                    best = v
+                    torch.save({"unet": net.state_dict(), "features": list(UNET_FEATURES), "modalities": modalities,
+                                "iteration": it}, out / "unet.pt")
+            if over:
+                done = True
+                break
+    curve["wall_s"] = time.perf_counter() - t0
+    curve["iterations"] = it
+    curve["best_val_psnr"] = best
+    curve["parameters"] = sum(q.numel() for q in net.parameters())
+    (out / "curves_unet.json").write_text(json.dumps(curve))
+
+
+def load_unet(path) -> tuple[torch.nn.Module, list[str], int]:
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    net = unet_net(len(ck["modalities"]), ck["features"])
+    net.load_state_dict(ck["unet"])
+    return net.eval(), list(ck["modalities"]), int(ck["iteration"])
+
+
+# ------------------------------------------------------------------------------------------------------- export
+def _state(ckpt: dict, entry: str) -> dict:
+    """Entry ``entry`` of a trainer checkpoint, or the checkpoint itself when it is a plain state dict."""
+    state = ckpt[entry] if entry in ckpt else ckpt
+    return {k: v.detach().clone().contiguous() if torch.is_tensor(v) else v for k, v in state.items()}
+
+
+def cmd_export(args) -> dict:
+    from common.data.fetch import sha256sum
+    from common.utils.io import atomic_write
+
+    run, dest = Path(args.run), Path(args.dest)
+    models = run / "models"
+    summary = json.loads((run / "train_summary.json").read_text()) if (run / "train_summary.json").is_file() else {}
+    ae_file = models / summary.get("autoencoder_used", "autoencoder_best.pt")
+    if not ae_file.is_file():
+        ae_file = models / "autoencoder.pt"
+    load = lambda f: torch.load(f, map_location="cpu", weights_only=True)  # noqa: E731
+    diffusion = load(models / "diffusion.pt")
+    objects = {
+        "autoencoder": _state(load(ae_file), "autoencoder"),
+        "spade": _state(load(models / "spade.pt"), "spade"),
+        # one plain state dict for the two objects inference.json loads from it: "<entry>.<key>"
+        "diffusion": {f"{entry}.{k}": v for entry in ("ema", "step") for k, v in _state(diffusion, entry).items()},
+    }
+    dest.mkdir(parents=True, exist_ok=True)
+    digests = {}
+    for stage, obj in objects.items():
+        target = dest / SHIPPED[stage]
+        with atomic_write(target, "wb") as fh:
+            torch.save(obj, fh)
+        digests[SHIPPED[stage]] = sha256sum(target)
+        print(f"{target}: {target.stat().st_size / 2**20:.2f} MiB (from {ae_file.name if stage == 'autoencoder' else SHIPPED[stage]})",
+              flush=True)
+    print(json.dumps({"demo_sha256": digests}, indent=4))
+    if args.update_overlay:
+        overlay = BUNDLE / "configs" / "demo.json"
+        config = json.loads(overlay.read_text())
+        config["demo_sha256"] = digests
+        overlay.write_text(json.dumps(config, indent=4) + "\n")
+        print(f"demo_sha256 written into {overlay}")
+    return digests
+
+
+# ----------------------------------------------------------------------------------------------------- evaluate
+def _mean_rows(per_direction: dict) -> dict:
+    keys = next(iter(per_direction.values())).keys()
+    return {k: float(np.mean([r[k] for r in per_direction.values()])) for k in keys}
+
+
+def evaluate_aldm(data: Path, split: str, out: Path, mode: str, steps: int | None, args) -> dict:
+    """One run of ``evaluate.json`` + the overlay(s) on ``split``; its per-direction means, time per volume."""
+    from scripts.evaluate import METRICS
+
+    overrides = {"dataset_dir": str(data), "test_split": split, "output_dir": str(out), "mode": mode,
+                 "overwrite": True, "progress": False, "montage": not args.no_montage, **parse_overrides(args.set)}
+    if steps is not None:
+        overrides["num_inference_steps"] = steps
+    if args.models is not None:
+        overrides["ckpt_dir"] = str(args.models)
+    t = time.perf_counter()
+    wf = _workflow(["evaluate.json", *overlays(args)], "infer", **overrides)
+    wf.run()
+    wf.finalize()
+    wall = time.perf_counter() - t
+    summary = json.loads((out / "summary.json").read_text())
+    per_dir = {k: {m: v[m]["mean"] for m in METRICS} for k, v in summary.items() if k != "all"}
+    return {"per_direction": per_dir, "mean": {m: summary["all"][m]["mean"] for m in METRICS}, "wall_s": wall,
+            "seconds_per_volume": wall / max(1, summary["all"]["psnr"]["n"]), "n": summary["all"]["psnr"]["n"]}
+
+
+def evaluate_baselines(items: list[dict], unet=None) -> dict:
+    """Histogram matching and the UNet on the evaluation's own preprocessed items, scored by its function."""
+    from scripts.evaluate import translation_scores
+
+    rows: dict[str, dict] = {"histmatch": {}}
+    if unet is not None:
+        rows["unet"] = {}
+    for it in items:
+        d = f"{it['source']}2{it['target']}"
+        rows["histmatch"].setdefault(d, []).append(translation_scores(histmatch_predict(it["x"], it["y"], it["mask"]),
+                                                                      it["y"], it["mask"]))
+        if unet is not None:
+            net, modalities = unet
+            pred = unet_predict(net, it["x"], it["target"], modalities)
+            rows["unet"].setdefault(d, []).append(translation_scores(pred, it["y"], it["mask"]))
+    out = {}
+    for method, per_dir in rows.items():
+        per_dir = {d: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]} for d, rs in per_dir.items()}
+        out[method] = {"per_direction": per_dir, "mean": _mean_rows(per_dir)}
+    return out
+
+
+def reference_run(aldm: dict) -> str:
+    """The run the bars are read on: DDIM 200 (the configs' default), else the most DDIM steps, else spade_only."""
+    ddim = sorted((int(k[4:]) for k in aldm if k.startswith("ddim")), reverse=True)
+    return "ddim200" if 200 in ddim else (f"ddim{ddim[0]}" if ddim else "spade_only")
+
+
+def bars(results: dict) -> dict:
+    """The issue's bars: (a) in domain, mean masked PSNR / SSIM at least ``BAR_IN_DOMAIN``; (b) on avg152, mean
+    masked PSNR and SSIM above every baseline."""
+    out = {}
+    dom = results["splits"].get("in_domain")
+    if dom:
+        ref = reference_run(dom["aldm"])
+        out["in_domain"] = {m: {"run": ref, "value": dom["aldm"][ref]["mean"][m], "bar": b,
+                                "pass": dom["aldm"][ref]["mean"][m] >= b} for m, b in BAR_IN_DOMAIN.items()}
+    real = results["splits"].get("avg152")
+    if real:
+        ref = reference_run(real["aldm"])
+        out["avg152"] = {}
+        for m in ("psnr_mask", "ssim_mask"):
+            value = real["aldm"][ref]["mean"][m]
+            base = {b: r["mean"][m] for b, r in real["baselines"].items()}
+            out["avg152"][m] = {"run": ref, "value": value, "bar": base, "pass": all(value > v for v in base.values())}
+    return out
+
+
+def cmd_evaluate(args) -> dict:
+    out, data = Path(args.out), dataset_dir(args.data)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+               "command": "python benchmarks/aldm_translation_demo.py " + " ".join(args.argv),
+               "models": str(args.models or "models/demo (shipped, sha256 checked)"), "splits": {}}
+    unet = None
+    if args.unet:
+        net, modalities, iteration = load_unet(args.unet)
+        unet = (net, modalities)
+        results["unet_iteration"] = iteration
+    plan = {"in_domain": args.in_domain_steps, "avg152": args.steps}
+    for name, split in SPLITS.items():
+        if name not in args.sets:
+            continue
+        res = {"aldm": {}}
+        runs = ([] if args.no_spade_only else [("spade_only", None)]) + [("diffusion", s) for s in plan[name]]
+        for mode, steps in runs:
+            key = mode if steps is None else f"ddim{steps}"
+            res["aldm"][key] = evaluate_aldm(data, split, out / name / key, mode, steps, args)
+            m = res["aldm"][key]["mean"]
+            print(f"[{name}] {key}: masked PSNR {m['psnr_mask']:.2f} SSIM {m['ssim_mask']:.4f}, "
+                  f"{res['aldm'][key]['seconds_per_volume']:.1f} s per volume", flush=True)
+        items = _test_items(overlays(args), str(data), test_split=split, **parse_overrides(args.set))
+        res["baselines"] = evaluate_baselines(items, unet)
+        results["splits"][name] = res
+    results["bars"] = bars(results)
+    if args.curves:
+        results["curves"] = {p.stem.replace("curves_", ""): json.loads(p.read_text())
+                             for p in sorted(Path(args.curves).glob("curves_*.json"))}
+        if results["curves"]:
+            learning_curves(results["curves"], out / "learning_curves.png")
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    (out / "results.md").write_text(markdown(results))
+    print(markdown(results))
+    return results
+
+
+def learning_curves(curves: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(curves), figsize=(4 * len(curves), 6), squeeze=False)
+    for i, (name, c) in enumerate(curves.items()):
+        axes[0, i].plot(c["iteration"], c["loss"], lw=0.8)
+        axes[0, i].set_title(f"{name}: training loss")
+        if c["loss"] and min(c["loss"]) > 0:
+            axes[0, i].set_yscale("log")
+        axes[1, i].plot(c["val_iteration"], c["val_psnr"], "o-", ms=3)
+        axes[1, i].set_title(f"{name}: validation PSNR (dB)")
+        axes[1, i].set_xlabel(f"iteration ({c.get('wall_s', 0) / 60:.0f} min)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
+def markdown(results: dict) -> str:
+    lines = [f"{results['date']}, {results['machine']}; command: `{results['command']}`; weights: {results['models']}", ""]
+    for name, res in results["splits"].items():
+        rows = [(f"ALDM {k}", v) for k, v in res["aldm"].items()] + [(f"baseline {k}", v) for k, v in res["baselines"].items()]
+        dirs = list(rows[0][1]["per_direction"]) if rows else []
+        lines += [f"**{name}** (masked PSNR dB / masked SSIM; per direction and mean)", "",
+                  "| method | " + " | ".join(dirs) + " | mean | s / volume |", "|---" * (len(dirs) + 3) + "|"]
+        for label, r in rows:
+            cells = [f"{r['per_direction'][d]['psnr_mask']:.2f} / {r['per_direction'][d]['ssim_mask']:.3f}" for d in dirs]
+            sec = f"{r['seconds_per_volume']:.1f}" if "seconds_per_volume" in r else ""
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {r['mean']['psnr_mask']:.2f} / {r['mean']['ssim_mask']:.3f} | {sec} |")
+        lines.append("")
+    real = results["splits"].get("avg152")
+    if real:
+        lines += ["**DDIM steps on avg152** (eta 1; mean over the six directions)", "",
+                  "| sampler | s / volume | PSNR (dB) | masked PSNR (dB) | masked SSIM |", "|---|---|---|---|---|"]
+        for k, r in real["aldm"].items():
+            lines.append(f"| {k} | {r['seconds_per_volume']:.1f} | {r['mean']['psnr']:.2f} | {r['mean']['psnr_mask']:.2f} | "
+                         f"{r['mean']['ssim_mask']:.3f} |")
+        lines.append("")
+    for name, b in results.get("bars", {}).items():
+        for m, v in b.items():
+            ref = v["bar"] if not isinstance(v["bar"], dict) else ", ".join(f"{b} {x:.3f}" for b, x in v["bar"].items())
+            lines.append(f"- bar {name} {m} ({v['run']}): {v['value']:.3f} against {ref}: {'pass' if v['pass'] else 'FAIL'}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("train", "baseline", "evaluate", "export"):
+        s = sub.add_parser(name)
+        s.add_argument("--threads", type=int, default=1, help="torch threads")
+        if name == "export":
+            continue
+        s.add_argument("--data", required=True, help="folder of the cohort's datalist.json (or its parent)")
+        s.add_argument("--out", required=True)
+        s.add_argument("--overlay", action="append", default=[], help="a further overlay after demo.json (tests: tiny.json)")
+        s.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help="config override, every workflow")
+        if name != "evaluate":
+            s.add_argument("--budget-s", type=float, default=5400.0, help="wall-clock budget, seconds")
+    tr = sub.choices["train"]
+    tr.add_argument("--shares", default="45,20,35", help="budget shares of autoencoder, spade, diffusion")
+    tr.add_argument("--stages", default=None, help="comma-separated subset of the stages (default: all three)")
+    tr.add_argument("--autoencoder", choices=("best", "last"), default="best",
+                    help="stage-1 weights the later stages load (and export ships)")
+    bl = sub.choices["baseline"]
+    bl.add_argument("--val-every", type=int, default=50)
+    bl.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (benchmarks/aldm_translation.py's)")
+    bl.add_argument("--seed", type=int, default=0)
+    ex = sub.choices["export"]
+    ex.add_argument("--run", required=True, help="the --out folder of train")
+    ex.add_argument("--dest", default=str(BUNDLE / "models" / "demo"))
+    ex.add_argument("--update-overlay", action="store_true", help="write the digests into configs/demo.json")
+    ev = sub.choices["evaluate"]
+    ev.add_argument("--models", default=None, help="folder of autoencoder/spade/diffusion checkpoints (default: models/demo)")
+    ev.add_argument("--unet", default=None, help="unet.pt of baseline")
+    ev.add_argument("--curves", default=None, help="folder of curves_*.json (the train/baseline --out)")
+    ev.add_argument("--steps", type=int, nargs="+", default=list(STEPS), help="DDIM steps on avg152")
+    ev.add_argument("--in-domain-steps", type=int, nargs="*", default=[200], help="DDIM steps in domain")
+    ev.add_argument("--sets", nargs="+", default=list(SPLITS), choices=list(SPLITS))
+    ev.add_argument("--no-spade-only", action="store_true")
+    ev.add_argument("--no-montage", action="store_true")
+    args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    torch.set_num_threads(args.threads)
+    for path in (str(REPO), str(BUNDLE)):  # the bundle's ``scripts`` package, as the configs import it
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    {"train": cmd_train, "baseline": cmd_baseline, "evaluate": cmd_evaluate, "export": cmd_export}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
