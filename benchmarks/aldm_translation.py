@@ -123,18 +123,10 @@ def _test_items(overlays, dataset_dir, **overrides):
     return out
 
 
-def histmatch_predict(x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The source histogram-matched to the target inside ``mask`` (0 outside): an intensity-only baseline that
-    is given the target's intensity distribution."""
-    from skimage.exposure import match_histograms
-
-    pred = np.zeros_like(x)
-    pred[mask] = match_histograms(x[mask], y[mask])
-    return pred
-
-
 def histmatch_baseline(items) -> dict:
-    return {f"{it['source']}2{it['target']}": _scores(histmatch_predict(it["x"], it["y"], it["mask"]), it["y"], it["mask"])
+    from common.transforms.intensity import histogram_matched
+
+    return {f"{it['source']}2{it['target']}": _scores(histogram_matched(it["x"], it["y"], it["mask"]), it["y"], it["mask"])
             for it in items}
 
 

@@ -60,6 +60,7 @@ sub-commands on the tiny overlay in seconds).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import platform
 import sys
@@ -78,12 +79,11 @@ for _p in (str(REPO), str(BUNDLE)):
 from benchmarks.aldm_translation import (  # noqa: E402
     UNET_FEATURES,
     _test_items,
-    histmatch_predict,
     unet_net,
     unet_predict,
     unet_train_step,
 )
-from benchmarks.demo_training import bundle_workflow, parse_overrides, train_stage  # noqa: E402
+from benchmarks.demo_training import bundle_workflow, parse_overrides, train_baseline, train_stage  # noqa: E402
 
 STAGES = {"autoencoder": "train_autoencoder.json", "spade": "train_spade.json", "diffusion": "train_diffusion.json"}
 #: the files ``export`` writes into ``models/demo`` (the names the overlay's ``*_ckpt`` keys read)
@@ -184,39 +184,16 @@ def cmd_baseline(args) -> None:
     device = torch.device("cpu")
     net = unet_net(len(modalities)).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    curve = {"iteration": [], "loss": [], "seconds": [], "val_iteration": [], "val_psnr": [], "val_seconds": []}
-    best, it, losses = -np.inf, 0, []
 
     def validate() -> float:
         return float(np.mean([_psnr(unet_predict(net, v["x"], v["target"], modalities, device), v["y"]) for v in val_items]))
 
-    done = False
-    while not done:
-        for batch in loader:
-            losses.append(unet_train_step(net, opt, batch, modalities, device))
-            it += 1
-            if it % 10 == 0:
-                curve["iteration"].append(it)
-                curve["loss"].append(float(np.mean(losses[-10:])))
-                curve["seconds"].append(time.perf_counter() - t0)
-            over = time.perf_counter() - t0 >= args.budget_s
-            if it % args.val_every == 0 or over:
-                v = validate()
-                curve["val_iteration"].append(it)
-                curve["val_psnr"].append(v)
-                curve["val_seconds"].append(time.perf_counter() - t0)
-                print(f"[unet] it {it} loss {np.mean(losses[-10:]):.4f} val_psnr {v:.2f} {time.perf_counter() - t0:.0f}s",
-                      flush=True)
-                if v > best:
-                    best = v
-                    torch.save({"unet": net.state_dict(), "features": list(UNET_FEATURES), "modalities": modalities,
-                                "iteration": it}, out / "unet.pt")
-            if over:
-                done = True
-                break
-    curve["wall_s"] = time.perf_counter() - t0
-    curve["iterations"] = it
-    curve["best_val_psnr"] = best
+    def save(iteration: int) -> None:
+        torch.save({"unet": net.state_dict(), "features": list(UNET_FEATURES), "modalities": modalities,
+                    "iteration": iteration}, out / "unet.pt")
+
+    curve = train_baseline(loader, lambda batch: unet_train_step(net, opt, batch, modalities, device), validate, save,
+                           args.budget_s, args.val_every, "unet", started=t0)
     curve["parameters"] = sum(q.numel() for q in net.parameters())
     (out / "curves_unet.json").write_text(json.dumps(curve))
 
@@ -295,29 +272,38 @@ def evaluate_aldm(data: Path, split: str, out: Path, mode: str, steps: int | Non
     wall = time.perf_counter() - t
     summary = json.loads((out / "summary.json").read_text())
     per_dir = {k: {m: v[m]["mean"] for m in METRICS} for k, v in summary.items() if k != "all"}
-    return {"per_direction": per_dir, "mean": {m: summary["all"][m]["mean"] for m in METRICS}, "wall_s": wall,
-            "seconds_per_volume": wall / max(1, summary["all"]["psnr"]["n"]), "n": summary["all"]["psnr"]["n"]}
+    with open(out / "metrics.csv") as fh:  # one row per case and direction
+        rows = list(csv.DictReader(fh))
+    per_case = {c: {m: float(np.mean([float(r[m]) for r in rows if r["id"] == c])) for m in METRICS}
+                for c in dict.fromkeys(r["id"] for r in rows)}
+    return {"per_direction": per_dir, "per_case": per_case, "mean": {m: summary["all"][m]["mean"] for m in METRICS},
+            "wall_s": wall, "seconds_per_volume": wall / max(1, summary["all"]["psnr"]["n"]),
+            "n": summary["all"]["psnr"]["n"]}
 
 
 def evaluate_baselines(items: list[dict], unet=None) -> dict:
     """Histogram matching and the UNet on the evaluation's own preprocessed items, scored by its function."""
     from scripts.evaluate import translation_scores
 
-    rows: dict[str, dict] = {"histmatch": {}}
+    from common.transforms.intensity import histogram_matched
+
+    rows: dict[str, list] = {"histmatch": []}
     if unet is not None:
-        rows["unet"] = {}
+        rows["unet"] = []
     for it in items:
-        d = f"{it['source']}2{it['target']}"
-        rows["histmatch"].setdefault(d, []).append(translation_scores(histmatch_predict(it["x"], it["y"], it["mask"]),
-                                                                      it["y"], it["mask"]))
+        key = (f"{it['source']}2{it['target']}", str(it["id"]))
+        rows["histmatch"].append((key, translation_scores(histogram_matched(it["x"], it["y"], it["mask"]), it["y"], it["mask"])))
         if unet is not None:
             net, modalities = unet
             pred = unet_predict(net, it["x"], it["target"], modalities)
-            rows["unet"].setdefault(d, []).append(translation_scores(pred, it["y"], it["mask"]))
+            rows["unet"].append((key, translation_scores(pred, it["y"], it["mask"])))
     out = {}
-    for method, per_dir in rows.items():
-        per_dir = {d: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]} for d, rs in per_dir.items()}
-        out[method] = {"per_direction": per_dir, "mean": _mean_rows(per_dir)}
+    for method, scored in rows.items():
+        group = lambda i: {k: [r for (key, r) in scored if key[i] == k] for k in dict.fromkeys(key[i] for key, _ in scored)}  # noqa: E731
+        mean = lambda rs: {m: float(np.mean([r[m] for r in rs])) for m in rs[0]}  # noqa: E731
+        per_dir = {d: mean(rs) for d, rs in group(0).items()}
+        out[method] = {"per_direction": per_dir, "per_case": {c: mean(rs) for c, rs in group(1).items()},
+                       "mean": _mean_rows(per_dir)}
     return out
 
 
@@ -344,6 +330,14 @@ def bars(results: dict) -> dict:
             value = real["aldm"][ref]["mean"][m]
             base = {b: r["mean"][m] for b, r in real["baselines"].items()}
             out["avg152"][m] = {"run": ref, "value": value, "bar": base, "pass": all(value > v for v in base.values())}
+    framed = results["splits"].get("framings")
+    if framed:  # every framing of avg152 on its own, against the baselines on the same framing
+        ref = next(iter(framed["aldm"]))
+        for case, row in framed["aldm"][ref]["per_case"].items():
+            out[case] = {}
+            for m in ("psnr_mask", "ssim_mask"):
+                base = {b: r["per_case"][case][m] for b, r in framed["baselines"].items()}
+                out[case][m] = {"run": ref, "value": row[m], "bar": base, "pass": all(row[m] > v for v in base.values())}
     return out
 
 
@@ -373,6 +367,17 @@ def cmd_evaluate(args) -> dict:
         items = _test_items(overlays(args), str(data), test_split=split, **parse_overrides(args.set))
         res["baselines"] = evaluate_baselines(items, unet)
         results["splits"][name] = res
+    if "framings" in args.sets:  # avg152 as users' scans are framed: larger field of view, thin slab
+        from common.data.demo import build_brain_framings
+
+        root = build_brain_framings(data / "datalist.json", out).parent
+        key = f"ddim{args.framing_steps}"
+        res = {"aldm": {key: evaluate_aldm(root, "test", out / "framings" / key, "diffusion", args.framing_steps, args)}}
+        m = res["aldm"][key]["per_case"]
+        print("[framings] " + ", ".join(f"{c}: masked PSNR {v['psnr_mask']:.2f}" for c, v in m.items()), flush=True)
+        items = _test_items(overlays(args), str(root), test_split="test", **parse_overrides(args.set))
+        res["baselines"] = evaluate_baselines(items, unet)
+        results["splits"]["framings"] = res
     results["bars"] = bars(results)
     if args.curves:
         results["curves"] = {p.stem.replace("curves_", ""): json.loads(p.read_text())
@@ -409,6 +414,15 @@ def markdown(results: dict) -> str:
     lines = [f"{results['date']}, {results['machine']}; command: `{results['command']}`; weights: {results['models']}", ""]
     for name, res in results["splits"].items():
         rows = [(f"ALDM {k}", v) for k, v in res["aldm"].items()] + [(f"baseline {k}", v) for k, v in res["baselines"].items()]
+        if name == "framings":  # one row per method, one column per framing of avg152 (mean over the six directions)
+            cases = list(rows[0][1]["per_case"])
+            lines += ["**avg152 re-framed** (masked PSNR dB / masked SSIM, mean over the six directions)", "",
+                      "| method | " + " | ".join(cases) + " |", "|---" * (len(cases) + 1) + "|"]
+            for label, r in rows:
+                lines.append(f"| {label} | " + " | ".join(f"{r['per_case'][c]['psnr_mask']:.2f} / {r['per_case'][c]['ssim_mask']:.3f}"
+                                                          for c in cases) + " |")
+            lines.append("")
+            continue
         dirs = list(rows[0][1]["per_direction"]) if rows else []
         lines += [f"**{name}** (masked PSNR dB / masked SSIM; per direction and mean)", "",
                   "| method | " + " | ".join(dirs) + " | mean | s / volume |", "|---" * (len(dirs) + 3) + "|"]
@@ -465,7 +479,8 @@ def main(argv=None) -> None:
     ev.add_argument("--curves", default=None, help="folder of curves_*.json (the train/baseline --out)")
     ev.add_argument("--steps", type=int, nargs="+", default=list(STEPS), help="DDIM steps on avg152")
     ev.add_argument("--in-domain-steps", type=int, nargs="*", default=[200], help="DDIM steps in domain")
-    ev.add_argument("--sets", nargs="+", default=list(SPLITS), choices=list(SPLITS))
+    ev.add_argument("--sets", nargs="+", default=[*SPLITS, "framings"], choices=[*SPLITS, "framings"])
+    ev.add_argument("--framing-steps", type=int, default=50, help="DDIM steps on the re-framed avg152 cases")
     ev.add_argument("--no-spade-only", action="store_true")
     ev.add_argument("--no-montage", action="store_true")
     args = ap.parse_args(argv)

@@ -99,3 +99,45 @@ def train_stage(bundle: Path, files, stage: str, out: Path, budget_s: float, pre
     curve["best_val_psnr"] = max(curve["val_psnr"]) if curve["val_psnr"] else None
     (out / f"curves_{stage}.json").write_text(json.dumps(curve))
     return curve
+
+
+def train_baseline(loader, step, validate, save, budget_s: float, val_every: int, name: str,
+                   started: float | None = None) -> dict:
+    """An in-run baseline trained for ``budget_s`` wall seconds, as the drivers' ``baseline`` sub-commands do.
+
+    ``step(batch) -> loss`` is one training step; ``validate() -> PSNR`` runs every ``val_every`` iterations and
+    once more when the budget is spent; ``save(iteration)`` keeps the weights whenever validation improves.
+    ``started``: the ``time.perf_counter()`` the budget counts from (default now; a driver that builds its data
+    first passes its own start, as :func:`train_stage` counts its workflow's setup). Returns the learning curve in
+    the layout of :func:`train_stage` (training loss every 10 iterations, every validation), with ``wall_s``,
+    ``iterations`` and ``best_val_psnr``.
+    """
+    t0 = time.perf_counter() if started is None else started
+    curve = {"iteration": [], "loss": [], "seconds": [], "val_iteration": [], "val_psnr": [], "val_seconds": []}
+    best, it, losses = -float("inf"), 0, []
+    done = False
+    while not done:
+        for batch in loader:
+            losses.append(float(step(batch)))
+            it += 1
+            recent = sum(losses[-10:]) / len(losses[-10:])
+            if it % 10 == 0:
+                curve["iteration"].append(it)
+                curve["loss"].append(recent)
+                curve["seconds"].append(time.perf_counter() - t0)
+            done = time.perf_counter() - t0 >= budget_s
+            if it % val_every == 0 or done:
+                v = float(validate())
+                curve["val_iteration"].append(it)
+                curve["val_psnr"].append(v)
+                curve["val_seconds"].append(time.perf_counter() - t0)
+                print(f"[{name}] it {it} loss {recent:.4f} val_psnr {v:.2f} {time.perf_counter() - t0:.0f}s", flush=True)
+                if v > best:
+                    best = v
+                    save(it)
+            if done:
+                break
+    curve["wall_s"] = time.perf_counter() - t0
+    curve["iterations"] = it
+    curve["best_val_psnr"] = best
+    return curve

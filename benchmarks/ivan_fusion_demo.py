@@ -44,54 +44,11 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "ivan_fusion"
 TASKS = {"1to1": ["t1"], "2to1": ["t1", "pd"], "fusion": ["t2", "ct"]}
-FRAMINGS = {
-    "avg152": "real avg152 (91x109x91 at 2 mm)",
-    "avg152_fov150": "in a 1.5x field of view, background-padded",
-    "avg152_slab40": "40 mm axial slab (20 slices)",
-}
-SLAB_SLICES = 20
 for _p in (str(REPO), str(BUNDLE)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-
-def build_framings(datalist: Path, out: Path) -> Path:
-    """The avg152 test case as given, in a 1.5x in-plane field of view (MR padded with 0, the CT with -1000 HU,
-    the affine moved so every voxel keeps its world position) and cut to a central axial slab."""
-    import nibabel as nib
-
-    dl = json.loads(datalist.read_text())
-    case = dl["test"][0]
-    root = out / "framings"
-    entries = []
-    for name in FRAMINGS:
-        entry = {"id": name}
-        for key, rel in case.items():
-            if key == "id" or not isinstance(rel, str) or not rel.endswith(".nii.gz"):
-                continue
-            img = nib.load(str(datalist.parent / rel))
-            arr, aff = np.asarray(img.dataobj), img.affine.copy()
-            if name.endswith("fov150"):
-                pads = [(s // 4, s - s // 4 * 2) for s in arr.shape[:2]]
-                pads = [(p, p) for p, _ in pads] + [(0, 0)]
-                arr = np.pad(arr, pads, constant_values=-1000 if key == "ct" else 0)
-                aff[:3, 3] -= aff[:3, :3] @ np.array([pads[0][0], pads[1][0], 0])
-            elif name.endswith("slab40"):
-                z0 = arr.shape[2] // 2 - SLAB_SLICES // 2
-                arr = arr[:, :, z0 : z0 + SLAB_SLICES]
-                aff[:3, 3] += aff[:3, :3] @ np.array([0, 0, z0])
-            path = root / name / Path(rel).name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            nib.Nifti1Image(arr, aff).to_filename(str(path))
-            entry[key] = str(path.relative_to(root))
-        entries.append(entry)
-    path = root / "datalist.json"
-    for e in dl["training"] + dl["validation"]:  # the training entries stay valid relative to the new JSON
-        for k, v in e.items():
-            if isinstance(v, str) and v.endswith(".nii.gz"):
-                e[k] = str(datalist.parent / v)
-    path.write_text(json.dumps({"training": dl["training"], "validation": dl["validation"], "test": entries}, indent=1))
-    return path
+from common.data.demo import BRAIN_FRAMINGS, build_brain_framings  # noqa: E402
 
 
 def evaluate_ivan(task: str, datalist: Path, out: Path) -> dict:
@@ -284,7 +241,7 @@ def markdown(results: dict) -> str:
         lines += [f"#### {task} ({' + '.join(TASKS[task])} -> t2)", "",
                   "| test image | method | PSNR 3D | SSIM 3D | NMSE 3D | PSNR 3D brain | r brain |",
                   "|---|---|---|---|---|---|---|"]
-        for case, title in FRAMINGS.items():
+        for case, title in BRAIN_FRAMINGS.items():
             for name, m in (("iVAN (demo model)", r["ivan"]["cases"].get(case, {})), ("2D UNet", r["unet"].get(case, {})),
                             ("T1 histogram-matched", results["histogram"].get(case, {}))):
                 if not m:
@@ -302,7 +259,7 @@ def markdown(results: dict) -> str:
         lines += ["#### fusion (real avg152 T2 + CT-like image of the same space)", "",
                   "| test image | iVAN vs reference rule PSNR 3D | method | AG | SF | EN | QMI | Q^AB/F | Piella Q |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        for case, title in FRAMINGS.items():
+        for case, title in BRAIN_FRAMINGS.items():
             m = r["ivan"]["cases"].get(case)
             if not m:
                 continue
@@ -342,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
         (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
         (out / "results.md").write_text(markdown(results))
         return results
-    datalist = build_framings(Path(args.datalist).resolve(), out)
+    datalist = build_brain_framings(Path(args.datalist).resolve(), out)
     results = {"budget_s": args.budget_s, "date": time.strftime("%Y-%m-%d"), "tasks": {},
                "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, no GPU",
                "command": "python " + " ".join(sys.argv)}

@@ -48,7 +48,7 @@ for _p in (str(REPO), str(BUNDLE)):
         sys.path.insert(0, _p)
 
 from benchmarks.demo_training import bundle_workflow, train_stage  # noqa: E402
-from benchmarks.demo_training import parse_overrides as _overrides  # noqa: E402,F401
+from benchmarks.demo_training import parse_overrides as _overrides  # noqa: E402
 
 STAGES = {"autoencoder": "train_autoencoder.json", "diffusion": "train_diffusion.json", "controlnet": "train_controlnet.json"}
 CHECKPOINTS = {"autoencoder": "autoencoder_checkpoint.pt", "diffusion": "diffusion_unet_checkpoint.pt",

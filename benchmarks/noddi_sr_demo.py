@@ -47,7 +47,7 @@ for _p in (str(REPO), str(BUNDLE)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from benchmarks.demo_training import bundle_workflow, train_stage  # noqa: E402
+from benchmarks.demo_training import bundle_workflow, train_baseline, train_stage  # noqa: E402
 from benchmarks.noddi_sr import _amico_maps, _upsample_dwi, b2_predict, b2_train_step, b2_unet  # noqa: E402
 
 STAGES = {"vqgan": "train_vqgan.json", "cond_encoder": "train_cond_encoder.json", "diffusion": "train_diffusion.json"}
@@ -82,8 +82,6 @@ def cmd_baseline(args) -> None:
     torch.manual_seed(0)
     unet = b2_unet(n_feat)
     opt = torch.optim.Adam(unet.parameters(), lr=lr)
-    curve = {"iteration": [], "loss": [], "seconds": [], "val_iteration": [], "val_psnr": [], "val_seconds": []}
-    best, it, t0, losses = -np.inf, 0, time.perf_counter(), []
 
     def validate():
         unet.eval()
@@ -97,30 +95,11 @@ def cmd_baseline(args) -> None:
         unet.train()
         return float(np.mean(vals))
 
-    done = False
-    while not done:
-        for batch in loader:
-            losses.append(b2_train_step(unet, opt, batch))
-            it += 1
-            if it % 10 == 0:
-                curve["iteration"].append(it)
-                curve["loss"].append(float(np.mean(losses[-10:])))
-                curve["seconds"].append(time.perf_counter() - t0)
-            over = time.perf_counter() - t0 >= args.budget_s
-            if it % args.val_every == 0 or over:
-                v = validate()
-                curve["val_iteration"].append(it)
-                curve["val_psnr"].append(v)
-                curve["val_seconds"].append(time.perf_counter() - t0)
-                print(f"[b2] it {it} loss {np.mean(losses[-10:]):.4f} val_psnr {v:.2f} {time.perf_counter() - t0:.0f}s", flush=True)
-                if v > best:
-                    best = v
-                    torch.save({"unet": unet.state_dict(), "n_feat": n_feat, "iteration": it}, out / "unet_b2.pt")
-            if over:
-                done = True
-                break
-    curve["wall_s"] = time.perf_counter() - t0
-    curve["best_val_psnr"] = best
+    def save(iteration):
+        torch.save({"unet": unet.state_dict(), "n_feat": n_feat, "iteration": iteration}, out / "unet_b2.pt")
+
+    curve = train_baseline(loader, lambda batch: b2_train_step(unet, opt, batch), validate, save, args.budget_s,
+                           args.val_every, "b2")
     (out / "curves_b2.json").write_text(json.dumps(curve))
 
 

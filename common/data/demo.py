@@ -76,6 +76,9 @@ __all__ = [
     "build_ct_demo",
     "build_ct_framings",
     "CT_SLAB_SLICES",
+    "build_brain_framings",
+    "BRAIN_FRAMINGS",
+    "BRAIN_SLAB_SLICES",
     "build_dwi_demo",
     "build_all",
 ]
@@ -577,6 +580,57 @@ def build_ct_framings(out_dir: str | os.PathLike) -> Path:
 # DWI
 
 _DWI_SCHEMES = ("small_101D", "small_64D", "small_25")
+
+
+#: the real avg152 test case as users' scans are framed (ids of :func:`build_brain_framings`)
+BRAIN_FRAMINGS: dict[str, str] = {
+    "avg152": "real avg152 (91x109x91 at 2 mm)",
+    "avg152_fov150": "in a 1.5x field of view, background-padded",
+    "avg152_slab40": "40 mm axial slab (20 slices)",
+}
+BRAIN_SLAB_SLICES = 20
+
+
+def build_brain_framings(datalist: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """The held-out avg152 case of a brain cohort (``test[0]`` of ``datalist``, every ``.nii.gz`` of it) as
+    given, in a 1.5x in-plane field of view (MR padded with 0, the CT with -1000 HU) and cut to a central axial
+    slab of :data:`BRAIN_SLAB_SLICES` slices; returns ``<out_dir>/framings/datalist.json`` (``test``: the
+    :data:`BRAIN_FRAMINGS` cases, paths relative to it; ``training`` / ``validation`` kept, made absolute).
+
+    Every file keeps the physical position of every voxel (affine shifted with the padding or the cut).
+    """
+    datalist = Path(datalist)
+    dl = json.loads(datalist.read_text())
+    case = dl["test"][0]
+    root = Path(out_dir) / "framings"
+    entries = []
+    for name in BRAIN_FRAMINGS:
+        entry = {"id": name}
+        for key, rel in case.items():
+            if key == "id" or not isinstance(rel, str) or not rel.endswith(".nii.gz"):
+                continue
+            img = nib.load(str(datalist.parent / rel))
+            arr, aff = np.asarray(img.dataobj), img.affine.copy()
+            if name.endswith("fov150"):
+                pads = [(s // 4, s // 4) for s in arr.shape[:2]] + [(0, 0)]
+                arr = np.pad(arr, pads, constant_values=-1000 if key == "ct" else 0)
+                aff[:3, 3] -= aff[:3, :3] @ np.array([pads[0][0], pads[1][0], 0])
+            elif name.endswith("slab40"):
+                z0 = arr.shape[2] // 2 - BRAIN_SLAB_SLICES // 2
+                arr = arr[:, :, z0 : z0 + BRAIN_SLAB_SLICES]
+                aff[:3, 3] += aff[:3, :3] @ np.array([0, 0, z0])
+            path = root / name / Path(rel).name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            nib.Nifti1Image(arr, aff).to_filename(str(path))
+            entry[key] = str(path.relative_to(root))
+        entries.append(entry)
+    path = root / "datalist.json"
+    for e in dl["training"] + dl["validation"]:  # the training entries stay valid relative to the new JSON
+        for k, v in e.items():
+            if isinstance(v, str) and v.endswith(".nii.gz"):
+                e[k] = str(datalist.parent / v)
+    path.write_text(json.dumps({"training": dl["training"], "validation": dl["validation"], "test": entries}, indent=1))
+    return path
 
 
 def build_dwi_demo(out_dir: str | os.PathLike) -> Path:

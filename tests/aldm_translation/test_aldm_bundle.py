@@ -293,7 +293,8 @@ def test_inference_writes_one_nifti_per_target_in_input_geometry(trained, tmp_pa
 
 def test_evaluate_writes_metrics_for_every_direction(trained, tmp_path):
     out = tmp_path / "metrics"
-    _workflow("evaluate.json", "infer", dataset_dir=str(trained["demo"].parent), ckpt_dir=str(trained["ckpt"]), output_dir=str(out))
+    wf = _workflow("evaluate.json", "infer", dataset_dir=str(trained["demo"].parent), ckpt_dir=str(trained["ckpt"]),
+                   output_dir=str(out))
     with open(out / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
     directions = {(r["source"], r["target"]) for r in rows}
@@ -305,8 +306,30 @@ def test_evaluate_writes_metrics_for_every_direction(trained, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {f"{s}2{t}" for s, t in directions} | {"all"}
     assert summary["all"]["psnr"]["n"] == 6
-    assert (out / "summary.csv").is_file() and (out / "directions.md").read_text().count("\n") == 2 + 7
+    # ALDM's table (2 header lines, 6 directions and "all"), then the baseline's (text, header, the same 7 rows)
+    assert (out / "summary.csv").is_file() and (out / "directions.md").read_text().count("\n") == 2 + 7 + 5 + 7
     assert len(list((out / "montage").glob("avg152_*2*.png"))) == 6
+    # beside every row, the in-run baseline: the source histogram-matched to the target on the same model grid,
+    # inside the same mask, scored by the same function (recomputed here from the evaluation's own dataset)
+    from scripts.evaluate import translation_scores
+
+    from common.transforms.intensity import histogram_matched
+
+    dataset = wf.parser.get_parsed_content("dataset")
+    assert len(dataset) == 6
+    for i in range(len(dataset)):
+        d = dataset[i]
+        x, y, mask = (d[k][0].numpy() for k in ("image", "target", "mask"))
+        row = next(r for r in rows if (r["source"], r["target"]) == (d["source"], d["targets"][0]))
+        expected = translation_scores(histogram_matched(x, y, mask > 0), y, mask > 0)
+        for m, v in expected.items():
+            assert float(row[f"histmatch_{m}"]) == pytest.approx(v, rel=1e-5), (row["source"], row["target"], m)
+        # the baseline keeps the source's anatomy (a monotone map of its intensities) with the target's intensity
+        # distribution inside the mask, and nothing outside
+        matched = histogram_matched(x, y, mask > 0)
+        inside = mask > 0
+        assert np.all(np.diff(matched[inside][np.argsort(x[inside], kind="stable")]) >= -1e-6)
+        assert abs(matched[inside].mean() - y[inside].mean()) < 0.01 and not matched[~inside].any()
 
 
 def test_evaluation_refuses_test_subjects_seen_in_training(tmp_path, bundle_path):

@@ -28,19 +28,12 @@ CONFIG_FILES = ("train_autoencoder.json", "train_spade.json", "train_diffusion.j
 DIRECTIONS = {"t12t2", "t12pd", "t22t1", "t22pd", "pd2t1", "pd2t2"}
 
 
-def _purge_scripts():
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[name]
-
-
 @pytest.fixture(autouse=True)
-def bundle_path():
-    _purge_scripts()
-    sys.path.insert(0, str(BUNDLE))
-    yield BUNDLE
-    if str(BUNDLE) in sys.path:
-        sys.path.remove(str(BUNDLE))
-    _purge_scripts()
+def bundle_path(monkeypatch):
+    """The bundle's ``scripts`` package importable (the suite's conftest forgets every bundle's ``scripts``, and
+    takes bundle roots off ``sys.path``, around each test)."""
+    monkeypatch.syspath_prepend(str(BUNDLE))
+    return BUNDLE
 
 
 def _parser(config: str, *overlays: str, **overrides):
@@ -213,13 +206,13 @@ def demo_run(brain_demo, tmp_path_factory):
         bundle_evaluate.translation_scores = spy
         try:
             D.main(["evaluate", *common, "--out", str(root / "eval"), "--models", str(dest), "--unet", str(run / "unet.pt"),
-                    "--curves", str(run), "--steps", "2", "1", "--in-domain-steps", "2", "--no-spade-only", "--no-montage"])
+                    "--curves", str(run), "--steps", "2", "1", "--in-domain-steps", "2", "--framing-steps", "1", "--no-spade-only",
+                    "--no-montage"])
         finally:
             bundle_evaluate.translation_scores = scores
-    finally:
-        if str(BUNDLE) in sys.path:
+    finally:  # the next test's conftest purge forgets this bundle's ``scripts`` as well
+        while str(BUNDLE) in sys.path:
             sys.path.remove(str(BUNDLE))
-        _purge_scripts()
     results = json.loads((root / "eval" / "results.json").read_text())
     return {"root": root, "run": run, "dest": dest, "results": results, "calls": calls, "demo": brain_demo}
 
@@ -298,13 +291,25 @@ def test_evaluate_covers_six_directions_and_scores_baselines_with_the_same_funct
             assert all(np.isfinite(v) for v in method["mean"].values())
         for r in split["aldm"].values():
             assert r["n"] == (12 if name == "in_domain" else 6) and r["seconds_per_volume"] > 0
-    # every number (ALDM rows written by the evaluation, baselines by the driver) came from translation_scores:
-    # 12 in-domain items (2 subjects) + 2 x 6 on avg152 for ALDM, and 2 baselines on 12 + 6 items
-    assert len(demo_run["calls"]) == 12 + 2 * 6 + 2 * (12 + 6)
-    assert set(res["bars"]) == {"in_domain", "avg152"}
+    # avg152 re-framed: the three cases, each against the baselines on the same framing
+    framed = res["splits"]["framings"]
+    cases = {"avg152", "avg152_fov150", "avg152_slab40"}
+    assert set(framed["aldm"]) == {"ddim1"} and framed["aldm"]["ddim1"]["n"] == 3 * 6
+    for method in [framed["aldm"]["ddim1"], *framed["baselines"].values()]:
+        assert set(method["per_case"]) == cases
+        assert all(np.isfinite(v) for row in method["per_case"].values() for v in row.values())
+    # the as-given case scores as on the avg152 set (same files, same steps would give the same numbers; here
+    # the histogram baseline, which has no sampling noise, is compared)
+    assert framed["baselines"]["histmatch"]["per_case"]["avg152"]["psnr_mask"] == pytest.approx(
+        res["splits"]["avg152"]["baselines"]["histmatch"]["mean"]["psnr_mask"], abs=1e-6)
+    # every number (ALDM rows and their histogram-matching columns written by the evaluation, baselines by the
+    # driver) came from translation_scores: 12 in-domain items (2 subjects) + 2 x 6 on avg152 + 3 x 6 re-framed,
+    # twice each in the evaluation, and the driver's 2 baselines on each of the 12 + 6 + 18 items
+    assert len(demo_run["calls"]) == 2 * (12 + 2 * 6 + 18) + 2 * (12 + 6 + 18)
+    assert set(res["bars"]) == {"in_domain", "avg152", *cases}
     assert res["bars"]["avg152"]["psnr_mask"]["run"] == "ddim2"
     assert set(res["curves"]) == {"autoencoder", "spade", "diffusion", "unet"}
     out = demo_run["root"] / "eval"
     assert (out / "learning_curves.png").stat().st_size > 0
     md = (out / "results.md").read_text()
-    assert "DDIM steps on avg152" in md and "| ddim1 |" in md and "baseline unet" in md
+    assert "DDIM steps on avg152" in md and "| ddim1 |" in md and "baseline unet" in md and "avg152 re-framed" in md

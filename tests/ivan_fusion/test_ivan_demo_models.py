@@ -3,7 +3,7 @@
 The model runs as a user runs it: ``python -m monai.bundle run`` with the bundle's ``inference.json`` +
 ``evaluate.json``, the demo overlay and the task overlay only, on the real SPM avg152 T2 and its CT-like image,
 which the simulated training subjects never showed (91 axial slices), and on a 40 mm axial slab of the same pair
-(``benchmarks.ivan_fusion_demo.build_framings``). Bars of the issue:
+(``common.data.demo.build_brain_framings``). Bars of the issue:
 
 - fusion (T2 + CT-like): the shipped iVAN against its reference rule (Laplacian max-abs of the same two inputs)
   at 3D PSNR >= 30 dB on the 91 slices;
@@ -40,9 +40,9 @@ FUSION_CONFIGS = ["configs/inference.json", "configs/evaluate.json", "configs/de
 @pytest.fixture(scope="module")
 def framings(brain_demo, tmp_path_factory) -> Path:
     """The avg152 test case as given and cut to a central 40 mm slab (absolute paths, one datalist)."""
-    from benchmarks.ivan_fusion_demo import build_framings
+    from common.data.demo import build_brain_framings
 
-    path = build_framings(Path(brain_demo), tmp_path_factory.mktemp("ivan_demo"))
+    path = build_brain_framings(Path(brain_demo), tmp_path_factory.mktemp("ivan_demo"))
     d = json.loads(path.read_text())
     d["test"] = [e for e in d["test"] if e["id"] in ("avg152", "avg152_slab40")]
     path.write_text(json.dumps(d))
