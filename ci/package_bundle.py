@@ -19,7 +19,9 @@ timestamp, so packing the same tree twice gives the same bytes and the same sha2
 into every config (``inference.json``, ``evaluate.json``, ``train.json`` and their overlays, each read
 as MONAI reads ``[config, "configs/demo.json"]``: the overlay's top-level keys replace the config's),
 its ``_meta_`` into ``metadata.json``; the weights of ``models/demo/`` move to ``models/`` (plain state
-dicts, byte for byte, so the overlay's sha256 keys still hold) and the overlay's paths follow them.
+dicts, byte for byte, so the overlay's sha256 keys still hold) and the overlay's paths follow them. What a
+plain move cannot express, the overlay's ``_deploy_`` section says (see :func:`stage_demo_variant`: a task
+overlay merged in, a state dict taken out of a file that also records metadata, keys set last).
 The zoo's tools then find the shipped model where they look for it: ``models/model.pt`` loaded by
 ``configs/inference.json`` alone, exported by ``ckpt_export``. Test-size overlays (``tiny.json``)
 stay out: they describe another network than the shipped weights.
@@ -31,6 +33,7 @@ import argparse
 import copy
 import hashlib
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -122,24 +125,39 @@ def _deep_update(base: dict, new: dict) -> dict:
     return base
 
 
-def _retarget(value, old: str, new: str):
-    """``value`` with every string's ``old`` path fragment replaced by ``new``."""
+def _map_strings(value, fn):
+    """``value`` (a config: strings, lists, dicts) with ``fn`` applied to every string."""
     if isinstance(value, str):
-        return value.replace(old, new)
+        return fn(value)
     if isinstance(value, list):
-        return [_retarget(v, old, new) for v in value]
+        return [_map_strings(v, fn) for v in value]
     if isinstance(value, dict):
-        return {k: _retarget(v, old, new) for k, v in value.items()}
+        return {k: _map_strings(v, fn) for k, v in value.items()}
     return value
+
+
+def _retarget(value, old: str, new: str):
+    """``value`` with every string's path fragment ``old`` replaced by ``new`` wherever it is a whole path
+    component (followed by ``/``, a quote or the end: ``'/models/demo/x.pt'`` and ``'/models/demo'`` alike, not
+    ``'/models/demo_x'``)."""
+    pattern = re.compile(re.escape(old) + r"(?=[/'\"]|$)")
+    return _map_strings(value, lambda v: pattern.sub(new, v))
 
 
 def stage_demo_variant(bundle: str | Path, stage_root: str | Path) -> Path:
     """Write the deployable bundle of ``bundle``'s shipped demo model to ``stage_root/<name>`` and return it.
 
+    The overlay's optional ``_deploy_`` section (taken out, like ``_meta_``) says what a plain move of
+    ``models/demo/`` cannot: ``overlays``, further configs merged after ``demo.json`` into every config and left
+    out of the variant (e.g. a task overlay: a deployable bundle serves one task); ``weights``, a file of
+    ``models/demo/`` -> ``{"file": name in models/, "entry": key}`` for a file that holds its state dict under an
+    entry beside metadata (the entry is written as a plain state dict); ``set``, top-level config keys set last,
+    where ``{sha256:<file>}`` is replaced by the digest of that file of the variant's ``models/``.
+
     Raises:
         FileNotFoundError: the bundle has no ``configs/demo.json`` or no weights in ``models/demo/``.
-        ValueError: a ``models/demo/`` file is not a plain state dict loadable with ``weights_only=True``, or
-            would overwrite a file of ``models/``.
+        ValueError: a ``models/demo/`` file is not a plain state dict loadable with ``weights_only=True`` (after
+            its ``_deploy_`` entry is taken), or would overwrite a file of ``models/``.
     """
     import torch
 
@@ -148,28 +166,57 @@ def stage_demo_variant(bundle: str | Path, stage_root: str | Path) -> Path:
     weights = sorted(f for f in weights_dir.glob("*") if f.is_file() and f.suffix in {".pt", ".pth"}) if weights_dir.is_dir() else []
     if not overlay_file.is_file() or not weights:
         raise FileNotFoundError(f"'{bundle}' has no demo model to deploy: it needs {DEMO_OVERLAY} and weights in {DEMO_WEIGHTS}/")
-    for f in weights:
-        state = torch.load(str(f), map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
-            raise ValueError(f"'{f}' is not a plain state dict (name -> tensor): the zoo's ckpt_export would export none of it")
-        if (bundle / "models" / f.name).exists():
-            raise ValueError(f"'{f}' would overwrite '{bundle / 'models' / f.name}' in the demo variant: remove one of them")
     overlay = json.loads(overlay_file.read_text())
     meta_update = overlay.pop("_meta_", {})
-    overlay = _retarget(overlay, f"/{DEMO_WEIGHTS}/", "/models/")
+    deploy = overlay.pop("_deploy_", {})
+    moved = {f.name: deploy.get("weights", {}).get(f.name, {"file": f.name}) for f in weights}
+    states = {}
+    for f in weights:
+        state = torch.load(str(f), map_location="cpu", weights_only=True)
+        entry = moved[f.name].get("entry")
+        if entry is not None:
+            if not isinstance(state, dict) or entry not in state:
+                raise ValueError(f"'{f}' has no entry '{entry}' (configs/demo.json _deploy_ weights)")
+            state = states[f.name] = state[entry]
+        if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+            raise ValueError(f"'{f}' is not a plain state dict (name -> tensor): the zoo's ckpt_export would export none of it")
+        if (bundle / "models" / moved[f.name]["file"]).exists():
+            raise ValueError(f"'{f}' would overwrite '{bundle / 'models' / moved[f.name]['file']}' in the demo variant: "
+                             "remove one of them")
+    extra = [json.loads((bundle / o).read_text()) for o in deploy.get("overlays", [])]
+    overlay = _retarget(overlay, f"/{DEMO_WEIGHTS}", "/models")
+    left_out = {DEMO_OVERLAY, *deploy.get("overlays", [])}
 
     target = Path(stage_root) / bundle.name
     if target.exists():
         shutil.rmtree(target)
-    for src, arc in bundle_files(bundle, include_weights=True):
-        rel = Path(arc).relative_to(bundle.name)
-        if rel.parts[0] == "common" or rel.as_posix() == DEMO_OVERLAY or (rel.parts[0] == "configs" and rel.name in TEST_OVERLAYS):
+    files = [(src, Path(arc).relative_to(bundle.name)) for src, arc in bundle_files(bundle, include_weights=True)]
+    files = [(src, rel) for src, rel in files if not (rel.parts[0] == "common" or rel.as_posix() in left_out or
+                                                      (rel.parts[0] == "configs" and rel.name in TEST_OVERLAYS))]
+    for src, rel in files:  # the weights first: the settings may name their digests
+        if rel.parent.as_posix() == DEMO_WEIGHTS:
+            dest = target / "models" / moved[rel.name]["file"]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if rel.name in states:  # the entry alone, as a plain state dict
+                torch.save(states[rel.name], str(dest))
+            else:
+                shutil.copyfile(src, dest)
+    settings = deploy.get("set", {})
+    for f in (target / "models").glob("*"):
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        settings = _map_strings(settings, lambda v, key=f"{{sha256:{f.name}}}", digest=digest: v.replace(key, digest))
+    for src, rel in files:
+        if rel.parent.as_posix() == DEMO_WEIGHTS:
             continue
-        dest = target / (Path("models") / rel.name if rel.parent.as_posix() == DEMO_WEIGHTS else rel)
+        dest = target / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         if rel.parts[0] == "configs" and rel.suffix == ".json":
             content = json.loads(src.read_text())
-            content = _deep_update(content, meta_update) if rel.name == "metadata.json" else _merge_overlay(content, overlay)
+            if rel.name == "metadata.json":
+                content = _deep_update(content, meta_update)
+            else:
+                for layer in (overlay, *extra, settings):
+                    content = _merge_overlay(content, layer)
             dest.write_text(json.dumps(content, indent=4) + "\n")
         else:
             shutil.copyfile(src, dest)

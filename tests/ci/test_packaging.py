@@ -257,6 +257,43 @@ def test_demo_variant_deploys_the_shipped_model_where_the_zoo_looks(tmp_path):
     assert "(models/model.pt)" in checks["7 ckpt_export (script)"].detail
 
 
+def test_multi_file_demo_variant_retargets_a_folder_named_without_a_file(tmp_path):
+    """A demo overlay that names its weights folder itself (``'/models/demo'``, no file name after it, as
+    aldm_translation's three-file overlay does): the variant moves every file to models/, byte for byte, and
+    inference.json alone reads each one there against the sha256 the overlay ships; a sibling path that only
+    starts with the folder's name (``'/models/demo_notes'``) is left as it is."""
+    from monai.bundle import ConfigParser
+    from package_bundle import stage_demo_variant
+
+    b = _minimal_with_demo(tmp_path / "src")
+    torch.manual_seed(2)
+    files = {"model.pt": None, "extra.pt": {"w": torch.randn(3, 3)}}
+    torch.save(files["extra.pt"], b / "models" / "demo" / "extra.pt")
+    digests = {f: hashlib.sha256((b / "models" / "demo" / f).read_bytes()).hexdigest() for f in files}
+    overlay = json.loads((b / "configs" / "demo.json").read_text())
+    overlay.update({
+        "demo_ckpt_dir": "$@bundle_root + '/models/demo'",
+        "ckpt_path": "$@demo_ckpt_dir + '/model.pt'",
+        "extra_ckpt": "$@demo_ckpt_dir + '/extra.pt'",
+        "notes": "$@bundle_root + '/models/demo_notes'",
+        "demo_sha256": digests,
+        "extra_sha256": "$@demo_sha256.get('extra.pt') if @extra_ckpt == @demo_ckpt_dir + '/extra.pt' else None",
+    })
+    (b / "configs" / "demo.json").write_text(json.dumps(overlay))
+    dep = stage_demo_variant(b, tmp_path / "stage")
+    assert sorted(p.name for p in (dep / "models").glob("*.pt")) == sorted(files)
+    assert not (dep / "models" / "demo").exists() and not (dep / "configs" / "demo.json").exists()
+    merged = ConfigParser()
+    merged.read_config(str(dep / "configs" / "inference.json"))
+    merged["bundle_root"] = str(dep)
+    for f in files:
+        assert (dep / "models" / f).read_bytes() == (b / "models" / "demo" / f).read_bytes()
+    assert Path(merged.get_parsed_content("ckpt_path")) == dep / "models" / "model.pt"
+    assert Path(merged.get_parsed_content("extra_ckpt")) == dep / "models" / "extra.pt"
+    assert merged.get_parsed_content("extra_sha256") == digests["extra.pt"]
+    assert merged.get_parsed_content("notes") == f"{dep}/models/demo_notes"
+
+
 def test_demo_variant_refuses_what_it_cannot_deploy(tmp_path):
     b = write_minimal_bundle(tmp_path / "src")
     with pytest.raises(FileNotFoundError, match="configs/demo.json"):
@@ -345,3 +382,58 @@ def test_diffseg_demo_variant_checks_downloads_and_segments_as_shipped(tmp_path,
     pred, ref = np.asarray(got.dataobj).astype(int), np.asarray(nib.load(str(reference)).dataobj).astype(int)
     per_organ = [dice(pred == c, ref == c) for c in np.unique(ref) if c]
     assert len(per_organ) >= 5 and np.mean(per_organ) > 0.85, per_organ
+
+
+@pytest.mark.slow
+def test_ivan_demo_variant_deploys_the_fusion_model_and_fuses_as_shipped(tmp_path, brain_demo):
+    """ivan_fusion ships its fusion weights inside a file that records the task (``{"model", "task"}``) and needs
+    its task overlay: the variant (``_deploy_`` of its demo.json) merges ``task_fusion.json`` into every config,
+    writes the ``model`` entry as ``models/model.pt`` (a plain state dict, the network's own tensors), which
+    ``configs/inference.json`` alone loads against its sha256. The unpacked zip passes the zoo's checks as
+    ``ci/verify_bundle.py`` implements them (the scripted export of models/model.pt) and, without this repository
+    on the import path, fuses the real avg152 T2 + CT-like pair exactly as the source bundle does with
+    ``[inference.json, demo.json, task_fusion.json]``."""
+    from verify_bundle import verify_bundle
+
+    source = REPO / "bundles" / "ivan_fusion"
+    z = package_bundle(source, tmp_path / "dist", variant="demo")
+    names = zipfile.ZipFile(z).namelist()
+    assert "ivan_fusion/models/model.pt" in names and not [n for n in names if "/models/demo" in n]
+    assert not [n for n in names if n.endswith(("configs/demo.json", "configs/task_fusion.json", "configs/tiny.json"))]
+    zipfile.ZipFile(z).extractall(tmp_path / "unpacked")
+    dep = tmp_path / "unpacked" / "ivan_fusion"
+    shipped = torch.load(source / "models" / "demo" / "fusion.pt", map_location="cpu", weights_only=True)
+    deployed = torch.load(dep / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert deployed.keys() == shipped["model"].keys()
+    assert all(torch.equal(deployed[k], shipped["model"][k]) for k in deployed)
+    inference = json.loads((dep / "configs" / "inference.json").read_text())
+    assert inference["task"] == {"name": "fusion", "inputs": ["t2", "ct"], "targets": ["fused"]}
+    assert inference["ckpt_sha256"] == hashlib.sha256((dep / "models" / "model.pt").read_bytes()).hexdigest()
+    assert "_deploy_" not in inference
+
+    checks = {c.name: c for c in verify_bundle(dep)}
+    assert all(c.ok for c in checks.values()), [f"{c.name}: {c.detail}" for c in checks.values() if not c.ok]
+    assert "(models/model.pt)" in checks["7 ckpt_export (script)"].detail
+
+    case = json.loads(Path(brain_demo).read_text())["test"][0]
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"test": [{"id": "avg152", **{k: str(Path(brain_demo).parent / case[k]) for k in ("t2", "ct")}}]}))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-c", DRIVER, str(REPO), "run", "--config_file", "configs/inference.json",
+                          "--datalist", str(datalist), "--output_dir", str(tmp_path / "out_variant")],
+                         cwd=dep, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert str(dep) in [ln for ln in run.stdout.splitlines() if ln.startswith("COMMON_FROM")][-1]
+    src = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
+                          "['configs/inference.json','configs/demo.json','configs/task_fusion.json']", "--bundle_root",
+                          str(source), "--datalist", str(datalist), "--output_dir", str(tmp_path / "out_source")],
+                         cwd=source, capture_output=True, text=True, timeout=600)
+    assert src.returncode == 0, src.stdout[-2000:] + src.stderr[-3000:]
+    [got_file] = list((tmp_path / "out_variant").rglob("*.nii.gz"))
+    [ref_file] = list((tmp_path / "out_source").rglob("*.nii.gz"))
+    assert got_file.name == ref_file.name
+    got = nib.load(str(got_file))
+    np.testing.assert_array_equal(np.asarray(got.dataobj), np.asarray(nib.load(str(ref_file)).dataobj))
+    t2 = nib.load(str(Path(brain_demo).parent / case["t2"]))
+    assert got.shape == t2.shape and np.abs(np.asarray(got.dataobj)).max() > 0
+    np.testing.assert_allclose(got.affine, t2.affine, atol=1e-5)
