@@ -334,6 +334,8 @@ def bars(results: dict) -> dict:
     if framed:  # every framing of avg152 on its own, against the baselines on the same framing
         ref = next(iter(framed["aldm"]))
         for case, row in framed["aldm"][ref]["per_case"].items():
+            if case in out:  # the as-given case: its bar is the avg152 split's, at the reference steps
+                continue
             out[case] = {}
             for m in ("psnr_mask", "ssim_mask"):
                 base = {b: r["per_case"][case][m] for b, r in framed["baselines"].items()}
