@@ -30,6 +30,10 @@ Sub-commands, each writing into ``--out`` (``--data``: the folder of the demo co
   histogram-matched to the target inside the brain mask (given the target's histogram, so optimistic) and the
   UNet of ``baseline``. Writes ``results.json``, ``results.md`` (tables and the issue's bars) and
   ``learning_curves.png``.
+- ``diagnose``: where a trained model loses quality, on one case (``--case``, e.g. ``validation:0`` or ``test:0``):
+  per direction, the VQ-GAN reconstruction of the target, SPADE only, the denoiser's one-step estimate from the
+  true noised target at several noise levels, DDIM from z_T (eta 0 and 1) and DDIM from the noised SPADE latent
+  (an SDEdit-style start); ``diagnosis.json`` / ``diagnosis.md``.
 
 The demo model (issue 14 item 1), on a 2-core CPU: ``train`` and ``baseline`` side by side, one torch thread each,
 so both get the same wall clock and the same compute::
@@ -392,6 +396,89 @@ def cmd_evaluate(args) -> dict:
     return results
 
 
+# ---------------------------------------------------------------------------------------------------- diagnosis
+DIAG_DIRECTIONS = {f"{a}2{b}": (a, b) for a in ("t1", "t2", "pd") for b in ("t1", "t2", "pd") if a != b}
+
+
+def cmd_diagnose(args) -> dict:
+    """Where a trained model loses quality, per direction on one case, PSNR inside ``source > 0.02`` (after the
+    inference preprocessing): the VQ-GAN reconstruction of the target (the ceiling of every latent route), SPADE
+    only, the denoiser's one-step estimate x̂0 from the true noised target latent at each ``--t`` (what it has
+    learnt at each noise level), DDIM from z_T at eta 0 and 1 (the paper's sampler), and DDIM started from the
+    SPADE latent noised to each ``--start`` (an SDEdit-style start, not the paper's sampler). Writes
+    ``diagnosis.json`` and ``diagnosis.md``."""
+    from common.engines.aldm_steps import encode_quantized
+    from common.inferers.latent_diffusion import set_sampling_timesteps
+    from scripts.inferer import target_condition
+
+    out, data = Path(args.out), dataset_dir(args.data)
+    out.mkdir(parents=True, exist_ok=True)
+    split, _, index = args.case.partition(":")
+    case = json.loads((data / "datalist.json").read_text())[split][int(index or 0)]
+    overrides = {"progress": False, "input_image": str(data / case["t1"]), "output_dir": str(out / "unused"),
+                 **parse_overrides(args.set)}
+    if args.models is not None:
+        overrides["ckpt_dir"] = str(args.models)
+    wf = _workflow(["inference.json", *overlays(args)], "infer", **overrides)
+    p = wf.parser
+    net, inferer, ldm = (p.get_parsed_content(k) for k in ("network", "inferer", "diffusion_model"))
+    for handler in p.get_parsed_content("handlers"):  # the checkpoint loaders, as the evaluator's start runs them
+        if hasattr(handler, "load_path"):
+            handler(wf.evaluator)
+    net.eval()
+    ldm.eval()
+    pre, scheduler = p.get_parsed_content("preprocessing"), p.get_parsed_content("noise_scheduler")
+    images = {m: pre({"image": str(data / case[m])})["image"][None].as_tensor() for m in ("t1", "t2", "pd")}
+    s, steps = float(inferer.scale_factor), int(args.steps)
+    rows = {}
+    with torch.no_grad():
+        for direction in args.directions:
+            src, tgt = DIAG_DIRECTIONS[direction]
+            x_src, x_tgt, mask = images[src], images[tgt], images[src] > 0.02
+            psnr = lambda z: float(10 * torch.log10(1.0 / ((net.decode(z).clamp(0, 1) - x_tgt)[mask] ** 2).mean()))  # noqa: E731
+            z_src = net.encode(x_src)
+            c, z0 = net.translate_latent(z_src, tgt), encode_quantized(net.autoencoder, x_tgt)
+            cond = torch.cat([s * z_src, s * c], dim=1)
+            kw = target_condition(tgt, inferer.modalities, inferer.conditioning, batch_size=1, device="cpu")
+            row = {"reconstruction": psnr(z0), "spade_only": psnr(c)}
+            g = torch.Generator().manual_seed(args.seed)
+            for t in args.t:  # one-step estimate from the true noised target
+                z_t = scheduler.add_noise(s * z0, torch.randn(z0.shape, generator=g), torch.tensor([t]))
+                eps = ldm(torch.cat([cond, z_t], dim=1), torch.tensor([t]), **kw)
+                a = scheduler.alphas_cumprod[t]
+                row[f"x0_t{t}"] = psnr((z_t - (1 - a).sqrt() * eps) / a.sqrt() / s)
+
+            def ddim(z, timesteps, eta):
+                for t in timesteps:
+                    eps = ldm(torch.cat([cond, z], dim=1), torch.full((1,), int(t)), **kw)
+                    z, _ = scheduler.step(eps, int(t), z, eta=eta, generator=g)
+                return z / s
+
+            for eta in (0.0, 1.0):
+                g = torch.Generator().manual_seed(args.seed)
+                row[f"ddim{steps}_eta{eta:g}"] = psnr(ddim(torch.randn(c.shape, generator=g), set_sampling_timesteps(
+                    scheduler, steps, inferer.sampler.timestep_spacing), eta))
+            for start in args.start:
+                g = torch.Generator().manual_seed(args.seed)
+                ts = set_sampling_timesteps(scheduler, steps, inferer.sampler.timestep_spacing)
+                ts = ts[ts <= start]
+                z = scheduler.add_noise(s * c, torch.randn(c.shape, generator=g), ts[:1])
+                row[f"start{start}"] = psnr(ddim(z, ts, 0.0))
+            rows[direction] = row
+            print(direction, {k: round(v, 2) for k, v in row.items()}, flush=True)
+    cols = list(next(iter(rows.values())))
+    rows["mean"] = {k: float(np.mean([r[k] for r in rows.values()])) for k in cols}
+    result = {"case": case["id"], "split": split, "scale_factor": s, "command": "python benchmarks/aldm_translation_demo.py "
+              + " ".join(args.argv), "psnr": rows}
+    (out / "diagnosis.json").write_text(json.dumps(result, indent=1))
+    md = [f"case {case['id']} ({split}); PSNR (dB) inside source > 0.02; `{result['command']}`", "",
+          "| direction | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    md += [f"| {d} | " + " | ".join(f"{r[k]:.2f}" for k in cols) + " |" for d, r in rows.items()]
+    (out / "diagnosis.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return result
+
+
 def learning_curves(curves: dict, png: Path) -> None:
     import matplotlib
 
@@ -451,7 +538,7 @@ def markdown(results: dict) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("train", "baseline", "evaluate", "export"):
+    for name in ("train", "baseline", "evaluate", "export", "diagnose"):
         s = sub.add_parser(name)
         s.add_argument("--threads", type=int, default=1, help="torch threads")
         if name == "export":
@@ -460,7 +547,7 @@ def main(argv=None) -> None:
         s.add_argument("--out", required=True)
         s.add_argument("--overlay", action="append", default=[], help="a further overlay after demo.json (tests: tiny.json)")
         s.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help="config override, every workflow")
-        if name != "evaluate":
+        if name in ("train", "baseline"):
             s.add_argument("--budget-s", type=float, default=5400.0, help="wall-clock budget, seconds")
     tr = sub.choices["train"]
     tr.add_argument("--shares", default="45,20,35", help="budget shares of autoencoder, spade, diffusion")
@@ -485,13 +572,22 @@ def main(argv=None) -> None:
     ev.add_argument("--framing-steps", type=int, default=50, help="DDIM steps on the re-framed avg152 cases")
     ev.add_argument("--no-spade-only", action="store_true")
     ev.add_argument("--no-montage", action="store_true")
+    dg = sub.choices["diagnose"]
+    dg.add_argument("--models", default=None, help="folder of autoencoder/spade/diffusion checkpoints (default: models/demo)")
+    dg.add_argument("--case", default="validation:0", help="SPLIT:INDEX of the datalist (test:0 = avg152)")
+    dg.add_argument("--directions", nargs="+", default=list(DIAG_DIRECTIONS), choices=DIAG_DIRECTIONS)
+    dg.add_argument("--t", type=int, nargs="+", default=[50, 250, 500, 900], help="noise levels of the one-step estimate")
+    dg.add_argument("--start", type=int, nargs="*", default=[100, 250, 400], help="SDEdit-style start steps")
+    dg.add_argument("--steps", type=int, default=50, help="DDIM steps (of the full schedule)")
+    dg.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
     for path in (str(REPO), str(BUNDLE)):  # the bundle's ``scripts`` package, as the configs import it
         if path not in sys.path:
             sys.path.insert(0, path)
-    {"train": cmd_train, "baseline": cmd_baseline, "evaluate": cmd_evaluate, "export": cmd_export}[args.cmd](args)
+    {"train": cmd_train, "baseline": cmd_baseline, "evaluate": cmd_evaluate, "export": cmd_export,
+     "diagnose": cmd_diagnose}[args.cmd](args)
 
 
 if __name__ == "__main__":

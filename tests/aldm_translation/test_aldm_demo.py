@@ -211,6 +211,8 @@ def demo_run(brain_demo, tmp_path_factory):
                     "--no-montage"])
         finally:
             bundle_evaluate.translation_scores = scores
+        D.main(["diagnose", *common, "--out", str(root / "diagnose"), "--models", str(dest), "--case", "test:0",
+                "--directions", "t12t2", "t22pd", "--t", "0", "999", "--start", "1", "--steps", "2"])
     finally:  # the next test's conftest purge forgets this bundle's ``scripts`` as well
         while str(BUNDLE) in sys.path:
             sys.path.remove(str(BUNDLE))
@@ -314,3 +316,20 @@ def test_evaluate_covers_six_directions_and_scores_baselines_with_the_same_funct
     assert (out / "learning_curves.png").stat().st_size > 0
     md = (out / "results.md").read_text()
     assert "DDIM steps on avg152" in md and "| ddim1 |" in md and "baseline unet" in md and "avg152 re-framed" in md
+
+
+def test_diagnose_separates_the_stages_of_a_trained_model(demo_run):
+    """diagnose on avg152: per direction the VQ-GAN ceiling, SPADE only, the one-step estimate from the true
+    noised target and the samplers. Whatever the weights, the estimate at t = 0 (noise std 0.04) stays next to the
+    reconstruction it is computed from, nearer than the one at t = 999 (its error amplified 15x), and a DDIM start
+    at t = 1 from the noised SPADE latent stays next to SPADE only."""
+    res = json.loads((demo_run["root"] / "diagnose" / "diagnosis.json").read_text())
+    assert res["case"] == "avg152" and set(res["psnr"]) == {"t12t2", "t22pd", "mean"}
+    for d in ("t12t2", "t22pd"):
+        row = res["psnr"][d]
+        assert set(row) == {"reconstruction", "spade_only", "x0_t0", "x0_t999", "ddim2_eta0", "ddim2_eta1", "start1"}
+        assert all(np.isfinite(v) for v in row.values())
+        assert abs(row["x0_t0"] - row["reconstruction"]) < min(0.1, abs(row["x0_t999"] - row["reconstruction"])), row
+        assert abs(row["start1"] - row["spade_only"]) < 0.5, row
+    assert res["psnr"]["mean"]["spade_only"] == pytest.approx(np.mean([res["psnr"][d]["spade_only"] for d in ("t12t2", "t22pd")]))
+    assert "| t12t2 |" in (demo_run["root"] / "diagnose" / "diagnosis.md").read_text()
