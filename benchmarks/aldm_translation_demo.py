@@ -87,7 +87,9 @@ from benchmarks.aldm_translation import (  # noqa: E402
     unet_predict,
     unet_train_step,
 )
-from benchmarks.demo_training import bundle_workflow, parse_overrides, train_baseline, train_stage  # noqa: E402
+from benchmarks.demo_training import (  # noqa: E402
+    bundle_workflow, parse_overrides, plot_learning_curves, train_baseline, train_stage,
+)
 
 STAGES = {"autoencoder": "train_autoencoder.json", "spade": "train_spade.json", "diffusion": "train_diffusion.json"}
 #: the files ``export`` writes into ``models/demo`` (the names the overlay's ``*_ckpt`` keys read)
@@ -389,7 +391,7 @@ def cmd_evaluate(args) -> dict:
         results["curves"] = {p.stem.replace("curves_", ""): json.loads(p.read_text())
                              for p in sorted(Path(args.curves).glob("curves_*.json"))}
         if results["curves"]:
-            learning_curves(results["curves"], out / "learning_curves.png")
+            plot_learning_curves(results["curves"], out / "learning_curves.png")
     (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
     (out / "results.md").write_text(markdown(results))
     print(markdown(results))
@@ -477,26 +479,6 @@ def cmd_diagnose(args) -> dict:
     (out / "diagnosis.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return result
-
-
-def learning_curves(curves: dict, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, len(curves), figsize=(4 * len(curves), 6), squeeze=False)
-    for i, (name, c) in enumerate(curves.items()):
-        axes[0, i].plot(c["iteration"], c["loss"], lw=0.8)
-        axes[0, i].set_title(f"{name}: training loss")
-        if c["loss"] and min(c["loss"]) > 0:
-            axes[0, i].set_yscale("log")
-        axes[1, i].plot(c["val_iteration"], c["val_psnr"], "o-", ms=3)
-        axes[1, i].set_title(f"{name}: validation PSNR (dB)")
-        axes[1, i].set_xlabel(f"iteration ({c.get('wall_s', 0) / 60:.0f} min)")
-    fig.tight_layout()
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
 
 
 def markdown(results: dict) -> str:

@@ -335,7 +335,11 @@ def run_aldm(case: str, volume_shape=None, steps: int | None = None, overlays=()
     docstring): ``aldm_floor`` times each network pass once, ``aldm_sampler`` runs the bundle's own inferer."""
     from common.networks.aldm_ldm import target_condition
 
+    # random weights load no stage-3 checkpoint, so a ``scale_factor`` of "auto" (the demo overlay's) has no value to
+    # read: any number costs the same
     parser = _bundle_parser(ALDM_BUNDLE, overlays, {"num_inference_steps": steps})
+    if parser["scale_factor"] == "auto":
+        parser["scale_factor"] = 1.0
     torch.manual_seed(0)
     network = parser.get_parsed_content("network").eval()
     unet = parser.get_parsed_content("diffusion_model").eval()

@@ -141,3 +141,26 @@ def train_baseline(loader, step, validate, save, budget_s: float, val_every: int
     curve["iterations"] = it
     curve["best_val_psnr"] = best
     return curve
+
+
+def plot_learning_curves(curves: dict, png: Path) -> None:
+    """``curves``: stage name -> curve (``iteration``/``loss``, ``val_iteration``/``val_psnr``, ``wall_s``) as the
+    drivers write them; one column per stage, training loss above (log scale where it stays positive: adversarial
+    stages go negative), validation PSNR below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(curves), figsize=(4 * len(curves), 6), squeeze=False)
+    for i, (name, c) in enumerate(curves.items()):
+        axes[0, i].plot(c["iteration"], c["loss"], lw=0.8)
+        axes[0, i].set_title(f"{name}: training loss")
+        if c["loss"] and min(c["loss"]) > 0:
+            axes[0, i].set_yscale("log")
+        axes[1, i].plot(c["val_iteration"], c["val_psnr"], "o-", ms=3)
+        axes[1, i].set_title(f"{name}: validation PSNR (dB)")
+        axes[1, i].set_xlabel(f"iteration ({c.get('wall_s', 0) / 60:.0f} min)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)

@@ -47,7 +47,7 @@ for _p in (str(REPO), str(BUNDLE)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from benchmarks.demo_training import bundle_workflow, train_baseline, train_stage  # noqa: E402
+from benchmarks.demo_training import bundle_workflow, plot_learning_curves, train_baseline, train_stage  # noqa: E402
 from benchmarks.noddi_sr import _amico_maps, _upsample_dwi, b2_predict, b2_train_step, b2_unet  # noqa: E402
 
 STAGES = {"vqgan": "train_vqgan.json", "cond_encoder": "train_cond_encoder.json", "diffusion": "train_diffusion.json"}
@@ -175,28 +175,10 @@ def cmd_evaluate(args) -> None:
     results["subject_snr"] = {e["id"]: datalist.get("subject_snr", {}).get(e["id"]) for e in datalist["test"]}
     if args.curves:
         results["curves"] = {p.stem.replace("curves_", ""): json.loads(p.read_text()) for p in sorted(Path(args.curves).glob("curves_*.json"))}
-        learning_curves(results["curves"], out / "learning_curves.png")
+        plot_learning_curves(results["curves"], out / "learning_curves.png")
     (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
     (out / "results.md").write_text(markdown(results))
     print(markdown(results))
-
-
-def learning_curves(curves: dict, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, len(curves), figsize=(4 * len(curves), 6), squeeze=False)
-    for i, (name, c) in enumerate(curves.items()):
-        axes[0, i].plot(c["iteration"], c["loss"], lw=0.8)
-        axes[0, i].set_title(f"{name}: training loss")
-        axes[0, i].set_yscale("log")
-        axes[1, i].plot(c["val_iteration"], c["val_psnr"], "o-", ms=3)
-        axes[1, i].set_title(f"{name}: validation PSNR (dB)")
-        axes[1, i].set_xlabel(f"iteration ({c['wall_s'] / 60:.0f} min)")
-    fig.tight_layout()
-    fig.savefig(png, dpi=90)
 
 
 def markdown(results: dict) -> str:

@@ -13,10 +13,12 @@ from benchmarks import cpu_inference as bench
 CASES = ("aldm_floor", "aldm_sampler")
 
 
-def test_aldm_cases_time_the_bundle_sampler_against_its_floor(monkeypatch):
+# demo.json's scale_factor "auto" has no checkpoint to read it from with random weights: the cases set a number
+@pytest.mark.parametrize("overlays", [("tiny.json",), ("demo.json", "tiny.json")])
+def test_aldm_cases_time_the_bundle_sampler_against_its_floor(monkeypatch, overlays):
     monkeypatch.setattr(sys, "path", list(sys.path))  # the case puts the bundle root first: for this test only
     steps, volume = 2, (32, 24, 16)  # tiny.json samples 3 steps on 32^3: both overridden
-    runs = [{**bench.run_case(case, aldm_volume=volume, steps=steps, overlays=("tiny.json",)),
+    runs = [{**bench.run_case(case, aldm_volume=volume, steps=steps, overlays=overlays),
              "load_average_1min_after": 0.0} for case in CASES]  # the field the parent adds to every run
     floor, sampler = runs
     # tiny.json: modalities t1, t2, pd; the source translated into both targets t2 and pd

@@ -225,6 +225,25 @@ def _minimal_with_demo(root: Path) -> Path:
     return b
 
 
+def _variant_and_source_outputs(dep: Path, source: Path, source_configs: list[str], inputs: list[str], tmp_path: Path):
+    """Run ``configs/inference.json`` alone in the deployed variant ``dep`` without this repository on the import
+    path (it must use its own ``common``), and the source bundle with ``source_configs``, on the same ``inputs``
+    arguments; their output files (variant, source)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-c", DRIVER, str(REPO), "run", "--config_file", "configs/inference.json",
+                          *inputs, "--output_dir", str(tmp_path / "out_variant")],
+                         cwd=dep, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert str(dep) in [ln for ln in run.stdout.splitlines() if ln.startswith("COMMON_FROM")][-1]
+    src = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(source_configs),
+                          "--bundle_root", str(source), *inputs, "--output_dir", str(tmp_path / "out_source")],
+                         cwd=source, capture_output=True, text=True, timeout=600)
+    assert src.returncode == 0, src.stdout[-2000:] + src.stderr[-3000:]
+    [got_file] = list((tmp_path / "out_variant").rglob("*.nii.gz"))
+    [ref_file] = list((tmp_path / "out_source").rglob("*.nii.gz"))
+    return got_file, ref_file
+
+
 def test_demo_variant_deploys_the_shipped_model_where_the_zoo_looks(tmp_path):
     """--variant demo: configs/inference.json alone loads the demo weights from models/model.pt (byte for byte
     the shipped file), the demo _meta_ is in metadata.json, tiny/demo overlays and models/demo/ are gone, and
@@ -360,19 +379,8 @@ def test_diffseg_demo_variant_checks_downloads_and_segments_as_shipped(tmp_path,
 
     case = json.loads(Path(ct_demo).read_text())["test"][0]
     ct, reference = Path(ct_demo).parent / case["image"], Path(ct_demo).parent / case["label"]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    run = subprocess.run([sys.executable, "-c", DRIVER, str(REPO), "run", "--config_file", "configs/inference.json",
-                          "--input_image", str(ct), "--output_dir", str(tmp_path / "out_variant")],
-                         cwd=dep, capture_output=True, text=True, timeout=600, env=env)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    assert str(dep) in [ln for ln in run.stdout.splitlines() if ln.startswith("COMMON_FROM")][-1]
-    src = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
-                          "['configs/inference.json','configs/demo.json']", "--bundle_root", str(source),
-                          "--input_image", str(ct), "--output_dir", str(tmp_path / "out_source")],
-                         cwd=source, capture_output=True, text=True, timeout=600)
-    assert src.returncode == 0, src.stdout[-2000:] + src.stderr[-3000:]
-    [got_file] = list((tmp_path / "out_variant").rglob("*.nii.gz"))
-    [ref_file] = list((tmp_path / "out_source").rglob("*.nii.gz"))
+    got_file, ref_file = _variant_and_source_outputs(dep, source, ["configs/inference.json", "configs/demo.json"],
+                                                     ["--input_image", str(ct)], tmp_path)
     got = nib.load(str(got_file))
     np.testing.assert_array_equal(np.asarray(got.dataobj), np.asarray(nib.load(str(ref_file)).dataobj))
     image = nib.load(str(ct))
@@ -418,19 +426,9 @@ def test_ivan_demo_variant_deploys_the_fusion_model_and_fuses_as_shipped(tmp_pat
     case = json.loads(Path(brain_demo).read_text())["test"][0]
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps({"test": [{"id": "avg152", **{k: str(Path(brain_demo).parent / case[k]) for k in ("t2", "ct")}}]}))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    run = subprocess.run([sys.executable, "-c", DRIVER, str(REPO), "run", "--config_file", "configs/inference.json",
-                          "--datalist", str(datalist), "--output_dir", str(tmp_path / "out_variant")],
-                         cwd=dep, capture_output=True, text=True, timeout=600, env=env)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    assert str(dep) in [ln for ln in run.stdout.splitlines() if ln.startswith("COMMON_FROM")][-1]
-    src = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
-                          "['configs/inference.json','configs/demo.json','configs/task_fusion.json']", "--bundle_root",
-                          str(source), "--datalist", str(datalist), "--output_dir", str(tmp_path / "out_source")],
-                         cwd=source, capture_output=True, text=True, timeout=600)
-    assert src.returncode == 0, src.stdout[-2000:] + src.stderr[-3000:]
-    [got_file] = list((tmp_path / "out_variant").rglob("*.nii.gz"))
-    [ref_file] = list((tmp_path / "out_source").rglob("*.nii.gz"))
+    got_file, ref_file = _variant_and_source_outputs(
+        dep, source, ["configs/inference.json", "configs/demo.json", "configs/task_fusion.json"],
+        ["--datalist", str(datalist)], tmp_path)
     assert got_file.name == ref_file.name
     got = nib.load(str(got_file))
     np.testing.assert_array_equal(np.asarray(got.dataobj), np.asarray(nib.load(str(ref_file)).dataobj))
