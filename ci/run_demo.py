@@ -78,13 +78,20 @@ def _context(data: dict[str, Path], work: Path, recipe: dict) -> dict:
     return ctx
 
 
+def cli_args(args: dict) -> list[str]:
+    """``{key: value}`` as ``monai.bundle run`` arguments: strings as they are, anything else as a Python literal.
+    ``monai.bundle run`` parses its arguments with fire, which reads ``True`` / ``['t2', 'pd']`` but keeps JSON's
+    ``false`` as the (truthy) string "false"."""
+    out = []
+    for k, v in args.items():
+        out += [f"--{k}", v if isinstance(v, str) else repr(v)]
+    return out
+
+
 def _run_step(bundle_dir: Path, step: dict, ctx: dict, log_dir: Path) -> dict:
     configs = [str(bundle_dir / c) for c in step["config"]]
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(configs), "--bundle_root", str(bundle_dir)]
-    for k, v in fill_placeholders(step.get("args", {}), ctx).items():
-        # non-strings as Python literals: ``monai.bundle run`` parses its arguments with fire, which reads
-        # ``True`` / ``['t2', 'pd']`` but keeps JSON's ``false`` as the (truthy) string "false"
-        cmd += [f"--{k}", v if isinstance(v, str) else repr(v)]
+    cmd += cli_args(fill_placeholders(step.get("args", {}), ctx))
     log = log_dir / f"{step['name']}.log"
     t0 = time.perf_counter()
     with open(log, "w") as fh:

@@ -96,3 +96,18 @@ def test_report_opens_with_one_row_per_bundle():
     assert table[2] == ("| diffseg | CT segmentation | example CT | diffusion: Dice: **0.912** (bar >= 0.9: met) | "
                         "baseline: Dice: 0.925 | 181 |")
     assert "pipeline check only" in table[3] and "steps failed: evaluate" in table[3] and table[3].endswith("| 60 |")
+
+
+def test_step_arguments_reach_the_bundle_as_their_values():
+    """What fire (the parser of ``monai.bundle run``) reads back from each argument is the recipe's value: a JSON
+    ``false`` written as ``false`` would arrive as the truthy string "false"."""
+    from fire.parser import DefaultParseValue
+    from run_demo import cli_args
+
+    args = {"overwrite": False, "progress": True, "targets": ["t2", "pd"], "max_epochs": 2, "lr": 1e-4,
+            "roi": {"a": [1, 2]}, "output_dir": "/tmp/out dir", "none": None}
+    flat = cli_args(args)
+    assert flat[::2] == [f"--{k}" for k in args]
+    parsed = dict(zip(args, (DefaultParseValue(v) if not isinstance(args[k], str) else v
+                             for k, v in zip(args, flat[1::2]))))
+    assert parsed == args and parsed["overwrite"] is False
