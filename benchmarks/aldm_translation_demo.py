@@ -450,22 +450,18 @@ def cmd_diagnose(args) -> dict:
                 a = scheduler.alphas_cumprod[t]
                 row[f"x0_t{t}"] = psnr((z_t - (1 - a).sqrt() * eps) / a.sqrt() / s)
 
-            def ddim(z, timesteps, eta):
-                for t in timesteps:
-                    eps = ldm(torch.cat([cond, z], dim=1), torch.full((1,), int(t)), **kw)
-                    z, _ = scheduler.step(eps, int(t), z, eta=eta, generator=g)
-                return z / s
-
-            for eta in (0.0, 1.0):
-                g = torch.Generator().manual_seed(args.seed)
-                row[f"ddim{steps}_eta{eta:g}"] = psnr(ddim(torch.randn(c.shape, generator=g), set_sampling_timesteps(
-                    scheduler, steps, inferer.sampler.timestep_spacing), eta))
-            for start in args.start:
+            for eta in (0.0, 1.0):  # the bundle's own sampler, from z_T
+                z = inferer.sampler(cond, ldm, seed=args.seed, num_inference_steps=steps, eta=eta, **kw)
+                row[f"ddim{steps}_eta{eta:g}"] = psnr(z / s)
+            for start in args.start:  # the same DDIM steps from the noised SPADE latent (the sampler starts at z_T)
                 g = torch.Generator().manual_seed(args.seed)
                 ts = set_sampling_timesteps(scheduler, steps, inferer.sampler.timestep_spacing)
                 ts = ts[ts <= start]
                 z = scheduler.add_noise(s * c, torch.randn(c.shape, generator=g), ts[:1])
-                row[f"start{start}"] = psnr(ddim(z, ts, 0.0))
+                for t in ts:
+                    eps = ldm(torch.cat([cond, z], dim=1), torch.full((1,), int(t)), **kw)
+                    z, _ = scheduler.step(eps, int(t), z, eta=0.0)
+                row[f"start{start}"] = psnr(z / s)
             rows[direction] = row
             print(direction, {k: round(v, 2) for k, v in row.items()}, flush=True)
     cols = list(next(iter(rows.values())))
