@@ -27,6 +27,9 @@ compute (the card's command)::
     wait
     python benchmarks/noddi_sr_demo.py evaluate --data DATA --out RUN/eval --models RUN/models --unet RUN/unet_b2.pt \\
         --curves RUN
+
+``--overlay tiny.json`` stacks a further overlay after ``demo.json`` and ``--set KEY=VALUE`` overrides a config key in
+every workflow of a sub-command (the tests run all three sub-commands on the tiny overlay in seconds).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ for _p in (str(REPO), str(BUNDLE)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from benchmarks.demo_training import bundle_workflow, plot_learning_curves, train_baseline, train_stage  # noqa: E402
+from benchmarks.demo_training import bundle_workflow, parse_overrides, plot_learning_curves, train_baseline, train_stage  # noqa: E402
 from benchmarks.noddi_sr import _amico_maps, _upsample_dwi, b2_predict, b2_train_step, b2_unet  # noqa: E402
 
 STAGES = {"vqgan": "train_vqgan.json", "cond_encoder": "train_cond_encoder.json", "diffusion": "train_diffusion.json"}
@@ -58,22 +61,27 @@ def _workflow(files, wtype, **overrides):
     return bundle_workflow(BUNDLE, files, wtype, **overrides)
 
 
+def overlays(args) -> list[str]:
+    """``demo.json`` and any further overlays (``--overlay``, the tests' ``tiny.json``), in order."""
+    return ["demo.json", *args.overlay]
+
+
 def cmd_train(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     shares = [float(s) for s in args.shares.split(",")]
     for stage, share in zip(STAGES, shares):
         extra = {} if args.epoch_length is None else {"epoch_length": args.epoch_length}
-        c = train_stage(BUNDLE, [STAGES[stage], "demo.json"], stage, out, args.budget_s * share / sum(shares),
-                        dataset_dir=str(args.data), **extra)
+        c = train_stage(BUNDLE, [STAGES[stage], *overlays(args)], stage, out, args.budget_s * share / sum(shares),
+                        dataset_dir=str(args.data), **{**extra, **args.set})
         print(f"[{stage}] done: {c['wall_s']:.0f} s, best val PSNR {c['best_val_psnr']}", flush=True)
 
 
 def cmd_baseline(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    wf = _workflow(["train_cond_encoder.json", "demo.json"], "train", dataset_dir=str(args.data),
-                   ckpt_dir=str(out / "b2_unused"), output_dir=str(out / "out_b2"), overwrite=True)
+    wf = _workflow(["train_cond_encoder.json", *overlays(args)], "train", dataset_dir=str(args.data),
+                   ckpt_dir=str(out / "b2_unused"), output_dir=str(out / "out_b2"), overwrite=True, **args.set)
     p = wf.parser
     loader = p.get_parsed_content("train#dataloader")
     val_loader = p.get_parsed_content("validate#dataloader")
@@ -135,8 +143,9 @@ def cmd_evaluate(args) -> None:
     models = {} if args.models is None else {"ckpt_dir": str(args.models)}
     for steps in args.steps:
         t = time.perf_counter()
-        wf = _workflow(["inference.json", "evaluate.json", "demo.json"], "eval", dataset_dir=str(data),
-                       output_dir=str(out / f"ddim{steps}"), ddim_steps=steps, progress=False, overwrite=True, **models)
+        wf = _workflow(["inference.json", "evaluate.json", *overlays(args)], "eval", dataset_dir=str(data),
+                       output_dir=str(out / f"ddim{steps}"), ddim_steps=steps, progress=False, overwrite=True,
+                       **{**args.set, **models})
         wf.run()
         wf.finalize()
         wall = time.perf_counter() - t
@@ -146,8 +155,8 @@ def cmd_evaluate(args) -> None:
         print(f"DDIM {steps}: {wall:.0f} s", flush=True)
 
     rows = []
-    wf = _workflow(["inference.json", "evaluate.json", "demo.json"], "eval", dataset_dir=str(data),
-                   output_dir=str(out / "b2"), progress=False, overwrite=True, **models)
+    wf = _workflow(["inference.json", "evaluate.json", *overlays(args)], "eval", dataset_dir=str(data),
+                   output_dir=str(out / "b2"), progress=False, overwrite=True, **{**args.set, **models})
     pre = wf.parser.get_parsed_content("preprocessing")
     roi, overlap = wf.parser.get_parsed_content("lr_patch"), float(wf.parser["overlap"])
     unet = None
@@ -214,6 +223,8 @@ def main(argv=None) -> None:
         s.add_argument("--data", required=True)
         s.add_argument("--out", required=True)
         s.add_argument("--threads", type=int, default=1)
+        s.add_argument("--overlay", action="append", default=[], help="a further overlay after demo.json (tests: tiny.json)")
+        s.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help="config override, every workflow")
         if name != "evaluate":
             s.add_argument("--budget-s", type=float, default=3900.0)
     sub.choices["train"].add_argument("--shares", default="20,15,30", help="budget shares of the three stages")
@@ -226,6 +237,7 @@ def main(argv=None) -> None:
     ev.add_argument("--steps", type=int, nargs="+", default=list(STEPS))
     ev.add_argument("--no_amico", action="store_true")
     args = ap.parse_args(argv)
+    args.set = parse_overrides(args.set)
     torch.set_num_threads(args.threads)
     {"train": cmd_train, "baseline": cmd_baseline, "evaluate": cmd_evaluate}[args.cmd](args)
 
