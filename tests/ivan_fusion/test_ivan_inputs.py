@@ -352,3 +352,33 @@ def test_fusion_training_target_follows_the_augmented_sources(avg152, tmp_path):
         assert bool((xd.amax(dim=(1, 2)) <= xp.amax(dim=(1, 2)) + 1e-5).all())
         changed += int(not torch.allclose(xd, xp, atol=1e-4))
     assert changed >= 0.5 * len(range(0, len(demo), 7))
+
+
+def test_train_slice_crop_takes_one_random_window_of_source_and_target(avg152, tmp_path):
+    """``train_slice_crop`` (the demo's synthesis training): each training item is one random in-plane window of
+    its slice, the same window in the sources and the target, drawn anew on every access; ``null`` (the paper,
+    ``train.json``) keeps whole slices."""
+    datalist = tmp_path / "datalist.json"
+    case = {"t1": str(avg152["t1"]), "t2": str(avg152["t2"])}
+    datalist.write_text(json.dumps({"training": [case], "validation": [case]}))
+    common = {"datalist": str(datalist), "train_crop": [-1, -1, 40], "cache_rate": 0.0}
+    (plain,) = _parse(["train.json", "task_1to1.json"], "train#dataset", **common)
+    (crop,) = _parse(["train.json", "task_1to1.json"], "train#dataset", train_slice_crop=[48, 40], **common)
+    assert plain.index == crop.index and len(crop) > 10
+    j = len(crop) // 2  # a slice through the brain
+    whole = plain[j]
+    x, y = torch.as_tensor(whole["image"]), torch.as_tensor(whole["label"])
+    assert tuple(x.shape[1:]) == (91, 109)
+    corners = set()
+    for _ in range(6):
+        item = crop[j]
+        xc, yc = torch.as_tensor(item["image"]), torch.as_tensor(item["label"])
+        assert tuple(xc.shape) == (x.shape[0], 48, 40) and tuple(yc.shape) == (y.shape[0], 48, 40)
+        # where in the slice this window lies: the unique offset at which the source window matches
+        hits = [(a, b) for a in range(91 - 48 + 1) for b in range(109 - 40 + 1)
+                if torch.equal(x[:, a : a + 48, b : b + 40], xc)]
+        assert len(hits) == 1, hits
+        a, b = hits[0]
+        torch.testing.assert_close(yc, y[:, a : a + 48, b : b + 40], atol=0, rtol=0)  # the target's same window
+        corners.add((a, b))
+    assert len(corners) >= 3  # random, not one fixed window
