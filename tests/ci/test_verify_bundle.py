@@ -120,3 +120,25 @@ def test_package_pins_are_one_list_monai_keeps_and_match_the_installed_versions(
         if installed != pin:
             wrong[pkg] = (pin, installed)
     assert not wrong, f"{meta_file}: pins differ from the installed versions (pin, installed): {wrong}"
+
+
+def _requirement_pins() -> dict:
+    """``name==version`` lines of the runtime requirement files setup installs (names lower-cased)."""
+    pins = {}
+    for f in ("requirements.txt", "requirements-amico.txt"):
+        for line in (REPO / f).read_text().splitlines():
+            name, sep, version = line.split("#")[0].strip().partition("==")
+            if sep:
+                pins[name.split("[")[0].strip().lower()] = version.strip()
+    return pins
+
+
+@pytest.mark.parametrize("name", _real_bundles())
+def test_requirement_files_pin_every_metadata_package_to_its_version(name):
+    """A range in the requirements lets a new upstream release install something else than the metadata records
+    (CI's fresh install got mlflow 3.18.0 against the pinned 3.17.2); every pinned package is pinned alike."""
+    meta = json.loads((REPO / "bundles" / name / "configs" / "metadata.json").read_text())
+    pins = _requirement_pins()
+    differ = {pkg: (pin, pins.get(pkg.lower())) for pkg, pin in meta["required_packages_version"].items()
+              if pins.get(pkg.lower()) != pin}
+    assert not differ, f"{name}: metadata pin and requirement files differ (metadata, requirements): {differ}"
