@@ -88,7 +88,7 @@ from benchmarks.aldm_translation import (  # noqa: E402
     unet_train_step,
 )
 from benchmarks.demo_training import (  # noqa: E402
-    bundle_workflow, parse_overrides, plot_learning_curves, train_baseline, train_stage,
+    add_overlay_options, bundle_workflow, overlays, parse_overrides, plot_learning_curves, train_baseline, train_stage,
 )
 
 STAGES = {"autoencoder": "train_autoencoder.json", "spade": "train_spade.json", "diffusion": "train_diffusion.json"}
@@ -109,10 +109,6 @@ def dataset_dir(data) -> Path:
             return folder
     raise SystemExit(f"no datalist.json in {data} or {data / 'brain_mri'}: build the cohort with "
                      "python -m common.data.demo --what brain_mri --n-train 16 --n-val 2 --seed 0 --out DATA")
-
-
-def overlays(args) -> list[str]:
-    return ["demo.json", *args.overlay]
 
 
 def _workflow(files, wtype, **overrides):
@@ -523,8 +519,7 @@ def main(argv=None) -> None:
             continue
         s.add_argument("--data", required=True, help="folder of the cohort's datalist.json (or its parent)")
         s.add_argument("--out", required=True)
-        s.add_argument("--overlay", action="append", default=[], help="a further overlay after demo.json (tests: tiny.json)")
-        s.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help="config override, every workflow")
+        add_overlay_options(s)
         if name in ("train", "baseline"):
             s.add_argument("--budget-s", type=float, default=5400.0, help="wall-clock budget, seconds")
     tr = sub.choices["train"]

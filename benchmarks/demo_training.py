@@ -12,6 +12,18 @@ import time
 from pathlib import Path
 
 
+def add_overlay_options(parser) -> None:
+    """``--overlay`` (further overlays after ``demo.json``, e.g. the tests' ``tiny.json``) and ``--set KEY=VALUE``
+    (a config override in every workflow; :func:`parse_overrides`) on one sub-command's parser."""
+    parser.add_argument("--overlay", action="append", default=[], help="a further overlay after demo.json (tests: tiny.json)")
+    parser.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help="config override, every workflow")
+
+
+def overlays(args) -> list[str]:
+    """The overlays a driver's workflows stack on a bundle config: ``demo.json``, then ``--overlay`` in order."""
+    return ["demo.json", *args.overlay]
+
+
 def parse_overrides(pairs: list[str] | None) -> dict:
     """``KEY=VALUE`` config overrides of a driver's command line (VALUE parsed as JSON where it is JSON, else a
     string, e.g. ``adv_weight=0`` or ``warmup=$lambda epoch: max(0.1, 1 - epoch / 60)``), as ``monai.bundle run

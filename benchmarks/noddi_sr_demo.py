@@ -50,7 +50,9 @@ for _p in (str(REPO), str(BUNDLE)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from benchmarks.demo_training import bundle_workflow, parse_overrides, plot_learning_curves, train_baseline, train_stage  # noqa: E402
+from benchmarks.demo_training import (  # noqa: E402
+    add_overlay_options, bundle_workflow, overlays, parse_overrides, plot_learning_curves, train_baseline, train_stage,
+)
 from benchmarks.noddi_sr import _amico_maps, _upsample_dwi, b2_predict, b2_train_step, b2_unet  # noqa: E402
 
 STAGES = {"vqgan": "train_vqgan.json", "cond_encoder": "train_cond_encoder.json", "diffusion": "train_diffusion.json"}
@@ -59,11 +61,6 @@ STEPS = (100, 50, 25, 10)
 
 def _workflow(files, wtype, **overrides):
     return bundle_workflow(BUNDLE, files, wtype, **overrides)
-
-
-def overlays(args) -> list[str]:
-    """``demo.json`` and any further overlays (``--overlay``, the tests' ``tiny.json``), in order."""
-    return ["demo.json", *args.overlay]
 
 
 def cmd_train(args) -> None:
@@ -223,8 +220,7 @@ def main(argv=None) -> None:
         s.add_argument("--data", required=True)
         s.add_argument("--out", required=True)
         s.add_argument("--threads", type=int, default=1)
-        s.add_argument("--overlay", action="append", default=[], help="a further overlay after demo.json (tests: tiny.json)")
-        s.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help="config override, every workflow")
+        add_overlay_options(s)
         if name != "evaluate":
             s.add_argument("--budget-s", type=float, default=3900.0)
     sub.choices["train"].add_argument("--shares", default="20,15,30", help="budget shares of the three stages")
