@@ -36,8 +36,9 @@ def demo_run(tmp_path_factory):
         sys.modules.pop("benchmarks.noddi_sr_demo", None)
         from benchmarks import noddi_sr_demo as D
 
-        # max_epochs far beyond the budget: only the budget can stop the stages (tiny.json: 2-iteration epochs)
-        D.main(["train", *common, "--out", str(run), "--budget-s", "3", "--shares", "1,1,1", "--set", "max_epochs=50"])
+        # max_epochs far beyond the budget: only the budget can stop the stages (tiny.json: 2-iteration epochs);
+        # 10 ms per stage, which every first epoch outlasts (a tiny epoch can take less than a second)
+        D.main(["train", *common, "--out", str(run), "--budget-s", "0.03", "--shares", "1,1,1", "--set", "max_epochs=50"])
         D.main(["baseline", *common, "--out", str(run), "--budget-s", "1", "--val-every", "1"])
         D.main(["evaluate", *common, "--out", str(root / "eval"), "--models", str(run / "models"), "--unet",
                 str(run / "unet_b2.pt"), "--curves", str(run), "--steps", "2", "1", "--no_amico"])
