@@ -88,7 +88,7 @@ from benchmarks.aldm_translation import (  # noqa: E402
     unet_train_step,
 )
 from benchmarks.demo_training import (  # noqa: E402
-    add_overlay_options, bundle_workflow, overlays, parse_overrides, plot_learning_curves, train_baseline, train_stage,
+    add_overlay_options, bundle_workflow, overlays, plot_learning_curves, train_baseline, train_stage,
 )
 
 STAGES = {"autoencoder": "train_autoencoder.json", "spade": "train_spade.json", "diffusion": "train_diffusion.json"}
@@ -132,7 +132,7 @@ def cmd_train(args) -> None:
     shares = dict(zip(STAGES, (float(s) for s in args.shares.split(","))))
     if len(shares) != 3:
         raise SystemExit(f"--shares needs three numbers (autoencoder, spade, diffusion), got {args.shares!r}")
-    overrides = parse_overrides(args.set)
+    overrides = args.set
     stages = list(STAGES) if args.stages is None else args.stages.split(",")
     spent: dict[str, float] = {}
     summary = {"budget_s": args.budget_s, "shares": shares, "stages": {}}
@@ -174,7 +174,7 @@ def cmd_baseline(args) -> None:
     out, data = Path(args.out), dataset_dir(args.data)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    overrides = parse_overrides(args.set)
+    overrides = args.set
     wf = _workflow(["train_spade.json", *overlays(args)], "train", dataset_dir=str(data),
                    ckpt_dir=str(out / "unet_unused"), output_dir=str(out / "out_unet"), overwrite=True, **overrides)
     p = wf.parser
@@ -262,7 +262,7 @@ def evaluate_aldm(data: Path, split: str, out: Path, mode: str, steps: int | Non
     from scripts.evaluate import METRICS
 
     overrides = {"dataset_dir": str(data), "test_split": split, "output_dir": str(out), "mode": mode,
-                 "overwrite": True, "progress": False, "montage": not args.no_montage, **parse_overrides(args.set)}
+                 "overwrite": True, "progress": False, "montage": not args.no_montage, **args.set}
     if steps is not None:
         overrides["num_inference_steps"] = steps
     if args.models is not None:
@@ -368,7 +368,7 @@ def cmd_evaluate(args) -> dict:
             m = res["aldm"][key]["mean"]
             print(f"[{name}] {key}: masked PSNR {m['psnr_mask']:.2f} SSIM {m['ssim_mask']:.4f}, "
                   f"{res['aldm'][key]['seconds_per_volume']:.1f} s per volume", flush=True)
-        items = _test_items(overlays(args), str(data), test_split=split, **parse_overrides(args.set))
+        items = _test_items(overlays(args), str(data), test_split=split, **args.set)
         res["baselines"] = evaluate_baselines(items, unet)
         results["splits"][name] = res
     if "framings" in args.sets:  # avg152 as users' scans are framed: larger field of view, thin slab
@@ -379,7 +379,7 @@ def cmd_evaluate(args) -> dict:
         res = {"aldm": {key: evaluate_aldm(root, "test", out / "framings" / key, "diffusion", args.framing_steps, args)}}
         m = res["aldm"][key]["per_case"]
         print("[framings] " + ", ".join(f"{c}: masked PSNR {v['psnr_mask']:.2f}" for c, v in m.items()), flush=True)
-        items = _test_items(overlays(args), str(root), test_split="test", **parse_overrides(args.set))
+        items = _test_items(overlays(args), str(root), test_split="test", **args.set)
         res["baselines"] = evaluate_baselines(items, unet)
         results["splits"]["framings"] = res
     results["bars"] = bars(results)
@@ -414,7 +414,7 @@ def cmd_diagnose(args) -> dict:
     split, _, index = args.case.partition(":")
     case = json.loads((data / "datalist.json").read_text())[split][int(index or 0)]
     overrides = {"progress": False, "input_image": str(data / case["t1"]), "output_dir": str(out / "unused"),
-                 **parse_overrides(args.set)}
+                 **args.set}
     if args.models is not None:
         overrides["ckpt_dir"] = str(args.models)
     wf = _workflow(["inference.json", *overlays(args)], "infer", **overrides)

@@ -7,16 +7,25 @@ epoch end after its share of a wall-clock budget, and keep a learning curve of i
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
 
 
-def add_overlay_options(parser) -> None:
+class _OverridesAction(argparse.Action):
+    """Each ``--set KEY=VALUE`` parsed (:func:`parse_overrides`) into one dict, so ``args.set`` is always a dict."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest) or {}), **parse_overrides([values])})
+
+
+def add_overlay_options(parser: argparse.ArgumentParser) -> None:
     """``--overlay`` (further overlays after ``demo.json``, e.g. the tests' ``tiny.json``) and ``--set KEY=VALUE``
-    (a config override in every workflow; :func:`parse_overrides`) on one sub-command's parser."""
+    (config overrides in every workflow, ``args.set``: a dict) on one sub-command's parser."""
     parser.add_argument("--overlay", action="append", default=[], help="a further overlay after demo.json (tests: tiny.json)")
-    parser.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help="config override, every workflow")
+    parser.add_argument("--set", action=_OverridesAction, default={}, metavar="KEY=VALUE",
+                        help="config override, every workflow (repeatable)")
 
 
 def overlays(args) -> list[str]:

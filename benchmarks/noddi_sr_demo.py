@@ -51,7 +51,7 @@ for _p in (str(REPO), str(BUNDLE)):
         sys.path.insert(0, _p)
 
 from benchmarks.demo_training import (  # noqa: E402
-    add_overlay_options, bundle_workflow, overlays, parse_overrides, plot_learning_curves, train_baseline, train_stage,
+    add_overlay_options, bundle_workflow, overlays, plot_learning_curves, train_baseline, train_stage,
 )
 from benchmarks.noddi_sr import _amico_maps, _upsample_dwi, b2_predict, b2_train_step, b2_unet  # noqa: E402
 
@@ -233,7 +233,6 @@ def main(argv=None) -> None:
     ev.add_argument("--steps", type=int, nargs="+", default=list(STEPS))
     ev.add_argument("--no_amico", action="store_true")
     args = ap.parse_args(argv)
-    args.set = parse_overrides(args.set)
     torch.set_num_threads(args.threads)
     {"train": cmd_train, "baseline": cmd_baseline, "evaluate": cmd_evaluate}[args.cmd](args)
 
