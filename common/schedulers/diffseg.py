@@ -95,9 +95,12 @@ class DiffSegScheduler:
     @staticmethod
     def logits_to_x0(logits: torch.Tensor) -> torch.Tensor:
         """``2 * softmax(logits) - 1`` over the class channel; sums to ``2 - C`` over channels."""
-        # one temporary, not two: the product's own storage takes the "- 1" (safe for autograd, which keeps the
-        # softmax output for its backward, not the product)
-        return (2.0 * torch.softmax(logits.float(), dim=1)).sub_(1.0)
+        probs = torch.softmax(logits.float(), dim=1)
+        if probs.requires_grad:
+            # one temporary, not two: the product's own storage takes the "- 1" (autograd keeps the softmax output
+            # for its backward, so that one must stay as it is)
+            return (2.0 * probs).sub_(1.0)
+        return probs.mul_(2.0).sub_(1.0)  # no graph: the softmax output is the only full-volume temporary
 
     # ----------------------------------------------------------------------- forward process
     def q_sample(self, x0: torch.Tensor, k: torch.Tensor | int, noise: torch.Tensor) -> torch.Tensor:
@@ -143,12 +146,15 @@ class DiffSegScheduler:
         sampler: str = "ddpm",
         eta: float = 0.0,
         generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One reverse step ``x_k -> x_{k-1}`` given the predicted mask ``x0_hat`` (returns ``x0_hat`` at k = 0).
 
         ``sampler="ddpm"``: ``mu_k + sqrt(beta'_k) z``. ``sampler="ddim"``:
         ``sqrt(abar_{k-1}) x0_hat + sqrt(1 - abar_{k-1} - sigma^2) eps_hat + sigma z`` with
         ``eps_hat = (x_k - sqrt(abar_k) x0_hat) / sqrt(1 - abar_k)``; eta = 0 is deterministic.
+        ``z ~ N(0, I)`` is drawn from ``generator``, or is ``noise`` where the caller drew it already (a sampler
+        drawing it while the network runs; it is overwritten); a step with :meth:`draws_noise` False uses none.
         """
         k = int(k)
         if k == 0:
@@ -169,8 +175,15 @@ class DiffSegScheduler:
             return torch.add(x_k * ck, x0_hat, alpha=c0)
         # mean + std z accumulated into the noise tensor itself: a full-volume sampler step then allocates the
         # noise and nothing else (the sum is the same up to float32 rounding of the order of terms)
-        z = torch.randn(x_k.shape, generator=generator, device=x_k.device, dtype=x_k.dtype)
+        z = noise if noise is not None else torch.randn(x_k.shape, generator=generator, device=x_k.device, dtype=x_k.dtype)
         return z.mul_(std).add_(x_k, alpha=ck).add_(x0_hat, alpha=c0)
+
+    def draws_noise(self, k: int, sampler: str = "ddpm", eta: float = 0.0) -> bool:
+        """Whether :meth:`step` at ``k`` draws ``z`` (every DDPM step but the last; DDIM only with ``eta > 0``)."""
+        k = int(k)
+        if k == 0:
+            return False
+        return (self.posterior_std(k) if sampler == "ddpm" else self.ddim_std(k, eta)) != 0.0
 
 
 def warmup_cosine_lambda(

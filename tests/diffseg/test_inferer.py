@@ -99,3 +99,62 @@ def test_save_steps_keeps_T_probability_maps():
         inf(torch.rand(1, 1, 32, 32, 16), _net())
     assert len(inf.step_probs) == 5
     torch.testing.assert_close(inf.step_probs[-1].sum(1), torch.ones(1, 32, 32, 16))
+
+
+def _reference_chain(inferer: DiffSegInferer, image: torch.Tensor, net) -> torch.Tensor:
+    """The per-step chain written plainly: MONAI's ``sliding_window_inference`` on ``cat([image, x_k])`` each step."""
+    from monai.inferers import sliding_window_inference
+
+    generator = torch.Generator().manual_seed(int(inferer.seed))
+    pads = inferer._pad_to_roi(image.shape[2:])
+    padded = torch.nn.functional.pad(image, pads, mode="replicate") if pads else image
+    x_k = torch.randn((image.shape[0], C, *padded.shape[2:]), generator=generator)
+    for k in reversed(range(inferer.scheduler.num_timesteps)):
+        joint = torch.cat([padded, x_k], dim=1)
+        logits = sliding_window_inference(joint, inferer.roi_size, predictor=lambda w, k=k: net(w, k),
+                                          **inferer.sw_kwargs).float()
+        x_k = inferer.scheduler.step(inferer.scheduler.logits_to_x0(logits), x_k, k, inferer.sampler, inferer.eta,
+                                     generator)
+    if not pads:
+        return logits
+    crop = [slice(None), slice(None)]
+    for axis, size in enumerate(image.shape[2:]):
+        before = pads[2 * (image.dim() - 3 - axis)]
+        crop.append(slice(before, before + size))
+    return logits[tuple(crop)]
+
+
+@pytest.mark.parametrize("batch, sw_batch_size, overlap, sampler, eta",
+                         [(1, 4, 0.25, "ddpm", 0.0), (2, 3, 0.5, "ddim", 0.5), (1, 1, 0.0, "ddim", 0.0)])
+def test_per_step_windows_equal_sliding_window_inference_bitwise(batch, sw_batch_size, overlap, sampler, eta):
+    # the window grid, batch buffer and count map are made once per volume instead of once per step, and the step
+    # noise is drawn by a second thread during the network passes; the windows, batches, additions and the order of
+    # draws from the generator are those of the plain loop, so the logits must not change by a single bit.
+    # The volume is shorter than the window along its last axis (padded, replicate) and uneven along the others.
+    inferer = DiffSegInferer(C, roi_size=(32, 16, 16), sw_batch_size=sw_batch_size, overlap=overlap,
+                             padding_mode="replicate", seed=3, sampler=sampler, eta=eta)
+    net = _Counter(_net())
+    image = torch.rand(batch, 1, 71, 37, 12)
+    with torch.no_grad():
+        got = inferer(image, net)
+        calls = len(net.calls)
+        expected = _reference_chain(inferer, image, net)
+    assert got.shape == (batch, C, 71, 37, 12)
+    assert torch.equal(got, expected)
+    assert calls == len(net.calls) - calls  # the same number of network passes
+
+
+def test_per_step_windows_keep_the_metadata_of_a_metatensor_input():
+    # sliding_window_inference returned the input's metadata on the logits; the inversion to the input's grid
+    # (Invertd in inference.json) reads it, so the window grid must return a MetaTensor carrying the same
+    from monai.data import MetaTensor
+
+    affine = torch.diag(torch.tensor([1.5, 1.5, 5.0, 1.0], dtype=torch.float64))
+    image = MetaTensor(torch.rand(1, 1, 40, 20, 16), affine=affine, meta={"filename_or_obj": "case.nii.gz"})
+    inferer = DiffSegInferer(C, roi_size=(32, 16, 16), sw_batch_size=2, padding_mode="replicate", seed=1)
+    net = _net()
+    with torch.no_grad():
+        got = inferer(image, net)
+        expected = _reference_chain(inferer, image.as_tensor(), net)
+    assert isinstance(got, MetaTensor) and torch.equal(got.as_tensor(), expected)
+    assert torch.equal(got.affine, affine) and got.meta["filename_or_obj"] == "case.nii.gz"

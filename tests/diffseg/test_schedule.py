@@ -126,3 +126,16 @@ def test_warmup_cosine_learning_rate():
     mid = 100 + 9_900 // 2
     assert math.isclose(fn(mid) * 1e-4, 1e-6 + (1e-4 - 1e-6) * 0.5 * (1 + math.cos(math.pi * (mid - 100) / 9_900)))
     assert math.isclose(fn(10_000) * 1e-4, 1e-6) and math.isclose(fn(20_000) * 1e-4, 1e-6)
+
+
+def test_draws_noise_says_which_steps_use_z_and_a_given_z_is_the_one_drawn():
+    sched = DiffSegScheduler()
+    assert [sched.draws_noise(k) for k in range(5)] == [False, True, True, True, True]  # DDPM: all but the last
+    assert not any(sched.draws_noise(k, "ddim", 0.0) for k in range(5))  # deterministic DDIM
+    assert [sched.draws_noise(k, "ddim", 0.5) for k in range(5)] == [False, True, True, True, True]
+    x0_hat, x_k = torch.rand(1, 3, 4, 4, 4) * 2 - 1, torch.randn(1, 3, 4, 4, 4)
+    for sampler, eta in (("ddpm", 0.0), ("ddim", 0.5)):
+        drawn = sched.step(x0_hat, x_k, 3, sampler, eta, torch.Generator().manual_seed(5))
+        given = sched.step(x0_hat, x_k, 3, sampler, eta, None,
+                           noise=torch.randn(x_k.shape, generator=torch.Generator().manual_seed(5)))
+        assert torch.equal(drawn, given)
