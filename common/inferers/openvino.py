@@ -92,6 +92,12 @@ def resolve_runtime(runtime: str, network: torch.nn.Module) -> str:
     return runtime
 
 
+def _precision_name(element_type) -> str:
+    """``"f32"`` / ``"bf16"`` / ... for an OpenVINO element type (``<Type: 'float32'>``) or its name."""
+    name = str(getattr(element_type, "get_type_name", lambda: element_type)())
+    return {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(name, name)
+
+
 class _WithStep(torch.nn.Module):
     """``(x, t) -> network(x, t)`` with ``t`` a ``(B,)`` int64 tensor, the signature the converter traces."""
 
@@ -119,6 +125,11 @@ class OpenVINONetwork:
 
     ``x``: ``(B, C_in, *S)``; ``t``: ``None`` (a network without a step input), an int or a ``(B,)``
     tensor of step indices. Returns ``(B, C_out, *S)`` float32 on the CPU.
+
+    ``precision_used`` is the arithmetic OpenVINO compiled the last model with (``None`` before the first call).
+    On a CPU without bfloat16 units (no AVX-512 BF16 or AMX) OpenVINO ignores a ``"bf16"`` hint and compiles in
+    float32 without a word; the wrapper then logs one warning, so a run (or a benchmark) never reports float32
+    numbers as bfloat16 ones.
     """
 
     def __init__(self, network: torch.nn.Module, precision: str = "f32", num_threads: int | None = None,
@@ -131,6 +142,7 @@ class OpenVINONetwork:
         self._compiled: dict[tuple, Any] = {}  # compiled models by input shape
         self._weights_key: tuple | None = None
         self.conversions = 0  # how many times the network was traced (tests, logs)
+        self.precision_used: str | None = None
 
     def _current_weights_key(self) -> tuple:
         # data_ptr changes when a tensor is replaced, _version when it is modified in place
@@ -176,9 +188,17 @@ class OpenVINONetwork:
         threads = self.num_threads if self.num_threads is not None else torch.get_num_threads()
         config = {"INFERENCE_PRECISION_HINT": self.precision, "INFERENCE_NUM_THREADS": int(threads)}
         compiled = ov.Core().compile_model(model, "CPU", config)
+        used = _precision_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        if used != self.precision and self.precision_used != used:
+            logger.warning(
+                "OpenVINO compiled the network in %s although %s was requested: this CPU has no %s units "
+                "(OpenVINO's CPU capabilities: %s)", used, self.precision, self.precision,
+                ", ".join(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
+            )
+        self.precision_used = used
         logger.info(
-            "OpenVINO %s: network compiled for input %s (%s, %d threads)", ov.__version__, tuple(x.shape),
-            self.precision, threads,
+            "OpenVINO %s: network compiled for input %s (%s, %d threads)", ov.__version__, tuple(x.shape), used,
+            threads,
         )
         return compiled
 

@@ -172,3 +172,22 @@ def test_openvino_is_used_offline_no_telemetry_thread_and_no_client_id_written(t
     assert report["shape"] == [1, 3, 8, 8, 8]
     assert report["new_threads"] == [], f"threads left running by OpenVINO: {report['new_threads']}"
     assert "intel" not in report["home"], f"OpenVINO wrote its telemetry client id: {report['home']}"
+
+
+def test_precision_used_is_what_openvino_compiled_and_a_silent_bf16_fallback_is_reported(ct_volume, caplog):
+    # OpenVINO drops a bf16 hint on a CPU without bfloat16 units and compiles in float32; the wrapper must say so
+    # instead of letting a run or a benchmark present float32 numbers as bfloat16 ones
+    ov = ov_runtime.import_openvino()
+    has_bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    net = _net(0)
+    x = torch.cat([ct_volume[..., :32, :32, :32], torch.randn(1, C, 32, 32, 32)], 1)
+    f32 = OpenVINONetwork(net, precision="f32")
+    bf16 = OpenVINONetwork(net, precision="bf16")
+    with torch.no_grad(), caplog.at_level("WARNING", logger=ov_runtime.logger.name):
+        ref, got = f32(x, 2), bf16(x, 2)
+    assert f32.precision_used == "f32"
+    assert bf16.precision_used == ("bf16" if has_bf16 else "f32")
+    fallback = [r for r in caplog.records if "although bf16 was requested" in r.getMessage()]
+    assert len(fallback) == (0 if has_bf16 else 1)
+    if not has_bf16:
+        assert torch.equal(got, ref)  # it really ran float32: the very same compiled arithmetic
