@@ -60,6 +60,12 @@ networks of each bundle's ``inference.json``, random weights, since no model shi
   the decoder). ``noddi_floor`` times the passes of one batch of windows; the floor is (``seconds`` x steps +
   ``once_s``) x windows / batch.
 
+* maisi_ct (``maisi_floor``, ``maisi_sampler``; ``--maisi-version`` ``rflow`` (default) or ``ddpm``, the official
+  networks of each; ``--maisi-output``, default the config's ``output_size``): the reverse process of the bundle's
+  ``MaisiInferer`` (``sample_latent``: per step one ControlNet + diffusion UNet evaluation and the scheduler step)
+  on one random label mask. ``maisi_floor`` times one ControlNet + UNet evaluation as the loop makes it, after a
+  warm-up; the floor is that x steps. The VAE decode, once per sample, has its own cases (above).
+
 The sampler cases report ``in_network_s``, every network pass of the call (forward hooks on each module the
 inferer calls; NODDI's nearest-code lookup is a method, timed by wrapping it), ``network_calls``, the UNet's passes
 (steps x targets; steps x batches of windows), and ``passes`` / ``passes_s`` per module. Outside the passes stay
@@ -78,6 +84,8 @@ Usage (from the repository root)::
 
     python benchmarks/cpu_inference.py --out runs/cpu_inference --cases floor_fp32 floor_cl sampler_fp32 sampler_cl
     python benchmarks/cpu_inference.py --out runs/ivan_slices --repeats 3 --cases ivan_floor ivan_sampler
+    python benchmarks/cpu_inference.py --out runs/maisi_sampler --repeats 3 --maisi-output 256 256 128 --steps 5 \
+        --cases maisi_floor maisi_sampler
     python benchmarks/cpu_inference.py --out runs/aldm_sampler --repeats 1 --steps 10 \
         --cases aldm_floor aldm_sampler
     python benchmarks/cpu_inference.py --out runs/noddi_sampler --repeats 1 --steps 10 \
@@ -117,8 +125,10 @@ IVAN_VOLUME = (181, 217, 181)
 IVAN_CASES = ("ivan_floor", "ivan_sampler")
 ALDM_BUNDLE = REPO / "bundles" / "aldm_translation"
 NODDI_BUNDLE = REPO / "bundles" / "noddi_sr"
-LDM_CASES = ("aldm_floor", "aldm_sampler", "noddi_floor", "noddi_sampler")
-FLOOR_OF = {"ivan_sampler": "ivan_floor", "aldm_sampler": "aldm_floor", "noddi_sampler": "noddi_floor"}
+MAISI_BUNDLE = REPO / "bundles" / "maisi_ct"
+LDM_CASES = ("aldm_floor", "aldm_sampler", "noddi_floor", "noddi_sampler", "maisi_floor", "maisi_sampler")
+FLOOR_OF = {"ivan_sampler": "ivan_floor", "aldm_sampler": "aldm_floor", "noddi_sampler": "noddi_floor",
+            "maisi_sampler": "maisi_floor"}
 
 
 def _peak_gib() -> float:
@@ -135,8 +145,9 @@ def _test_ct() -> str:
     return str(Path(root) / "ct" / datalist["test"][0]["image"])
 
 
-def _diffseg_inputs():
-    """The paper-configuration network, inferer and preprocessed test CT of diffseg's inference.json."""
+def _diffseg_inputs(sw_batch_size: int | None = None):
+    """The paper-configuration network, inferer and preprocessed test CT of diffseg's inference.json (with another
+    ``sw_batch_size``: windows per network pass, where given)."""
     from monai.bundle import ConfigWorkflow
 
     sys.path.insert(0, str(BUNDLE))
@@ -149,6 +160,8 @@ def _diffseg_inputs():
     torch.manual_seed(0)
     network = wf.parser.get_parsed_content("network").eval()
     inferer = wf.parser.get_parsed_content("inferer")
+    if sw_batch_size is not None:
+        inferer.sw_kwargs["sw_batch_size"] = int(sw_batch_size)
     return network, inferer, item["image"].as_tensor()[None]
 
 
@@ -189,7 +202,7 @@ def run_maisi_decode(mode: str, out: str | None, latent=MAISI_LATENT) -> dict:
             "output": list(image.shape), "peak_gib": round(_peak_gib(), 2), "threads": torch.get_num_threads()}
 
 
-def run_bundle(lever: str) -> dict:
+def run_bundle(lever: str, sw_batch_size: int | None = None) -> dict:
     """diffseg's inference.json end to end on the test CT, random paper network, ``runtime`` by lever."""
     import tempfile
 
@@ -199,6 +212,8 @@ def run_bundle(lever: str) -> dict:
     work = Path(tempfile.mkdtemp(prefix="cpu-inference-bundle-"))
     overrides = {"runtime": "torch"} if lever == "fp32" else {
         "runtime": "openvino", "runtime_precision": "bf16" if lever == "ov_bf16" else "f32"}
+    if sw_batch_size is not None:
+        overrides["sw_batch_size"] = int(sw_batch_size)
     wf = ConfigWorkflow(
         config_file=str(BUNDLE / "configs" / "inference.json"), meta_file=str(BUNDLE / "configs" / "metadata.json"),
         workflow_type="infer", bundle_root=str(BUNDLE), input_image=_test_ct(), output_dir=str(work / "out"),
@@ -213,7 +228,8 @@ def run_bundle(lever: str) -> dict:
     wf.finalize()
     assert len(list((work / "out").rglob("*_seg.nii.gz"))) == 1
     return {"case": f"bundle_{lever}", "seconds": round(seconds, 2), "process_s": round(time.perf_counter() - PROCESS_START, 2),
-            "peak_gib": round(_peak_gib(), 2), "threads": torch.get_num_threads()}
+            "sw_batch_size": wf.parser.get_parsed_content("sw_batch_size"), "peak_gib": round(_peak_gib(), 2),
+            "threads": torch.get_num_threads()}
 
 
 def _time_network_passes(network, openvino: bool) -> dict:
@@ -428,10 +444,60 @@ def run_noddi(case: str, volume_shape=None, steps: int | None = None, overlays=(
             "threads": torch.get_num_threads()}
 
 
+def run_maisi(case: str, output_size=None, steps: int | None = None, overlays=(), version: str = "rflow") -> dict:
+    """maisi_ct's reverse process (``MaisiInferer.sample_latent``: ControlNet + UNet per step, the scheduler step) on
+    one random label mask of ``output_size`` (the config's by default): ``maisi_floor`` times one ControlNet + UNet
+    evaluation (``_denoise``, as the loop calls it) after a warm-up, ``maisi_sampler`` runs the loop. The decode is
+    not part of either: its own cases (``maisi_decode_*``) measure it."""
+    from common.transforms.maisi import binarize_labels
+
+    parser = _bundle_parser(MAISI_BUNDLE, overlays, {"version": version, "num_inference_steps": steps})
+    torch.manual_seed(0)
+    unet = parser.get_parsed_content("network").eval()
+    inferer = parser.get_parsed_content("inferer")
+    output_size = tuple(int(v) for v in (output_size or parser.get_parsed_content("output_size")))
+    steps = int(inferer.num_inference_steps)
+    # a body (200) holding random organ ids: the ControlNet's input is the binarised label map, any ids cost the same
+    mask = torch.full((1, 1, *output_size), 200, dtype=torch.long)
+    mask[:, :, ::2] = torch.randint(1, 120, (1, 1, (output_size[0] + 1) // 2, *output_size[1:]),
+                                    generator=torch.Generator().manual_seed(0))
+    spacing = torch.tensor(parser.get_parsed_content("spacing"), dtype=torch.float32)
+    extra = {}
+    with torch.no_grad():
+        if case == "maisi_floor":
+            latent = torch.randn(1, unet.in_channels, *(v // 4 for v in output_size))
+            cond = binarize_labels(mask)
+            spacing_t = (spacing * 100.0).reshape(1, 3)
+            labels = torch.full((1,), inferer.modality, dtype=torch.long) if inferer.is_rflow else None
+            extra_kw = {"spacing_tensor": spacing_t}
+            if getattr(unet, "include_top_region_index_input", False):
+                extra_kw.update(inferer.region_tensors(mask, torch.device("cpu")))
+            elif inferer.top_region is not None and inferer.bottom_region is not None:
+                extra_kw["top_region_index_tensor"] = inferer.top_region.repeat(1, 1)
+                extra_kw["bottom_region_index_tensor"] = inferer.bottom_region.repeat(1, 1)
+            t = torch.full((1,), 500.0)
+            seconds, _ = _timed_pass(inferer._denoise, unet, latent, t, cond, labels, extra_kw)
+        else:
+            passes = {"unet": _time_network_passes(unet, openvino=False)}
+            if inferer.controlnet is not None:
+                passes["controlnet"] = _time_network_passes(inferer.controlnet, openvino=False)
+            start = time.perf_counter()
+            latent = inferer.sample_latent(mask, unet, spacing)
+            seconds = time.perf_counter() - start
+            assert tuple(latent.shape[2:]) == tuple(v // 4 for v in output_size), latent.shape
+            extra.update(_ldm_passes(passes))
+    return {**extra, "case": case, "seconds": round(seconds, 4), "volume": list(output_size), "steps": steps,
+            "version": version, "cfg_guidance_scale": float(inferer.cfg_guidance_scale), "overlays": list(overlays),
+            "peak_gib": round(_peak_gib(), 2), "threads": torch.get_num_threads()}
+
+
 def run_case(case: str, out: str | None = None, latent=MAISI_LATENT, ivan_volume=IVAN_VOLUME, aldm_volume=None,
-             noddi_volume=None, steps: int | None = None, overlays=()) -> dict:
+             noddi_volume=None, steps: int | None = None, overlays=(), maisi_output=None,
+             maisi_version: str = "rflow", sw_batch_size: int | None = None) -> dict:
     if case.startswith("maisi_decode_"):
         return run_maisi_decode(case[len("maisi_decode_"):], out, latent)
+    if case in ("maisi_floor", "maisi_sampler"):
+        return run_maisi(case, maisi_output, steps, overlays, maisi_version)
     if case in IVAN_CASES:
         return run_ivan(case, ivan_volume)
     if case.startswith("aldm_"):
@@ -440,8 +506,8 @@ def run_case(case: str, out: str | None = None, latent=MAISI_LATENT, ivan_volume
         return run_noddi(case, noddi_volume, steps, overlays)
     kind, lever = case.split("_", 1)
     if kind == "bundle":
-        return run_bundle(lever)
-    network, inferer, image = _diffseg_inputs()
+        return run_bundle(lever, sw_batch_size)
+    network, inferer, image = _diffseg_inputs(sw_batch_size)
     extra = {}
     inferer.runtime = "torch"  # inference.json's default is auto (OpenVINO where installed): the PyTorch levers pin it
     if lever.startswith("ov"):
@@ -511,6 +577,8 @@ def summarise(cases, runs) -> list[dict]:
             row["floor_s"] = round(row["median_s"] * r0["steps"] * r0["windows"], 2)
         if case == "ivan_floor":
             row["floor_s"] = round(row["median_s"] * rs[0]["slices"] / rs[0]["batch"], 2)  # per-slice cost x slices
+        if case == "maisi_floor":  # one ControlNet + UNet evaluation per step (the decode has its own cases)
+            row["floor_s"] = round(row["median_s"] * rs[0]["steps"], 4)
         if case in ("aldm_floor", "noddi_floor"):
             r0 = rs[0]
             row["once_median_s"] = statistics.median(r["once_s"] for r in rs)
@@ -556,17 +624,25 @@ def main() -> None:
                          "by 16 at paper scale: f = 4, two UNet downsamplings)")
     ap.add_argument("--noddi-volume", type=int, nargs=3, default=None,
                     help="LR feature volume of the noddi cases (default: the config's lr_patch, one window)")
+    ap.add_argument("--maisi-output", type=int, nargs=3, default=None,
+                    help="output size of the maisi_floor / maisi_sampler cases (default: the config's output_size; "
+                         "multiples of 32)")
+    ap.add_argument("--maisi-version", choices=("rflow", "ddpm"), default="rflow",
+                    help="the networks and scheduler of the maisi_floor / maisi_sampler cases")
+    ap.add_argument("--sw-batch-size", type=int, default=None,
+                    help="windows per network pass of the diffseg sampler and bundle cases (default: the config's)")
     ap.add_argument("--steps", type=int, default=None,
-                    help="sampler steps of the aldm and noddi cases (default: the config's); the loop / floor ratio "
+                    help="sampler steps of the aldm, noddi and maisi cases (default: the config's); the loop / floor ratio "
                          "is what matters, and the floor scales with the same steps")
     ap.add_argument("--overlays", nargs="+", default=[],
-                    help="config files read over inference.json by the aldm and noddi cases: names in the bundle's "
+                    help="config files read over inference.json by the aldm, noddi and maisi cases: names in the bundle's "
                          "configs/ (e.g. light.json; the tests use tiny.json) or paths")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.case:  # child process: one run of one case
         print(json.dumps(run_case(args.case, args.save, args.maisi_latent, args.ivan_volume, args.aldm_volume,
-                                  args.noddi_volume, args.steps, args.overlays)))
+                                  args.noddi_volume, args.steps, args.overlays, args.maisi_output,
+                                  args.maisi_version, args.sw_batch_size)))
         return
     runs, saved = [], {}
     work = Path(args.out or "runs/cpu_inference")
@@ -584,7 +660,9 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--case", case, "--threads", str(args.threads),
                    "--maisi-latent", *map(str, args.maisi_latent), "--ivan-volume", *map(str, args.ivan_volume)]
             for flag, value in (("--aldm-volume", args.aldm_volume), ("--noddi-volume", args.noddi_volume),
-                                ("--steps", args.steps), ("--overlays", args.overlays)):
+                                ("--steps", args.steps), ("--overlays", args.overlays),
+                                ("--maisi-output", args.maisi_output), ("--maisi-version", args.maisi_version),
+                                ("--sw-batch-size", args.sw_batch_size)):
                 if value:
                     cmd += [flag, *map(str, value if isinstance(value, list) else [value])]
             if (case.startswith("maisi_decode_") or case.startswith("sampler_")) and rep == 0:
