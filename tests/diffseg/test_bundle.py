@@ -302,3 +302,17 @@ def test_best_model_saver_keeps_model_pt_across_improvements(tmp_path):
     for _ in range(4):
         engine.run([0], max_epochs=1)
         assert [p.name for p in (tmp_path / "models").iterdir()] == ["model.pt"]
+
+
+def test_windows_per_pass_are_one_on_the_cpu_and_four_elsewhere_except_the_small_demo_windows():
+    # paper windows (17 x 192 x 128 x 128) on a CPU: one per pass needs half the memory of four (4.8 against
+    # 10.3 GiB peak for the paper CT) at the same time per window; a GPU batches four. The demo's 48^3 windows
+    # keep four on the CPU: PyTorch's slow_conv3d path takes a batch of one that small (the card's table).
+    from monai.bundle import ConfigParser
+
+    for device, overlays, expected in (("cpu", (), 1), ("cuda", (), 4), ("cpu", ("demo.json",), 4)):
+        parser = ConfigParser()
+        parser.read_config([str(CONFIGS / f) for f in ("inference.json", *overlays)])
+        parser["device"] = f"$torch.device('{device}')"
+        assert parser.get_parsed_content("sw_batch_size") == expected, (device, overlays)
+        assert parser.get_parsed_content("inferer", lazy=False).sw_kwargs["sw_batch_size"] == expected
