@@ -449,8 +449,6 @@ def run_maisi(case: str, output_size=None, steps: int | None = None, overlays=()
     one random label mask of ``output_size`` (the config's by default): ``maisi_floor`` times one ControlNet + UNet
     evaluation (``_denoise``, as the loop calls it) after a warm-up, ``maisi_sampler`` runs the loop. The decode is
     not part of either: its own cases (``maisi_decode_*``) measure it."""
-    from common.transforms.maisi import binarize_labels
-
     parser = _bundle_parser(MAISI_BUNDLE, overlays, {"version": version, "num_inference_steps": steps})
     torch.manual_seed(0)
     unet = parser.get_parsed_content("network").eval()
@@ -466,15 +464,7 @@ def run_maisi(case: str, output_size=None, steps: int | None = None, overlays=()
     with torch.no_grad():
         if case == "maisi_floor":
             latent = torch.randn(1, unet.in_channels, *(v // 4 for v in output_size))
-            cond = binarize_labels(mask)
-            spacing_t = (spacing * 100.0).reshape(1, 3)
-            labels = torch.full((1,), inferer.modality, dtype=torch.long) if inferer.is_rflow else None
-            extra_kw = {"spacing_tensor": spacing_t}
-            if getattr(unet, "include_top_region_index_input", False):
-                extra_kw.update(inferer.region_tensors(mask, torch.device("cpu")))
-            elif inferer.top_region is not None and inferer.bottom_region is not None:
-                extra_kw["top_region_index_tensor"] = inferer.top_region.repeat(1, 1)
-                extra_kw["bottom_region_index_tensor"] = inferer.bottom_region.repeat(1, 1)
+            cond, labels, extra_kw = inferer.denoise_inputs(mask, unet, spacing, torch.device("cpu"))
             t = torch.full((1,), 500.0)
             seconds, _ = _timed_pass(inferer._denoise, unet, latent, t, cond, labels, extra_kw)
         else:

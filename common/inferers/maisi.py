@@ -270,15 +270,7 @@ class MaisiInferer(Inferer):
         n = mask.shape[0]
         latent_shape = (n, unet.in_channels, *(s // 4 for s in mask.shape[2:]))
         latent = torch.randn(latent_shape, generator=self.generator).to(device)
-        cond = binarize_labels(torch.as_tensor(mask).to(device))
-        spacing_t = (spacing.to(device) * 100.0).reshape(1, 3).repeat(n, 1)  # the UNet is trained on mm x 100
-        extra: dict[str, torch.Tensor] = {"spacing_tensor": spacing_t}
-        if getattr(unet, "include_top_region_index_input", False):
-            extra.update(self.region_tensors(mask, device))
-        elif self.top_region is not None and self.bottom_region is not None:
-            extra["top_region_index_tensor"] = self.top_region.to(device).repeat(n, 1)
-            extra["bottom_region_index_tensor"] = self.bottom_region.to(device).repeat(n, 1)
-        labels = torch.full((n,), self.modality, dtype=torch.long, device=device) if self.is_rflow else None
+        cond, labels, extra = self.denoise_inputs(mask, unet, spacing, device)
 
         if self.is_rflow:
             # the rflow schedule shifts toward the noisy end for latents larger than 32^3
@@ -300,6 +292,22 @@ class MaisiInferer(Inferer):
             else:
                 latent, _ = self.scheduler.step(pred.float(), int(t), latent, generator=self._device_generator(device))
         return latent
+
+    def denoise_inputs(self, mask: torch.Tensor, unet: torch.nn.Module, spacing: torch.Tensor, device: torch.device):
+        """What every step's :meth:`_denoise` gets besides the latent and the step: the ControlNet condition
+        ``binarize_labels(mask)``, the rflow modality labels (None for DDPM) and the UNet's extra inputs (spacing in
+        mm x 100, as the UNet is trained; the body region where the UNet takes one)."""
+        n = mask.shape[0]
+        cond = binarize_labels(torch.as_tensor(mask).to(device))
+        spacing_t = (spacing.to(device) * 100.0).reshape(1, 3).repeat(n, 1)
+        extra: dict[str, torch.Tensor] = {"spacing_tensor": spacing_t}
+        if getattr(unet, "include_top_region_index_input", False):
+            extra.update(self.region_tensors(mask, device))
+        elif self.top_region is not None and self.bottom_region is not None:
+            extra["top_region_index_tensor"] = self.top_region.to(device).repeat(n, 1)
+            extra["bottom_region_index_tensor"] = self.bottom_region.to(device).repeat(n, 1)
+        labels = torch.full((n,), self.modality, dtype=torch.long, device=device) if self.is_rflow else None
+        return cond, labels, extra
 
     def region_tensors(self, mask: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
         """DDPM body-region conditioning (N, 4) one-hot x 100, from each mask as the official sampler does
