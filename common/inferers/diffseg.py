@@ -91,7 +91,9 @@ class _StepWindows:
                 self._out.zero_()
             for j, (b, w) in enumerate(group):
                 self._out[(b, slice(None), *w)] += logits[j]
-        return self._out.div_(self.count.to(self._out.device))
+        if self.count.device != self._out.device:
+            self.count = self.count.to(self._out.device)  # once, not at every step
+        return self._out.div_(self.count)
 
 
 class DiffSegInferer(Inferer):
