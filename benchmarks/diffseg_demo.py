@@ -67,10 +67,13 @@ def bf16_rounding(network: torch.nn.Module):
     bfloat16 costs can be measured on a machine without bfloat16 units (where PyTorch's own bf16 convolutions take
     a slow reference path: more than 3 minutes for one case of the demo model)."""
     layers = (torch.nn.Conv3d, torch.nn.ConvTranspose3d, torch.nn.Linear)
-    handles = []
+    handles, originals = [], {}
 
     def pre(module, args):
-        module.weight.data = _to_bf16(module.weight.data)  # idempotent; after the checkpoint is loaded
+        # rounded at the first pass, after the checkpoint is loaded; the float32 weights come back on exit
+        if module not in originals:
+            originals[module] = module.weight.data
+            module.weight.data = _to_bf16(module.weight.data)
         return (_to_bf16(args[0]), *args[1:])
 
     for m in network.modules():
@@ -81,6 +84,8 @@ def bf16_rounding(network: torch.nn.Module):
     finally:
         for h in handles:
             h.remove()
+        for module, weight in originals.items():
+            module.weight.data = weight
 
 
 def evaluate(model: str, datalist: Path, out: Path, ckpt_path: str | None = None, bf16: bool = False,
