@@ -29,9 +29,11 @@ with the levers ``fp32`` (eager PyTorch under ``torch.no_grad``, the bundle's ``
 ``bf16`` (bfloat16 autocast, not exact), ``cl_bf16``, ``ov`` (the network passes compiled by OpenVINO in
 float32, :class:`common.inferers.openvino.OpenVINONetwork`, the bundle's ``runtime: openvino``; the first
 sampler call includes converting and compiling the network, a cost every run pays once; the floor's
-``convert_s`` gives it for one window) and ``ov_bf16`` (OpenVINO in bfloat16, not exact).
+``convert_s`` gives it for one window), ``ov_bf16`` (OpenVINO in bfloat16, not exact) and ``ov_fit`` (OpenVINO in
+float32 with ``fit_window``: the window shrinks to the CT's 68 slices, rounded up to 80, instead of the CT being
+padded to the window's 128; not exact: the network sees other windows; its floor is timed on that window).
 
-* ``bundle_<lever>`` (``fp32``, ``ov``, ``ov_bf16``): what a user waits for, ``inference.json`` run end to end on
+* ``bundle_<lever>`` (``fp32``, ``ov``, ``ov_bf16``, ``ov_fit``): what a user waits for, ``inference.json`` run end to end on
   the CT (load, resample, body crop, the sampler, inversion to the CT's grid, writing the label file) with a
   checkpoint of the random paper network and ``runtime`` ``torch`` / ``openvino`` (``seconds``: ``run()``;
   ``process_s``: from the interpreter's start, imports and config parsing included).
@@ -76,7 +78,8 @@ CPU time: ``--steps`` (default: the config's) shortens the sampler and the floor
 is what is measured. ``--overlays`` reads more configs of the bundle over ``inference.json`` (``light.json``; the
 tests use ``tiny.json``).
 
-Each case runs in its own process (peak RSS per case), ``--repeats`` times; the
+Each case runs in its own process (peak RSS per case), ``--repeats`` times, the cases taking turns (all once, then
+all again: a drift of the machine's speed reaches every case alike); the
 table gives medians, the ratio sampler / floor, the peak RSS, ``torch.get_num_threads()`` and the 1-minute
 load average after the case (other jobs on the machine inflate CPU times).
 
@@ -117,7 +120,7 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 BUNDLE = REPO / "bundles" / "diffseg"
-LEVERS = ("fp32", "im", "cl", "bf16", "cl_bf16", "ov", "ov_bf16")
+LEVERS = ("fp32", "im", "cl", "bf16", "cl_bf16", "ov", "ov_bf16", "ov_fit")
 DECODE_MODES = ("whole", "streaming", "sliding")
 MAISI_LATENT = (1, 4, 64, 64, 32)
 IVAN_BUNDLE = REPO / "bundles" / "ivan_fusion"
@@ -165,13 +168,13 @@ def _diffseg_inputs(sw_batch_size: int | None = None):
     return network, inferer, item["image"].as_tensor()[None]
 
 
-def _windows(inferer, shape) -> int:
+def _windows(inferer, shape, network=None) -> int:
     from monai.data.utils import dense_patch_slices
-    from monai.utils import ensure_tuple_rep, fall_back_tuple
+    from monai.utils import ensure_tuple_rep
 
     from monai.inferers.utils import _get_scan_interval
 
-    roi = fall_back_tuple(ensure_tuple_rep(inferer.roi_size, len(shape)), shape)
+    roi = inferer.window_size(shape, network)
     padded = [max(r, s) for r, s in zip(roi, shape)]  # DiffSegInferer pads the volume up to one window
     interval = _get_scan_interval(padded, roi, len(shape), ensure_tuple_rep(inferer.sw_kwargs["overlap"], len(shape)))
     return len(dense_patch_slices(padded, roi, interval))
@@ -212,6 +215,7 @@ def run_bundle(lever: str, sw_batch_size: int | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="cpu-inference-bundle-"))
     overrides = {"runtime": "torch"} if lever == "fp32" else {
         "runtime": "openvino", "runtime_precision": "bf16" if lever == "ov_bf16" else "f32"}
+    overrides["fit_window"] = lever == "ov_fit"  # the CPU default of inference.json: only this lever fits
     if sw_batch_size is not None:
         overrides["sw_batch_size"] = int(sw_batch_size)
     wf = ConfigWorkflow(
@@ -500,6 +504,7 @@ def run_case(case: str, out: str | None = None, latent=MAISI_LATENT, ivan_volume
     network, inferer, image = _diffseg_inputs(sw_batch_size)
     extra = {}
     inferer.runtime = "torch"  # inference.json's default is auto (OpenVINO where installed): the PyTorch levers pin it
+    inferer.fit_window = lever == "ov_fit"  # inference.json fits the window on a CPU: only this lever does here
     if lever.startswith("ov"):
         from common.inferers.openvino import OpenVINONetwork
 
@@ -509,12 +514,12 @@ def run_case(case: str, out: str | None = None, latent=MAISI_LATENT, ivan_volume
         network = network.to(memory_format=torch.channels_last_3d)
     grad_off = torch.inference_mode if lever == "im" else torch.no_grad
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled="bf16" in lever)
-    windows = _windows(inferer, list(image.shape[2:]))
+    windows = _windows(inferer, list(image.shape[2:]), network)
     batch = min(inferer.sw_kwargs["sw_batch_size"], windows)
     steps = inferer.scheduler.num_timesteps
     with grad_off(), autocast:
         if kind == "floor":
-            x = torch.randn(1, image.shape[1] + inferer.num_classes, *inferer.roi_size)
+            x = torch.randn(1, image.shape[1] + inferer.num_classes, *inferer.window_size(image.shape[2:], network))
             if lever in ("cl", "cl_bf16"):
                 x = x.contiguous(memory_format=torch.channels_last_3d)
             if lever.startswith("ov"):
@@ -549,6 +554,7 @@ def run_case(case: str, out: str | None = None, latent=MAISI_LATENT, ivan_volume
                 torch.save(logits.float(), out)
     return {**extra,
         "case": case, "seconds": round(seconds, 2), "volume": list(image.shape[2:]), "windows": windows,
+        "window": list(inferer.window_size(image.shape[2:], network)),
         "batch": batch, "steps": steps, "peak_gib": round(_peak_gib(), 2), "threads": torch.get_num_threads(),
     }
 
@@ -645,7 +651,10 @@ def main() -> None:
                 case.split("_", 1)[0] not in ("floor", "sampler", "bundle") or case.split("_", 1)[1] not in LEVERS):
             raise SystemExit(f"unknown case {case!r}; expected floor_/sampler_/bundle_ + one of {LEVERS}, "
                              f"maisi_decode_ + one of {DECODE_MODES}, or one of {IVAN_CASES + LDM_CASES}")
-        for rep in range(args.repeats):
+    # the cases take turns (every case once, then again): a machine whose speed drifts over minutes then slows
+    # every case alike instead of the cases run last
+    for rep in range(args.repeats):
+        for case in args.cases:
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
             cmd = [sys.executable, __file__, "--case", case, "--threads", str(args.threads),
                    "--maisi-latent", *map(str, args.maisi_latent), "--ivan-volume", *map(str, args.ivan_volume)]

@@ -312,7 +312,10 @@ def main(argv: list[str] | None = None) -> dict:
     }
     for model, ckpt in (("diffusion", args.diffusion_ckpt), ("baseline", args.baseline_ckpt)):
         if model in args.models:
-            results[model] = evaluate(model, framings, out / model, ckpt)
+            cases = evaluate(model, framings, out / model, ckpt)
+            if "precision_used" in cases:  # OpenVINO's arithmetic, beside the cases, not among them
+                results[model + "_precision_used"] = cases.pop("precision_used")
+            results[model] = cases
             results[model + "_native_grid"] = native_grid_dice(framings, out / model)
     if "diffusion" in results and "baseline" in results:
         results["difference_diffusion_minus_baseline"] = {

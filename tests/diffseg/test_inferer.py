@@ -17,6 +17,7 @@ class _Counter(torch.nn.Module):
     def __init__(self, net):
         super().__init__()
         self.net, self.calls = net, []
+        self.divisor = net.divisor  # what the inferer reads to fit a window
 
     def forward(self, x, t=None):
         self.calls.append((tuple(x.shape), t))
@@ -106,12 +107,13 @@ def _reference_chain(inferer: DiffSegInferer, image: torch.Tensor, net) -> torch
     from monai.inferers import sliding_window_inference
 
     generator = torch.Generator().manual_seed(int(inferer.seed))
-    pads = inferer._pad_to_roi(image.shape[2:])
+    roi = inferer.window_size(image.shape[2:], net)
+    pads = inferer._pad_to_roi(image.shape[2:], roi)
     padded = torch.nn.functional.pad(image, pads, mode="replicate") if pads else image
     x_k = torch.randn((image.shape[0], C, *padded.shape[2:]), generator=generator)
     for k in reversed(range(inferer.scheduler.num_timesteps)):
         joint = torch.cat([padded, x_k], dim=1)
-        logits = sliding_window_inference(joint, inferer.roi_size, predictor=lambda w, k=k: net(w, k),
+        logits = sliding_window_inference(joint, roi, predictor=lambda w, k=k: net(w, k),
                                           **inferer.sw_kwargs).float()
         x_k = inferer.scheduler.step(inferer.scheduler.logits_to_x0(logits), x_k, k, inferer.sampler, inferer.eta,
                                      generator)
@@ -158,3 +160,55 @@ def test_per_step_windows_keep_the_metadata_of_a_metatensor_input():
         expected = _reference_chain(inferer, image.as_tensor(), net)
     assert isinstance(got, MetaTensor) and torch.equal(got.as_tensor(), expected)
     assert torch.equal(got.affine, affine) and got.meta["filename_or_obj"] == "case.nii.gz"
+
+
+def test_fit_window_shrinks_the_window_to_a_short_axis_and_samples_the_same_chain():
+    # a 12-slice slab under a 32-slice window: fitted, the window is 16 slices (the network's divisor), so the
+    # padding is 4 slices instead of 20 and each pass costs half; the chain is the plain one with that window
+    net = _Counter(_net())
+    assert net.net.divisor == 16
+    image = torch.rand(1, 1, 40, 37, 12)
+    inferer = DiffSegInferer(C, roi_size=(32, 32, 32), sw_batch_size=2, padding_mode="replicate", seed=2,
+                             fit_window=True)
+    assert inferer.window_size(image.shape[2:], net.net) == (32, 32, 16)
+    with torch.no_grad():
+        got = inferer(image, net)
+        shapes = {shape[2:] for shape, _ in net.calls}
+        expected = _reference_chain(inferer, image, net.net)
+    assert shapes == {(32, 32, 16)}
+    assert got.shape == (1, C, 40, 37, 12) and torch.equal(got, expected)
+    # without fitting, the same slab is padded to the full window, and the logits differ
+    net.calls.clear()
+    with torch.no_grad():
+        padded = DiffSegInferer(C, roi_size=(32, 32, 32), sw_batch_size=2, padding_mode="replicate", seed=2)(image, net)
+    assert {shape[2:] for shape, _ in net.calls} == {(32, 32, 32)}
+    assert not torch.allclose(padded, got)
+    # the non-diffusion baseline runs its single pass in the fitted window too
+    base = _Counter(_net(diffusion=False))
+    with torch.no_grad():
+        out = DiffSegInferer(C, roi_size=(32, 32, 32), diffusion=False, fit_window=True)(image, base)
+    assert out.shape == (1, C, 40, 37, 12) and {shape[2:] for shape, _ in base.calls} == {(32, 32, 16)}
+
+
+def test_fit_window_sizes():
+    from types import SimpleNamespace
+
+    inferer = DiffSegInferer(C, roi_size=(32, 32, 32), fit_window=True, window_multiple=4, min_window_fraction=0.0)
+    # only the axes where the volume is smaller shrink, each to the next multiple, never past the window
+    assert inferer.window_size((40, 10, 31)) == (32, 12, 32)
+    assert inferer.window_size((3, 32, 64)) == (4, 32, 32)
+    # by default a fitted window keeps at least half the configured one (then rounded up to the multiple)
+    inferer = DiffSegInferer(C, roi_size=(32, 32, 40), fit_window=True, window_multiple=4)
+    assert inferer.window_size((40, 10, 31)) == (32, 16, 32)
+    assert inferer.window_size((3, 17, 19)) == (16, 20, 20)
+    # the multiple defaults to the network's divisor, also through a runtime wrapper that keeps the network
+    inferer = DiffSegInferer(C, roi_size=(32, 32, 32), fit_window=True)
+    assert inferer.window_size((40, 10, 17), _net()) == (32, 16, 32)
+    assert inferer.window_size((40, 10, 17), SimpleNamespace(network=_net())) == (32, 16, 32)
+    assert inferer.window_size((40, 10, 17), torch.nn.Identity()) == (32, 16, 17)  # no divisor: 1 (and half of 32)
+    assert DiffSegInferer(C, roi_size=(32, 32, 32)).window_size((40, 10, 17)) == (32, 32, 32)
+    assert DiffSegInferer(C, fit_window=True).window_size((40, 10, 17)) is None  # whole volume
+    with pytest.raises(ValueError, match="window_multiple"):
+        DiffSegInferer(C, window_multiple=0)
+    with pytest.raises(ValueError, match="min_window_fraction"):
+        DiffSegInferer(C, min_window_fraction=1.5)
