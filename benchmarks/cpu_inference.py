@@ -168,13 +168,13 @@ def _diffseg_inputs(sw_batch_size: int | None = None):
     return network, inferer, item["image"].as_tensor()[None]
 
 
-def _windows(inferer, shape, network=None) -> int:
+def _windows(inferer, shape, roi) -> int:
+    """How many windows of size ``roi`` (``inferer.window_size``) the inferer runs per step on a ``shape`` volume."""
     from monai.data.utils import dense_patch_slices
     from monai.utils import ensure_tuple_rep
 
     from monai.inferers.utils import _get_scan_interval
 
-    roi = inferer.window_size(shape, network)
     padded = [max(r, s) for r, s in zip(roi, shape)]  # DiffSegInferer pads the volume up to one window
     interval = _get_scan_interval(padded, roi, len(shape), ensure_tuple_rep(inferer.sw_kwargs["overlap"], len(shape)))
     return len(dense_patch_slices(padded, roi, interval))
@@ -514,12 +514,13 @@ def run_case(case: str, out: str | None = None, latent=MAISI_LATENT, ivan_volume
         network = network.to(memory_format=torch.channels_last_3d)
     grad_off = torch.inference_mode if lever == "im" else torch.no_grad
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled="bf16" in lever)
-    windows = _windows(inferer, list(image.shape[2:]), network)
+    window = inferer.window_size(image.shape[2:], network)  # the configured one, or fitted to the CT (ov_fit)
+    windows = _windows(inferer, list(image.shape[2:]), window)
     batch = min(inferer.sw_kwargs["sw_batch_size"], windows)
     steps = inferer.scheduler.num_timesteps
     with grad_off(), autocast:
         if kind == "floor":
-            x = torch.randn(1, image.shape[1] + inferer.num_classes, *inferer.window_size(image.shape[2:], network))
+            x = torch.randn(1, image.shape[1] + inferer.num_classes, *window)
             if lever in ("cl", "cl_bf16"):
                 x = x.contiguous(memory_format=torch.channels_last_3d)
             if lever.startswith("ov"):
@@ -554,7 +555,7 @@ def run_case(case: str, out: str | None = None, latent=MAISI_LATENT, ivan_volume
                 torch.save(logits.float(), out)
     return {**extra,
         "case": case, "seconds": round(seconds, 2), "volume": list(image.shape[2:]), "windows": windows,
-        "window": list(inferer.window_size(image.shape[2:], network)),
+        "window": list(window),
         "batch": batch, "steps": steps, "peak_gib": round(_peak_gib(), 2), "threads": torch.get_num_threads(),
     }
 
