@@ -20,7 +20,10 @@ Everything runs through the bundle's own default configs with only the demo over
    any CPU: the change of Dice that bfloat16 costs), OpenVINO float32 (``openvino``, what ``runtime: auto`` picks on a CPU
    with OpenVINO installed) and OpenVINO bfloat16 (which OpenVINO runs in float32 on a CPU without bfloat16
    units; the results say which it used): mean Dice, its change against PyTorch, and seconds per case.
-4. **Learning curves** (``--train-dirs``): training loss and validation Dice against iteration
+4. **Window growth** (``--window-growth F [F ...]``): both models on every case with windows grown to cover each axis
+   up to F windows long (``max_window_fraction``, opt-in on a CPU: fewer voxels per step, not exact), mean Dice and
+   its change against the default (1: windows never grow), and seconds per case.
+5. **Learning curves** (``--train-dirs``): training loss and validation Dice against iteration
    from the TensorBoard files of the two training runs, as one PNG.
 
 Usage (from the repository root)::
@@ -249,9 +252,25 @@ def runtime_markdown(results: dict) -> list[str]:
                     if notes else []) + [""]
 
 
+def growth_markdown(results: dict) -> list[str]:
+    """Mean Dice (change against windows that never grow) and seconds per case for each ``max_window_fraction``."""
+    lines = []
+    for model, runs in results["window_growth"].items():
+        names = list(runs)
+        lines += [f"| {model}: case | " + " | ".join(f"max_window_fraction {n}: Dice (change), s" for n in names) + " |",
+                  "|---|" + "---|" * len(names)]
+        for case, title in CASE_TITLES.items():
+            cells = [f"{runs[n][case]['mean_dice']:.4f} ({runs[n][case]['dice_minus_default']:+.4f}), "
+                     f"{runs[n][case].get('seconds') or float('nan'):.1f}" for n in names]
+            lines.append(f"| {title} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
 def markdown(results: dict) -> str:
     """The card's tables from ``results``."""
     lines = runtime_markdown(results) if "runtimes" in results else []
+    lines += growth_markdown(results) if "window_growth" in results else []
     if "diffusion" not in results or "baseline" not in results:
         return "\n".join(lines) + "\n"
     d, b = results["diffusion"], results["baseline"]
@@ -293,6 +312,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--runtimes", action="store_true", help="also run the diffusion model with each network runtime")
     ap.add_argument("--models", nargs="+", default=["diffusion", "baseline"], choices=["diffusion", "baseline"],
                     help="models of the quality and framing table")
+    ap.add_argument("--window-growth", nargs="*", type=float, default=[],
+                    help="also run both models with windows grown up to these max_window_fraction values")
     ap.add_argument("--train-dirs", nargs="*", default=[], help="TensorBoard folders of the two training runs")
     ap.add_argument("--epoch-length", type=int, default=200, help="iterations per epoch of those runs (demo.json)")
     args = ap.parse_args(argv)
@@ -334,6 +355,22 @@ def main(argv: list[str] | None = None) -> dict:
                 v["dice_minus_torch"] = round(v["mean_dice"] - runtimes["torch"][case]["mean_dice"], 4)
         results["runtimes"] = runtimes
         results["runtime_precision_used"] = used  # what OpenVINO compiled with: f32 where the CPU has no bf16 units
+    if args.window_growth:
+        growth: dict = {}
+        for model in ("diffusion", "baseline"):
+            ckpt = args.diffusion_ckpt if model == "diffusion" else args.baseline_ckpt
+            runs = {}
+            for fraction in [1.0, *args.window_growth]:
+                res = evaluate(model, framings, out / "window_growth" / f"{model}_{fraction:g}", ckpt,
+                               max_window_fraction=fraction)
+                res.pop("precision_used", None)
+                runs[f"{fraction:g}"] = {case: {"mean_dice": v["mean_dice"], "seconds": v.get("seconds")}
+                                         for case, v in res.items()}
+            for cases in runs.values():
+                for case, v in cases.items():
+                    v["dice_minus_default"] = round(v["mean_dice"] - runs["1"][case]["mean_dice"], 4)
+            growth[model] = runs
+        results["window_growth"] = growth
     if args.samplers:
         test = Path(build_ct_demo(cache_dir() / "diffseg-demo-eval", n_train=1, n_val=0, seed=0))
         sampling = {}

@@ -26,7 +26,11 @@ volume's size rounded up to ``window_multiple`` (the network's ``divisor`` by de
 but not below ``min_window_fraction`` of the configured window: the network passes then cost in proportion to
 the real voxels (the paper CT's 68 slices at 5 mm run in 80-slice windows instead of 128). The network sees a
 shorter window than it was trained on; a window cut to a third lost more Dice on a thin slab than one cut to two
-thirds (the diffseg model card), hence the lower bound.
+thirds (the diffseg model card), hence the lower bound. With ``max_window_fraction`` above 1 the window also grows,
+along each axis where the volume is longer than it but no longer than that many windows, to the volume rounded up
+to ``window_multiple``: one window then covers that axis, where sliding windows would pass every voxel of their
+overlap twice (the paper CT's 243 x 198 in-plane voxels: one 256 x 208 window instead of four of 192 x 128, 0.54 of
+the voxels). Larger windows cost memory in proportion, hence the upper bound.
 """
 
 from __future__ import annotations
@@ -126,13 +130,16 @@ class DiffSegInferer(Inferer):
             compiled by OpenVINO, CPU only: :class:`common.inferers.openvino.OpenVINONetwork`) or ``"auto"``
             (OpenVINO when it is installed, the network is on the CPU and no gradient is being recorded;
             PyTorch otherwise).
-        runtime_precision: OpenVINO's arithmetic, ``"f32"`` (default) or ``"bf16"`` (faster, inexact).
+        runtime_precision: OpenVINO's arithmetic, ``"f32"`` (default), ``"bf16"`` (faster, inexact) or ``"auto"``
+            (``bf16`` on a CPU with bfloat16 units, ``f32`` elsewhere).
         fit_window: shrink the window to the volume along the axes where the volume is smaller than it (see the
             module docstring) instead of padding the volume up to the window.
         window_multiple: what a shrunk window's size is a multiple of; ``None``: the network's ``divisor``
             attribute (1 where it has none).
         min_window_fraction: the smallest part of the configured window a fitted window keeps, per axis (then
             rounded up to ``window_multiple``).
+        max_window_fraction: with ``fit_window``, an axis of the volume up to this many windows long is covered by
+            one window (the volume's size rounded up to ``window_multiple``); 1 (default) never grows the window.
 
     ``image`` has the ``n_img`` image channels; the network receives ``n_img + C`` channels and
     the step index as its second argument.
@@ -158,6 +165,7 @@ class DiffSegInferer(Inferer):
         fit_window: bool = False,
         window_multiple: int | None = None,
         min_window_fraction: float = 0.5,
+        max_window_fraction: float = 1.0,
     ) -> None:
         super().__init__()
         if sampler not in ("ddpm", "ddim"):
@@ -185,6 +193,9 @@ class DiffSegInferer(Inferer):
         if not 0.0 <= float(min_window_fraction) <= 1.0:
             raise ValueError(f"min_window_fraction must be in [0, 1], got {min_window_fraction!r}")
         self.min_window_fraction = float(min_window_fraction)
+        if not float(max_window_fraction) >= 1.0:
+            raise ValueError(f"max_window_fraction must be at least 1, got {max_window_fraction!r}")
+        self.max_window_fraction = float(max_window_fraction)
         self._compiled: OpenVINONetwork | None = None
 
     def _network_for_runtime(self, network):
@@ -206,8 +217,9 @@ class DiffSegInferer(Inferer):
 
     def window_size(self, spatial: Sequence[int], network=None) -> tuple[int, ...] | None:
         """The window used on a volume of size ``spatial``: ``roi_size`` (``None``: the whole volume), or with
-        ``fit_window`` shrunk to the volume (to no less than ``min_window_fraction`` of ``roi_size``), rounded up to
-        ``window_multiple``, along the axes where it is larger."""
+        ``fit_window`` fitted to the volume, rounded up to ``window_multiple``, along the axes where the volume is
+        shorter (to no less than ``min_window_fraction`` of ``roi_size``) or longer but within ``max_window_fraction``
+        of it (one window covers the axis)."""
         if self.roi_size is None:
             return None
         roi = tuple(int(r) for r in fall_back_tuple(ensure_tuple_rep(self.roi_size, len(spatial)), spatial))
@@ -216,8 +228,15 @@ class DiffSegInferer(Inferer):
         m = self.window_multiple
         if m is None:
             m = int(getattr(getattr(network, "network", network), "divisor", 1) or 1)  # OpenVINONetwork keeps .network
-        fitted = [max(int(s), math.ceil(self.min_window_fraction * r)) for r, s in zip(roi, spatial)]
-        return tuple(min(r, -(-f // m) * m) for r, f in zip(roi, fitted))
+        window = []
+        for r, s in zip(roi, (int(s) for s in spatial)):
+            if s <= r:  # shrink towards the volume, to no less than the lower bound
+                window.append(min(r, -(-max(s, math.ceil(self.min_window_fraction * r)) // m) * m))
+            elif s <= self.max_window_fraction * r:  # grow: one window covers the axis
+                window.append(-(-s // m) * m)
+            else:  # sliding windows of the configured size
+                window.append(r)
+        return tuple(window)
 
     def _windowed(self, inputs: torch.Tensor, predictor, roi) -> torch.Tensor:
         """``predictor`` on the whole volume or averaged over sliding windows of size ``roi``."""

@@ -190,6 +190,25 @@ def test_fit_window_shrinks_the_window_to_a_short_axis_and_samples_the_same_chai
     assert out.shape == (1, C, 40, 37, 12) and {shape[2:] for shape, _ in base.calls} == {(32, 32, 16)}
 
 
+def test_grown_window_covers_a_longer_axis_in_one_window_and_samples_the_same_chain():
+    # max_window_fraction (opt-in): a 40 x 37 x 12 volume under a 32^3 window runs in one 48 x 48 x 16 window (each
+    # axis rounded up to the divisor) instead of four 32 x 32 x 16 ones: 5 passes instead of 20, the plain chain
+    net = _Counter(_net())
+    image = torch.rand(1, 1, 40, 37, 12)
+    inferer = DiffSegInferer(C, roi_size=(32, 32, 32), sw_batch_size=1, padding_mode="replicate", seed=2,
+                             fit_window=True, max_window_fraction=1.5)
+    with torch.no_grad():
+        got = inferer(image, net)
+        expected = _reference_chain(inferer, image, net.net)
+    assert [shape for shape, _ in net.calls] == [(1, 1 + C, 48, 48, 16)] * inferer.scheduler.num_timesteps
+    assert got.shape == (1, C, 40, 37, 12) and torch.equal(got, expected)
+    # without growth the same volume takes four windows per step
+    net.calls.clear()
+    with torch.no_grad():
+        DiffSegInferer(C, roi_size=(32, 32, 32), seed=2, fit_window=True)(image, net)
+    assert len(net.calls) == 4 * inferer.scheduler.num_timesteps and {s[2:] for s, _ in net.calls} == {(32, 32, 16)}
+
+
 def test_fit_window_sizes():
     from types import SimpleNamespace
 
@@ -212,3 +231,11 @@ def test_fit_window_sizes():
         DiffSegInferer(C, window_multiple=0)
     with pytest.raises(ValueError, match="min_window_fraction"):
         DiffSegInferer(C, min_window_fraction=1.5)
+    # growth: an axis longer than the window but within max_window_fraction windows gets one window covering it
+    # (rounded up to the multiple); longer axes keep the configured window; shorter ones shrink as above
+    inferer = DiffSegInferer(C, roi_size=(32, 32, 32), fit_window=True, window_multiple=4, max_window_fraction=1.5)
+    assert inferer.window_size((47, 49, 10)) == (48, 32, 16)
+    assert inferer.window_size((33, 48, 32)) == (36, 48, 32)
+    assert DiffSegInferer(C, roi_size=(32, 32, 32), max_window_fraction=2.0).window_size((47, 49, 10)) == (32, 32, 32)
+    with pytest.raises(ValueError, match="max_window_fraction"):
+        DiffSegInferer(C, max_window_fraction=0.9)
