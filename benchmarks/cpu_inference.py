@@ -31,9 +31,11 @@ float32, :class:`common.inferers.openvino.OpenVINONetwork`, the bundle's ``runti
 sampler call includes converting and compiling the network, a cost every run pays once; the floor's
 ``convert_s`` gives it for one window), ``ov_bf16`` (OpenVINO in bfloat16, not exact) and ``ov_fit`` (OpenVINO in
 float32 with ``fit_window``: the window shrinks to the CT's 68 slices, rounded up to 80, instead of the CT being
-padded to the window's 128; not exact: the network sees other windows; its floor is timed on that window).
+padded to the window's 128; not exact: the network sees other windows; its floor is timed on that window) and
+``ov_grow`` (``ov_fit`` with the window also grown to cover the axes up to ``max_window_fraction`` of the configured
+window: one 256 x 208 x 80 window instead of four of 192 x 128 x 80; the CPU default of ``inference.json``).
 
-* ``bundle_<lever>`` (``fp32``, ``ov``, ``ov_bf16``, ``ov_fit``): what a user waits for, ``inference.json`` run end to end on
+* ``bundle_<lever>`` (``fp32``, ``ov``, ``ov_bf16``, ``ov_fit``, ``ov_grow``): what a user waits for, ``inference.json`` run end to end on
   the CT (load, resample, body crop, the sampler, inversion to the CT's grid, writing the label file) with a
   checkpoint of the random paper network and ``runtime`` ``torch`` / ``openvino`` (``seconds``: ``run()``;
   ``process_s``: from the interpreter's start, imports and config parsing included).
@@ -120,7 +122,8 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 BUNDLE = REPO / "bundles" / "diffseg"
-LEVERS = ("fp32", "im", "cl", "bf16", "cl_bf16", "ov", "ov_bf16", "ov_fit")
+LEVERS = ("fp32", "im", "cl", "bf16", "cl_bf16", "ov", "ov_bf16", "ov_fit", "ov_fit_bf16", "ov_grow")
+GROW_FRACTION = 1.75  # max_window_fraction of the ov_grow lever: the paper CT's 243 x 198 in-plane in one window
 DECODE_MODES = ("whole", "streaming", "sliding")
 MAISI_LATENT = (1, 4, 64, 64, 32)
 IVAN_BUNDLE = REPO / "bundles" / "ivan_fusion"
@@ -205,6 +208,17 @@ def run_maisi_decode(mode: str, out: str | None, latent=MAISI_LATENT) -> dict:
             "output": list(image.shape), "peak_gib": round(_peak_gib(), 2), "threads": torch.get_num_threads()}
 
 
+def lever_settings(lever: str) -> dict:
+    """The ``inference.json`` keys of a diffseg lever: who runs the passes, in which arithmetic, in which windows."""
+    openvino = lever.startswith("ov")
+    return {
+        "runtime": "openvino" if openvino else "torch",
+        "runtime_precision": "bf16" if openvino and lever.endswith("bf16") else "f32",
+        "fit_window": lever in ("ov_fit", "ov_fit_bf16", "ov_grow"),
+        "max_window_fraction": GROW_FRACTION if lever == "ov_grow" else 1.0,
+    }
+
+
 def run_bundle(lever: str, sw_batch_size: int | None = None) -> dict:
     """diffseg's inference.json end to end on the test CT, random paper network, ``runtime`` by lever."""
     import tempfile
@@ -213,9 +227,7 @@ def run_bundle(lever: str, sw_batch_size: int | None = None) -> dict:
 
     sys.path.insert(0, str(BUNDLE))
     work = Path(tempfile.mkdtemp(prefix="cpu-inference-bundle-"))
-    overrides = {"runtime": "torch"} if lever == "fp32" else {
-        "runtime": "openvino", "runtime_precision": "bf16" if lever == "ov_bf16" else "f32"}
-    overrides["fit_window"] = lever == "ov_fit"  # the CPU default of inference.json: only this lever fits
+    overrides = lever_settings(lever)
     if sw_batch_size is not None:
         overrides["sw_batch_size"] = int(sw_batch_size)
     wf = ConfigWorkflow(
@@ -229,9 +241,11 @@ def run_bundle(lever: str, sw_batch_size: int | None = None) -> dict:
     wf.initialize()
     wf.run()
     seconds = time.perf_counter() - start
+    compiled = getattr(wf.parser.get_parsed_content("inferer"), "_compiled", None)
     wf.finalize()
     assert len(list((work / "out").rglob("*_seg.nii.gz"))) == 1
-    return {"case": f"bundle_{lever}", "seconds": round(seconds, 2), "process_s": round(time.perf_counter() - PROCESS_START, 2),
+    return {"case": f"bundle_{lever}", "seconds": round(seconds, 2),
+            "precision_used": None if compiled is None else compiled.precision_used, "process_s": round(time.perf_counter() - PROCESS_START, 2),
             "sw_batch_size": wf.parser.get_parsed_content("sw_batch_size"), "peak_gib": round(_peak_gib(), 2),
             "threads": torch.get_num_threads()}
 
@@ -503,18 +517,18 @@ def run_case(case: str, out: str | None = None, latent=MAISI_LATENT, ivan_volume
         return run_bundle(lever, sw_batch_size)
     network, inferer, image = _diffseg_inputs(sw_batch_size)
     extra = {}
-    inferer.runtime = "torch"  # inference.json's default is auto (OpenVINO where installed): the PyTorch levers pin it
-    inferer.fit_window = lever == "ov_fit"  # inference.json fits the window on a CPU: only this lever does here
+    # inference.json's CPU defaults (runtime and precision auto, windows fitted) are pinned by the lever
+    settings = lever_settings(lever)
+    for key, value in settings.items():
+        setattr(inferer, key, value)
+    precision = settings["runtime_precision"]
     if lever.startswith("ov"):
         from common.inferers.openvino import OpenVINONetwork
-
-        precision = "bf16" if lever == "ov_bf16" else "f32"
-        inferer.runtime, inferer.runtime_precision = "openvino", precision
     if lever in ("cl", "cl_bf16"):
         network = network.to(memory_format=torch.channels_last_3d)
     grad_off = torch.inference_mode if lever == "im" else torch.no_grad
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled="bf16" in lever)
-    window = inferer.window_size(image.shape[2:], network)  # the configured one, or fitted to the CT (ov_fit)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=lever in ("bf16", "cl_bf16"))
+    window = inferer.window_size(image.shape[2:], network)  # the configured one, or fitted to the CT (ov_fit...)
     windows = _windows(inferer, list(image.shape[2:]), window)
     batch = min(inferer.sw_kwargs["sw_batch_size"], windows)
     steps = inferer.scheduler.num_timesteps
@@ -531,6 +545,8 @@ def run_case(case: str, out: str | None = None, latent=MAISI_LATENT, ivan_volume
             start = time.perf_counter()
             network(x, 1)
             seconds = time.perf_counter() - start
+            if lever.startswith("ov"):
+                extra["precision_used"] = network.precision_used  # f32 where a bf16 request met no bf16 units
         else:
             if lever in ("cl", "cl_bf16"):
                 image = image.contiguous(memory_format=torch.channels_last_3d)
@@ -543,6 +559,7 @@ def run_case(case: str, out: str | None = None, latent=MAISI_LATENT, ivan_volume
             extra["network_calls"] = in_network["n"]
             if inferer._compiled is not None:
                 extra["conversions"] = inferer._compiled.conversions
+                extra["precision_used"] = inferer._compiled.precision_used
                 # the same call again: the compiled model is kept by the inferer, so this is the loop alone (what
                 # every further volume of a run or a MONAI Label server costs)
                 in_network.update(s=0.0, n=0)

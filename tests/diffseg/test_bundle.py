@@ -118,15 +118,16 @@ def test_inference_writes_uint8_labels_with_the_input_geometry(trained, ct_demo,
 
 
 def test_default_runtime_is_openvino_on_the_cpu_and_writes_the_labels_of_the_plain_path(trained, ct_demo, tmp_path):
-    """inference.json's ``runtime: auto`` compiles the network with OpenVINO on the CPU; the label map it writes
-    equals the one of ``runtime: torch`` (eager PyTorch, float32) on the real CT."""
+    """inference.json's ``runtime: auto`` compiles the network with OpenVINO on the CPU; in float32 the label map it
+    writes equals the one of ``runtime: torch`` (eager PyTorch, float32) on the real CT. (The default precision,
+    ``auto``, is bfloat16 on a CPU with bfloat16 units: tests/diffseg/test_demo_model.py holds its Dice.)"""
     out, _ = trained
     image = ct_demo.parent / json.loads(ct_demo.read_text())["test"][0]["image"]
     labels = {}
     for runtime in ("auto", "torch"):
         wf = _workflow(
             ["inference.json", "tiny.json"], "infer", dataset_dir=str(ct_demo.parent), data=[{"image": str(image)}],
-            ckpt_dir=str(out / "models"), output_dir=str(tmp_path / runtime), runtime=runtime,
+            ckpt_dir=str(out / "models"), output_dir=str(tmp_path / runtime), runtime=runtime, runtime_precision="f32",
         )
         wf.run()
         compiled = wf.parser.get_parsed_content("inferer")._compiled
