@@ -15,7 +15,7 @@ Everything runs through the bundle's own default configs with only the demo over
 2. **Samplers** (``--samplers``): on the original CT, the 5-step DDPM sampler against DDIM (5
    steps, eta 0) and the 1000-step DDPM chain (the linear schedule resampled to 1000 steps),
    Dice and seconds per volume, one run.
-3. **Runtimes** (``--runtimes``): the diffusion model on every case with the network passes in eager
+3. **Runtimes** (``--runtimes``): the models of ``--models`` on every case with the network passes in eager
    PyTorch (``runtime: torch``), PyTorch with bfloat16 rounding at every convolution (emulated in float32 on
    any CPU: the change of Dice that bfloat16 costs), OpenVINO float32 (``openvino``, what ``runtime: auto`` picks on a CPU
    with OpenVINO installed) and OpenVINO bfloat16 (which OpenVINO runs in float32 on a CPU without bfloat16
@@ -233,20 +233,24 @@ CASE_TITLES = {
 RUNTIMES = (
     ("torch", {"runtime": "torch"}),
     ("torch bf16 (emulated)", {"runtime": "torch", "bf16": True}),
-    ("openvino f32", {"runtime": "openvino"}),
+    ("openvino f32", {"runtime": "openvino", "runtime_precision": "f32"}),
     ("openvino bf16", {"runtime": "openvino", "runtime_precision": "bf16"}),
 )
 
 
-def runtime_markdown(results: dict) -> list[str]:
-    """Mean Dice (change against PyTorch) and seconds per case for each network runtime."""
-    names = list(results["runtimes"])
-    lines = ["| case | " + " | ".join(f"{n}: Dice (vs torch), s" for n in names) + " |", "|---|" + "---|" * len(names)]
+def runtime_markdown(results: dict, key: str = "runtimes") -> list[str]:
+    """Mean Dice (change against PyTorch) and seconds per case for each network runtime (``key``: ``runtimes``, the
+    diffusion model, or ``runtimes_baseline``)."""
+    runs = results[key]
+    names = list(runs)
+    model = "baseline" if key.endswith("baseline") else "diffusion"
+    lines = [f"| {model}: case | " + " | ".join(f"{n}: Dice (vs torch), s" for n in names) + " |",
+             "|---|" + "---|" * len(names)]
     for case, title in CASE_TITLES.items():
-        cells = [f"{results['runtimes'][n][case]['mean_dice']:.4f} ({results['runtimes'][n][case]['dice_minus_torch']:+.4f}), "
-                 f"{results['runtimes'][n][case].get('seconds') or float('nan'):.1f}" for n in names]
+        cells = [f"{runs[n][case]['mean_dice']:.4f} ({runs[n][case]['dice_minus_torch']:+.4f}), "
+                 f"{runs[n][case].get('seconds') or float('nan'):.1f}" for n in names]
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
-    used = results.get("runtime_precision_used") or {}
+    used = results.get(key.replace("runtimes", "runtime_precision_used")) or {}
     notes = [f"{n} ran in {p}" for n, p in used.items() if not n.endswith(p)]
     return lines + ([f"Arithmetic OpenVINO compiled with: {'; '.join(notes)} (this CPU has no bfloat16 units)."]
                     if notes else []) + [""]
@@ -269,7 +273,7 @@ def growth_markdown(results: dict) -> list[str]:
 
 def markdown(results: dict) -> str:
     """The card's tables from ``results``."""
-    lines = runtime_markdown(results) if "runtimes" in results else []
+    lines = [line for key in ("runtimes", "runtimes_baseline") if key in results for line in runtime_markdown(results, key)]
     lines += growth_markdown(results) if "window_growth" in results else []
     if "diffusion" not in results or "baseline" not in results:
         return "\n".join(lines) + "\n"
@@ -309,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--samplers", action="store_true", help="also time DDIM and the 1000-step chain on the original CT")
     ap.add_argument("--chain-steps", type=int, default=1000,
                     help="steps of the long DDPM chain of --samplers (0: leave it out; 1000 takes about 30 min on one core)")
-    ap.add_argument("--runtimes", action="store_true", help="also run the diffusion model with each network runtime")
+    ap.add_argument("--runtimes", action="store_true", help="also run the models of --models with each network runtime")
     ap.add_argument("--models", nargs="+", default=["diffusion", "baseline"], choices=["diffusion", "baseline"],
                     help="models of the quality and framing table")
     ap.add_argument("--window-growth", nargs="*", type=float, default=[],
@@ -343,18 +347,21 @@ def main(argv: list[str] | None = None) -> dict:
             case: round(results["diffusion"][case]["mean_dice"] - results["baseline"][case]["mean_dice"], 4)
             for case in results["diffusion"]
         }
-    if args.runtimes:
+    for model in (m for m in ("diffusion", "baseline") if args.runtimes and m in args.models):
+        # results["runtimes"] (the diffusion model, as before) and results["runtimes_baseline"]
+        key = "runtimes" if model == "diffusion" else "runtimes_baseline"
+        ckpt = args.diffusion_ckpt if model == "diffusion" else args.baseline_ckpt
         runtimes, used = {}, {}
         for name, over in RUNTIMES:
-            res = evaluate("diffusion", framings, out / "runtimes" / name.replace(" ", "_"), args.diffusion_ckpt, **over)
+            res = evaluate(model, framings, out / key / name.replace(" ", "_"), ckpt, **over)
             if "precision_used" in res:
                 used[name] = res.pop("precision_used")
             runtimes[name] = {case: {"mean_dice": v["mean_dice"], "seconds": v.get("seconds")} for case, v in res.items()}
         for name, cases in runtimes.items():
             for case, v in cases.items():
                 v["dice_minus_torch"] = round(v["mean_dice"] - runtimes["torch"][case]["mean_dice"], 4)
-        results["runtimes"] = runtimes
-        results["runtime_precision_used"] = used  # what OpenVINO compiled with: f32 where the CPU has no bf16 units
+        results[key] = runtimes
+        results[key.replace("runtimes", "runtime_precision_used")] = used  # f32 where the CPU has no bf16 units
     if args.window_growth:
         growth: dict = {}
         for model in ("diffusion", "baseline"):
