@@ -31,11 +31,13 @@ float32, :class:`common.inferers.openvino.OpenVINONetwork`, the bundle's ``runti
 sampler call includes converting and compiling the network, a cost every run pays once; the floor's
 ``convert_s`` gives it for one window), ``ov_bf16`` (OpenVINO in bfloat16, not exact) and ``ov_fit`` (OpenVINO in
 float32 with ``fit_window``: the window shrinks to the CT's 68 slices, rounded up to 80, instead of the CT being
-padded to the window's 128; not exact: the network sees other windows; its floor is timed on that window) and
+padded to the window's 128; not exact: the network sees other windows; its floor is timed on that window),
+``ov_fit_bf16`` (``ov_fit`` in bfloat16: what ``inference.json``'s ``runtime_precision: auto`` runs on a CPU with
+bfloat16 units; each OpenVINO case records ``precision_used``, float32 where a bf16 request met no such units) and
 ``ov_grow`` (``ov_fit`` with the window also grown to cover the axes up to ``max_window_fraction`` of the configured
-window: one 256 x 208 x 80 window instead of four of 192 x 128 x 80; the CPU default of ``inference.json``).
+window: one 256 x 208 x 80 window instead of four of 192 x 128 x 80; opt-in, it costs Dice: the diffseg card).
 
-* ``bundle_<lever>`` (``fp32``, ``ov``, ``ov_bf16``, ``ov_fit``, ``ov_grow``): what a user waits for, ``inference.json`` run end to end on
+* ``bundle_<lever>`` (``fp32``, ``ov``, ``ov_bf16``, ``ov_fit``, ``ov_fit_bf16``, ``ov_grow``): what a user waits for, ``inference.json`` run end to end on
   the CT (load, resample, body crop, the sampler, inversion to the CT's grid, writing the label file) with a
   checkpoint of the random paper network and ``runtime`` ``torch`` / ``openvino`` (``seconds``: ``run()``;
   ``process_s``: from the interpreter's start, imports and config parsing included).
