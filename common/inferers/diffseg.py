@@ -30,7 +30,9 @@ thirds (the diffseg model card), hence the lower bound. With ``max_window_fracti
 along each axis where the volume is longer than it but no longer than that many windows, to the volume rounded up
 to ``window_multiple``: one window then covers that axis, where sliding windows would pass every voxel of their
 overlap twice (the paper CT's 243 x 198 in-plane voxels: one 256 x 208 window instead of four of 192 x 128, 0.54 of
-the voxels). Larger windows cost memory in proportion, hence the upper bound.
+the voxels). Larger windows cost memory in proportion, hence the upper bound. Off by default (1): the network then
+sees windows larger than it was trained on, its instance norms see more of the body, and no overlapping windows are
+averaged; on the shipped diffseg demo model this cost more Dice than the 0.005 issue #20 allows (the model card).
 """
 
 from __future__ import annotations
