@@ -110,6 +110,13 @@ class _StepWindows:
         return self._out.div_(self.count)
 
 
+def _divisor(network) -> int | None:
+    """What every spatial size of ``network``'s input must be a multiple of (``DiffSegUNet.divisor``), or ``None``;
+    through a runtime wrapper that keeps the module as ``.network`` (:class:`OpenVINONetwork`) too."""
+    divisor = getattr(getattr(network, "network", network), "divisor", None)
+    return int(divisor) if divisor else None
+
+
 class DiffSegInferer(Inferer):
     """``inferer(image, network) -> logits`` running T reverse diffusion steps (or one pass for the baseline).
 
@@ -214,7 +221,7 @@ class DiffSegInferer(Inferer):
         if self._compiled is None or self._compiled.network is not network:
             # DiffSegUNet's graph is the same for every size divisible by its divisor: trace it small
             self._compiled = OpenVINONetwork(network, precision=self.runtime_precision,
-                                             shape_multiple=getattr(network, "divisor", None))
+                                             shape_multiple=_divisor(network))
         return self._compiled
 
     def window_size(self, spatial: Sequence[int], network=None) -> tuple[int, ...] | None:
@@ -229,7 +236,7 @@ class DiffSegInferer(Inferer):
             return roi
         m = self.window_multiple
         if m is None:
-            m = int(getattr(getattr(network, "network", network), "divisor", 1) or 1)  # OpenVINONetwork keeps .network
+            m = _divisor(network) or 1
         window = []
         for r, s in zip(roi, (int(s) for s in spatial)):
             if s <= r:  # shrink towards the volume, to no less than the lower bound
