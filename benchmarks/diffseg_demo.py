@@ -134,6 +134,23 @@ def evaluate(model: str, datalist: Path, out: Path, ckpt_path: str | None = None
     return metrics
 
 
+def compare(model: str, datalist: Path, out: Path, ckpt_path: str | None, settings, reference: str,
+            delta_key: str) -> tuple[dict, dict]:
+    """``model`` evaluated under each ``(name, overrides)`` of ``settings``: per setting and case, mean Dice, seconds,
+    and under ``delta_key`` the change of Dice against the setting named ``reference``; with the arithmetic OpenVINO
+    compiled with, per setting that ran OpenVINO."""
+    runs, used = {}, {}
+    for name, over in settings:
+        res = evaluate(model, datalist, out / name.replace(" ", "_"), ckpt_path, **over)
+        if "precision_used" in res:
+            used[name] = res.pop("precision_used")
+        runs[name] = {case: {"mean_dice": v["mean_dice"], "seconds": v.get("seconds")} for case, v in res.items()}
+    for cases in runs.values():
+        for case, v in cases.items():
+            v[delta_key] = round(v["mean_dice"] - runs[reference][case]["mean_dice"], 4)
+    return runs, used
+
+
 def read_metrics(path: Path, seconds: list[float]) -> dict:
     """Per case: mean over the foreground classes present in its reference, and per class."""
     with open(path) as fh:
@@ -238,18 +255,23 @@ RUNTIMES = (
 )
 
 
+def comparison_markdown(model: str, runs: dict, delta_key: str, column: str) -> list[str]:
+    """One table of :func:`compare`'s ``runs``: per case, mean Dice (its change against the reference) and seconds
+    for each setting; ``column`` formats a setting's name into its column title."""
+    names = list(runs)
+    lines = [f"| {model}: case | " + " | ".join(column.format(n) for n in names) + " |", "|---|" + "---|" * len(names)]
+    for case, title in CASE_TITLES.items():
+        cells = [f"{runs[n][case]['mean_dice']:.4f} ({runs[n][case][delta_key]:+.4f}), "
+                 f"{runs[n][case].get('seconds') or float('nan'):.1f}" for n in names]
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def runtime_markdown(results: dict, key: str = "runtimes") -> list[str]:
     """Mean Dice (change against PyTorch) and seconds per case for each network runtime (``key``: ``runtimes``, the
     diffusion model, or ``runtimes_baseline``)."""
-    runs = results[key]
-    names = list(runs)
     model = "baseline" if key.endswith("baseline") else "diffusion"
-    lines = [f"| {model}: case | " + " | ".join(f"{n}: Dice (vs torch), s" for n in names) + " |",
-             "|---|" + "---|" * len(names)]
-    for case, title in CASE_TITLES.items():
-        cells = [f"{runs[n][case]['mean_dice']:.4f} ({runs[n][case]['dice_minus_torch']:+.4f}), "
-                 f"{runs[n][case].get('seconds') or float('nan'):.1f}" for n in names]
-        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    lines = comparison_markdown(model, results[key], "dice_minus_torch", "{}: Dice (vs torch), s")
     used = results.get(key.replace("runtimes", "runtime_precision_used")) or {}
     notes = [f"{n} ran in {p}" for n, p in used.items() if not n.endswith(p)]
     return lines + ([f"Arithmetic OpenVINO compiled with: {'; '.join(notes)} (this CPU has no bfloat16 units)."]
@@ -260,14 +282,7 @@ def growth_markdown(results: dict) -> list[str]:
     """Mean Dice (change against windows that never grow) and seconds per case for each ``max_window_fraction``."""
     lines = []
     for model, runs in results["window_growth"].items():
-        names = list(runs)
-        lines += [f"| {model}: case | " + " | ".join(f"max_window_fraction {n}: Dice (change), s" for n in names) + " |",
-                  "|---|" + "---|" * len(names)]
-        for case, title in CASE_TITLES.items():
-            cells = [f"{runs[n][case]['mean_dice']:.4f} ({runs[n][case]['dice_minus_default']:+.4f}), "
-                     f"{runs[n][case].get('seconds') or float('nan'):.1f}" for n in names]
-            lines.append(f"| {title} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += comparison_markdown(model, runs, "dice_minus_default", "max_window_fraction {}: Dice (change), s") + [""]
     return lines
 
 
@@ -351,33 +366,16 @@ def main(argv: list[str] | None = None) -> dict:
         # results["runtimes"] (the diffusion model, as before) and results["runtimes_baseline"]
         key = "runtimes" if model == "diffusion" else "runtimes_baseline"
         ckpt = args.diffusion_ckpt if model == "diffusion" else args.baseline_ckpt
-        runtimes, used = {}, {}
-        for name, over in RUNTIMES:
-            res = evaluate(model, framings, out / key / name.replace(" ", "_"), ckpt, **over)
-            if "precision_used" in res:
-                used[name] = res.pop("precision_used")
-            runtimes[name] = {case: {"mean_dice": v["mean_dice"], "seconds": v.get("seconds")} for case, v in res.items()}
-        for name, cases in runtimes.items():
-            for case, v in cases.items():
-                v["dice_minus_torch"] = round(v["mean_dice"] - runtimes["torch"][case]["mean_dice"], 4)
-        results[key] = runtimes
+        results[key], used = compare(model, framings, out / key, ckpt, RUNTIMES, "torch", "dice_minus_torch")
         results[key.replace("runtimes", "runtime_precision_used")] = used  # f32 where the CPU has no bf16 units
     if args.window_growth:
-        growth: dict = {}
-        for model in ("diffusion", "baseline"):
-            ckpt = args.diffusion_ckpt if model == "diffusion" else args.baseline_ckpt
-            runs = {}
-            for fraction in [1.0, *args.window_growth]:
-                res = evaluate(model, framings, out / "window_growth" / f"{model}_{fraction:g}", ckpt,
-                               max_window_fraction=fraction)
-                res.pop("precision_used", None)
-                runs[f"{fraction:g}"] = {case: {"mean_dice": v["mean_dice"], "seconds": v.get("seconds")}
-                                         for case, v in res.items()}
-            for cases in runs.values():
-                for case, v in cases.items():
-                    v["dice_minus_default"] = round(v["mean_dice"] - runs["1"][case]["mean_dice"], 4)
-            growth[model] = runs
-        results["window_growth"] = growth
+        fractions = [(f"{f:g}", {"max_window_fraction": f}) for f in [1.0, *args.window_growth]]
+        results["window_growth"] = {
+            model: compare(model, framings, out / "window_growth" / model,
+                           args.diffusion_ckpt if model == "diffusion" else args.baseline_ckpt, fractions, "1",
+                           "dice_minus_default")[0]
+            for model in ("diffusion", "baseline")
+        }
     if args.samplers:
         test = Path(build_ct_demo(cache_dir() / "diffseg-demo-eval", n_train=1, n_val=0, seed=0))
         sampling = {}
