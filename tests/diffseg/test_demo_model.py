@@ -62,6 +62,17 @@ def _evaluate(framings: Path, out: Path, baseline: bool = False, **overrides) ->
     return cases
 
 
+def _mean_dice(cases: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Per case, the mean Dice over its organs."""
+    return {case: sum(organs.values()) / len(organs) for case, organs in cases.items()}
+
+
+def _mean_dice_change(cases: dict[str, dict[str, float]], reference: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Per case of ``BARS``, the change of mean Dice from ``reference`` to ``cases`` (4 decimals)."""
+    mean, ref = _mean_dice(cases), _mean_dice(reference)
+    return {case: round(mean[case] - ref[case], 4) for case in BARS}
+
+
 @pytest.fixture(scope="module")
 def default_cases(framings, tmp_path_factory) -> dict[str, dict[str, float]]:
     """The diffusion model through the defaults (on this CPU: windows fitted to the volume)."""
@@ -71,7 +82,7 @@ def default_cases(framings, tmp_path_factory) -> dict[str, dict[str, float]]:
 def test_shipped_diffusion_model_meets_the_bars_on_the_real_ct_and_its_reframings(default_cases):
     cases = default_cases
     assert set(cases) == set(BARS)
-    means = {case: sum(organs.values()) / len(organs) for case, organs in cases.items()}
+    means = _mean_dice(cases)
     failed = {case: round(means[case], 4) for case, bar in BARS.items() if means[case] < bar}
     assert not failed, f"mean Dice below the bar: {failed} (all: {means})"
     low = {organ: round(d, 4) for organ, d in cases["example"].items() if d < ORGAN_BAR}
@@ -95,11 +106,9 @@ def test_windows_fitted_to_thin_framings_keep_the_dice_of_training_size_windows(
 
     assert torch.device(get_device()).type == "cpu"  # where inference.json fits the windows
     padded = _evaluate(framings, tmp_path / "eval_padded", fit_window=False)
-    mean = {name: {c: sum(o.values()) / len(o) for c, o in cases.items()} for name, cases in
-            (("fitted", default_cases), ("padded", padded))}
     for case in ("example", "example_fov150"):
         assert default_cases[case] == padded[case], case
-    changes = {c: round(mean["fitted"][c] - mean["padded"][c], 4) for c in BARS}
+    changes = _mean_dice_change(default_cases, padded)
     assert all(abs(v) < 0.005 for v in changes.values()), changes
     assert any(v != 0 for v in changes.values()), "the thin framings ran in the same windows: nothing was fitted"
 
@@ -111,9 +120,7 @@ def test_default_precision_keeps_the_dice_of_float32(framings, default_cases, tm
     from common.inferers.openvino import cpu_has_bf16
 
     f32 = _evaluate(framings, tmp_path / "eval_f32", runtime_precision="f32")
-    mean = {name: {c: sum(o.values()) / len(o) for c, o in cases.items()} for name, cases in
-            (("default", default_cases), ("f32", f32))}
-    changes = {c: round(mean["default"][c] - mean["f32"][c], 4) for c in BARS}
+    changes = _mean_dice_change(default_cases, f32)
     assert all(abs(v) < 0.005 for v in changes.values()), changes
     if not cpu_has_bf16():
         assert default_cases == f32  # float32 both: the same labels
