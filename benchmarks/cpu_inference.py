@@ -174,15 +174,12 @@ def _diffseg_inputs(sw_batch_size: int | None = None):
 
 
 def _windows(inferer, shape, roi) -> int:
-    """How many windows of size ``roi`` (``inferer.window_size``) the inferer runs per step on a ``shape`` volume."""
-    from monai.data.utils import dense_patch_slices
-    from monai.utils import ensure_tuple_rep
+    """How many windows of size ``roi`` (``inferer.window_size``) the inferer runs per step on a ``shape`` volume:
+    the grid of the inferer's own per-step windows on the volume padded up to one window, as the inferer pads it."""
+    from common.inferers.diffseg import _StepWindows
 
-    from monai.inferers.utils import _get_scan_interval
-
-    padded = [max(r, s) for r, s in zip(roi, shape)]  # DiffSegInferer pads the volume up to one window
-    interval = _get_scan_interval(padded, roi, len(shape), ensure_tuple_rep(inferer.sw_kwargs["overlap"], len(shape)))
-    return len(dense_patch_slices(padded, roi, interval))
+    padded = [max(r, s) for r, s in zip(roi, shape)]
+    return len(_StepWindows(padded, roi, inferer.sw_kwargs["overlap"], 1, 1).windows)
 
 
 def run_maisi_decode(mode: str, out: str | None, latent=MAISI_LATENT) -> dict:
